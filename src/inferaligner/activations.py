@@ -1,0 +1,57 @@
+"""Residual-stream activations at each prompt's last token, after every decoder block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner.models import block_hidden, context_length, decoder_layers
+from inferaligner.prompts import encode
+
+
+def last_token_activations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    layers: nn.ModuleList | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> torch.Tensor:
+    """Activations `a_l(P)` of shape [prompts, layers, hidden], float32 on the CPU.
+
+    `texts` are already chat-formatted. Layer `l` is the output of decoder block `l` (HF `hidden_states[l + 1]`),
+    read at each prompt's last token. Prompts are batched by length with left padding.
+    """
+    layers = layers if layers is not None else decoder_layers(model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _args: object, output: object) -> None:
+        captured.append(block_hidden(output)[:, -1].float().cpu())
+
+    handles = [layer.register_forward_hook(capture) for layer in layers]
+    rows: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+                chunk = [texts[i] for i in order[start : start + batch_size]]
+                batch = encode(tokenizer, chunk, max_tokens=context_length(model))
+                captured.clear()
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                rows.append(torch.stack(captured, dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    stacked = torch.cat(rows)
+    result = torch.empty_like(stacked)
+    result[torch.tensor(order)] = stacked
+    return result

@@ -1,0 +1,126 @@
+"""The guidance gate: does the target's own activation at layer l0 say the request is harmful?
+
+`g = 1 if a_l0(P)·s_l0 + b_l0 > 0`, with `s` the target's unit safety-related vector. The paper's bias is minus
+the mean projection of the extraction prompts (the midpoint); `calibrate_bias` instead picks the bias that keeps
+the false-positive rate on harmless prompts at a chosen level. Raising the bias makes the gate stricter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inferaligner.errors import InferAlignerError
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict for one sequence."""
+
+    fired: bool
+    score: float
+    layer: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"fired": self.fired, "score": round(self.score, 4), "layer": self.layer}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A unit direction, a bias and the layer whose output they read."""
+
+    direction: torch.Tensor
+    bias: float
+    layer: int
+
+    def scores(self, activations: torch.Tensor) -> torch.Tensor:
+        """`a·s + b` for activations of shape [..., hidden] taken at `layer`."""
+        direction = self.direction.to(device=activations.device, dtype=torch.float32)
+        return activations.float() @ direction + self.bias
+
+    def decide(self, activations: torch.Tensor) -> list[GateDecision]:
+        """One decision per row of [rows, hidden] activations."""
+        return [GateDecision(bool(s > 0), float(s), self.layer) for s in self.scores(activations).tolist()]
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """Per-layer quality of a gate direction on labelled prompts (each tensor has one value per layer)."""
+
+    accuracy: torch.Tensor
+    tpr: torch.Tensor
+    fpr: torch.Tensor
+    auroc: torch.Tensor
+    separation: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("accuracy", "tpr", "fpr", "auroc", "separation")}
+
+
+def layer_metrics(harmful: torch.Tensor, harmless: torch.Tensor, bias: torch.Tensor) -> LayerMetrics:
+    """Metrics from projections `a·s` of shape [prompts, layers] and a bias per layer.
+
+    `accuracy` is balanced, `(TPR + 1 - FPR) / 2`, so unequal set sizes do not tilt it (with equal sizes it is
+    plain accuracy). `separation` is Cohen's d between the two projection distributions: it ranks layers whose
+    accuracy ties.
+    """
+    harmful, harmless = harmful.float(), harmless.float()
+    tpr = (harmful + bias > 0).float().mean(0)
+    fpr = (harmless + bias > 0).float().mean(0)
+    n, m = len(harmful), len(harmless)
+    accuracy = (tpr + 1 - fpr) / 2
+    pooled = ((harmful.var(0, unbiased=False) * n + harmless.var(0, unbiased=False) * m) / (n + m)).sqrt()
+    separation = (harmful.mean(0) - harmless.mean(0)) / pooled.clamp_min(1e-8)
+    return LayerMetrics(accuracy, tpr, fpr, auroc(harmful, harmless), separation)
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve per column: P(positive > negative), ties counting half."""
+    greater = (positive[:, None, :] > negative[None, :, :]).float().mean((0, 1))
+    equal = (positive[:, None, :] == negative[None, :, :]).float().mean((0, 1))
+    return greater + 0.5 * equal
+
+
+def midpoint_bias(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """The paper's bias per layer: minus the midpoint of the two classes' mean projections.
+
+    With equally many harmful and harmless prompts this is minus the mean over all of them, as in the paper.
+    """
+    return -(harmful.float().mean(0) + harmless.float().mean(0)) / 2
+
+
+def calibrate_bias(harmless: torch.Tensor, fpr: float) -> float:
+    """The bias at which at most a fraction `fpr` of these harmless projections (one layer) fire the gate."""
+    if not 0 <= fpr < 1:
+        raise InferAlignerError(f"The target false-positive rate must be in [0, 1), got {fpr}.")
+    if harmless.numel() == 0:
+        raise InferAlignerError("Calibrating the gate needs at least one harmless prompt.")
+    ordered = harmless.float().sort(descending=True).values
+    allowed = int(fpr * len(ordered))  # how many harmless prompts may fire
+    return -float(ordered[min(allowed, len(ordered) - 1)])
+
+
+def choose_gate_layer(accuracy: torch.Tensor, separation: torch.Tensor) -> int:
+    """The most accurate layer; ties go to the layer that separates the classes most widely."""
+    best = accuracy.max()
+    candidates = torch.nonzero(accuracy >= best - 1e-6).flatten()
+    return int(candidates[separation[candidates].argmax()])
+
+
+def choose_steer_layers(
+    target_accuracy: torch.Tensor, aligned_accuracy: torch.Tensor, min_accuracy: float = 0.9
+) -> list[int]:
+    """Layers where both the target and the aligned model separate harmful from harmless (the paper's `L_G`).
+
+    The first and last block are excluded: the embedding-level and logit-level representations steer poorly.
+    """
+    both = torch.minimum(target_accuracy, aligned_accuracy)
+    last = len(both) - 1
+    layers = [i for i, value in enumerate(both.tolist()) if value >= min_accuracy - 1e-6 and 0 < i < last]
+    if not layers:
+        raise InferAlignerError(
+            f"No layer separates harmful from harmless prompts with accuracy >= {min_accuracy} in both models; "
+            "pass the steering layers by hand (--layers) or extract vectors from more prompts."
+        )
+    return layers

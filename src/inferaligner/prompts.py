@@ -1,0 +1,191 @@
+"""Prompts: chat-template wrapping, file loaders (jsonl / json / csv / txt) and the built-in prompt sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner.errors import PromptError, PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["harmful", "harmless", "everyday"]
+KINDS = ("harmful", "harmless", "everyday")
+Split = Literal["extraction", "calibration", "all"]
+
+# Columns tried, in order, when a structured file is read without naming one.
+DEFAULT_COLUMNS = ("prompt", "instruction", "goal", "question", "text", "Goal")
+
+FALLBACK_TEMPLATE = "User: {instruction}\nAssistant:"
+
+
+@dataclass(frozen=True)
+class BuiltinPrompt:
+    """One entry of a built-in prompt set."""
+
+    id: str
+    category: str
+    split: str
+    prompt: str
+
+
+def builtin_records(kind: Kind) -> list[BuiltinPrompt]:
+    """Every entry of a built-in set, 160 each in 10 categories of 16.
+
+    `harmful`: requests to refuse. `harmless`: the same topics with benign intent (so the contrast is intent).
+    `everyday`: ordinary assistant requests on unrelated topics (the baseline traffic a gate must let through).
+    """
+    if kind not in KINDS:
+        raise PromptError(f"Unknown built-in set '{kind}': use one of {', '.join(KINDS)}.")
+    text = resources.files("inferaligner").joinpath("prompts_data", f"{kind}.jsonl").read_text(encoding="utf-8")
+    return [BuiltinPrompt(**json.loads(line)) for line in text.splitlines() if line.strip()]
+
+
+def builtin_prompts(kind: Kind, split: Split = "extraction") -> list[str]:
+    """Prompts of a built-in set: its fixed extraction part (64), calibration part (96), or all."""
+    if split not in ("extraction", "calibration", "all"):
+        raise PromptError(f"Unknown split '{split}': use 'extraction', 'calibration' or 'all'.")
+    return [r.prompt for r in builtin_records(kind) if split == "all" or r.split == split]
+
+
+def load_prompts(source: str | Path, column: str | None = None, limit: int | None = None) -> list[str]:
+    """Read prompts from a file, or from a built-in set named `builtin:<harmful|harmless|everyday>[:<split>]`.
+
+    Files: `.txt` (one prompt per line), `.jsonl`, `.json` (a list of strings or of objects) and `.csv`.
+    For structured files `column` picks the field; without it the first of `DEFAULT_COLUMNS` present is used.
+    """
+    spec = str(source)
+    if spec.startswith("builtin:"):
+        parts = spec.split(":")
+        prompts = builtin_prompts(parts[1], parts[2] if len(parts) > 2 else "extraction")  # type: ignore[arg-type]
+    else:
+        prompts = _read_file(Path(spec), column)
+    prompts = [p for p in (p.strip() for p in prompts) if p]
+    if not prompts:
+        raise PromptError(f"{spec} holds no prompts: give a file with at least one non-empty prompt.")
+    return prompts[:limit] if limit else prompts
+
+
+def load_prompt_sources(
+    sources: Sequence[str | Path], column: str | None = None, limit: int | None = None
+) -> list[str]:
+    """`load_prompts` for each source, concatenated (`limit` applies per source)."""
+    return [prompt for source in sources for prompt in load_prompts(source, column, limit)]
+
+
+def _read_file(path: Path, column: str | None) -> list[str]:
+    if not path.is_file():
+        raise PromptError(f"Prompt file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8").splitlines()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        return _column(rows, column, path)
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PromptError(f"{path}:{number} is not valid JSON ({exc.msg}).") from exc
+        return _column(rows, column, path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{path} is not valid JSON ({exc.msg}).") from exc
+        if not isinstance(data, list):
+            raise PromptError(f"{path} must hold a JSON list of strings or objects.")
+        return _column(data, column, path)
+    raise PromptError(f"Cannot read prompts from {path}: use a .txt, .jsonl, .json or .csv file.")
+
+
+def _column(rows: Sequence[object], column: str | None, path: Path) -> list[str]:
+    if not rows:
+        return []
+    if all(isinstance(row, str) for row in rows):
+        return list(rows)  # type: ignore[arg-type]
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise PromptError(f"{path} must hold strings or objects, found {type(first).__name__}.")
+    name = column or next((c for c in DEFAULT_COLUMNS if c in first), None)
+    if name is None or name not in first:
+        wanted = f"column '{column}'" if column else f"any of the columns {', '.join(DEFAULT_COLUMNS)}"
+        raise PromptError(f"{path} has no {wanted}; its columns are: {', '.join(map(str, first))}. Pass --column.")
+    return [str(row.get(name) or "") for row in rows if isinstance(row, dict)]
+
+
+_warned_no_template: set[str] = set()
+
+
+def format_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, system: str | None = None) -> str:
+    """Wrap a user instruction in the model's chat template, ending with the assistant's generation prompt.
+
+    Tokenizers without a chat template fall back to `FALLBACK_TEMPLATE`, with a warning (once per tokenizer).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+        if name not in _warned_no_template:
+            _warned_no_template.add(name)
+            log.warning("%s has no chat template; using a plain 'User: … Assistant:' format.", name)
+        text = FALLBACK_TEMPLATE.format(instruction=instruction)
+        return f"{system}\n\n{text}" if system else text
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": instruction})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def format_chats(
+    tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], system: str | None = None
+) -> list[str]:
+    """`format_chat` for each instruction."""
+    return [format_chat(tokenizer, text, system) for text in instructions]
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int | None = None,
+    reserve: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Tokenize chat-formatted texts into a left-padded batch with matching `position_ids`.
+
+    Raises `PromptTooLongError` when a prompt plus `reserve` new tokens would not fit `max_tokens`.
+    """
+    if not texts:
+        raise PromptError("No prompts to encode.")
+    # Chat templates write their own BOS; the plain fallback format needs the tokenizer's.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    batch = tokenizer(
+        list(texts), add_special_tokens=add_special, padding=True, padding_side="left", return_tensors="pt"
+    )
+    mask = batch["attention_mask"]
+    if max_tokens is not None:
+        lengths = mask.sum(dim=1)
+        longest = int(lengths.max())
+        if longest + reserve > max_tokens:
+            row = int(lengths.argmax())
+            need = f" plus {reserve} new tokens" if reserve else ""
+            raise PromptTooLongError(
+                f"Prompt {row} has {longest} tokens{need}, more than the model's context of {max_tokens}: "
+                "shorten the prompt or ask for fewer new tokens."
+            )
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": position_ids(mask)}
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as `generate` counts them under left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

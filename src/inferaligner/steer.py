@@ -1,0 +1,100 @@
+"""Forward hooks that add `alpha * g * theta_l` to the output of steered decoder blocks, per sequence.
+
+Every position of the block output is shifted: prompt tokens during prefill and each new token during
+KV-cached decoding. `g` holds one gate value per batch row, so rows whose gate is 0 pass through bit-for-bit.
+Registering the hooks mutates the model until `remove()` (or the end of the `with` block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from inferaligner.errors import VectorMismatchError
+from inferaligner.models import block_hidden, with_block_hidden
+
+
+class SteeringHandle:
+    """Active steering hooks on a model; a context manager and a removable handle."""
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        directions: torch.Tensor,
+        layer_ids: Sequence[int],
+        alpha: float,
+        row_gates: torch.Tensor | None = None,
+    ) -> None:
+        if directions.ndim != 2 or directions.shape[0] != len(layers):
+            raise VectorMismatchError(
+                f"Steering directions have shape {tuple(directions.shape)} but the model has {len(layers)} layers."
+            )
+        bad = [i for i in layer_ids if not 0 <= i < len(layers)]
+        if bad:
+            raise VectorMismatchError(f"Steering layers {bad} are outside 0..{len(layers) - 1}.")
+        self.alpha = float(alpha)
+        self.row_gates = row_gates
+        self._handles = [
+            layers[i].register_forward_hook(self._make_hook(directions[i].detach().clone())) for i in layer_ids
+        ]
+
+    def _make_hook(self, direction: torch.Tensor) -> Any:
+        cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            hidden = block_hidden(output)
+            key = (hidden.device, hidden.dtype)
+            if key not in cast:
+                cast[key] = (self.alpha * direction).to(device=hidden.device, dtype=hidden.dtype)
+            shift = cast[key]
+            if self.row_gates is not None:
+                shift = self._gates_for(hidden) * shift
+            return with_block_hidden(output, hidden + shift)
+
+        return hook
+
+    def _gates_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-row gates shaped to broadcast over [batch, positions, hidden]."""
+        gates = self.row_gates
+        assert gates is not None
+        rows = hidden.shape[0]
+        if rows != len(gates):
+            # generate() expands each prompt into beams / return sequences, consecutively.
+            if rows % len(gates):
+                raise VectorMismatchError(f"Batch of {rows} rows does not match {len(gates)} gate values.")
+            gates = gates.repeat_interleave(rows // len(gates))
+        return gates.to(device=hidden.device, dtype=hidden.dtype).view(rows, *([1] * (hidden.ndim - 1)))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach every hook; the model is unchanged afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def add_steering(
+    layers: nn.ModuleList,
+    directions: torch.Tensor,
+    layer_ids: Sequence[int],
+    alpha: float,
+    row_gates: torch.Tensor | None = None,
+) -> SteeringHandle:
+    """Hook `alpha * row_gates[b] * directions[l]` onto block `l` for each `l` in `layer_ids`.
+
+    `row_gates=None` steers every row. Use as `with add_steering(...): model.generate(...)`, or keep the handle
+    and call `remove()`.
+    """
+    return SteeringHandle(layers, directions, layer_ids, alpha, row_gates)

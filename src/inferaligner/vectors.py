@@ -1,0 +1,263 @@
+"""Safety-related vectors: per-layer harmful-minus-harmless directions with their provenance, as safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner.activations import last_token_activations
+from inferaligner.errors import PromptError, VectorFileError, VectorMismatchError
+from inferaligner.gate import Gate, calibrate_bias, choose_gate_layer, layer_metrics, midpoint_bias
+from inferaligner.models import decoder_layers, model_fingerprint, text_config
+from inferaligner.prompts import format_chats
+
+FORMAT = "inferaligner.safety_vectors"
+FORMAT_VERSION = 1
+LAYER_CONVENTION = "block_output"
+"""Layer `l` is the output of decoder block `l` (0-based), i.e. Hugging Face `hidden_states[l + 1]`."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a set of vectors came from."""
+
+    model_name: str
+    model_type: str
+    fingerprint: str
+    hidden_size: int
+    num_layers: int
+    n_harmful: int
+    n_harmless: int
+    data_hash: str
+    layer_convention: str = LAYER_CONVENTION
+    normalisation: str = "unit"
+    source: str = "text"
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    library_version: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"{self.model_name} ({self.model_type}, {self.num_layers} layers x {self.hidden_size}, {self.fingerprint})"
+        )
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate stored with target vectors: the layer it reads, its bias, and how the bias was chosen."""
+
+    layer: int
+    bias: float
+    rule: str = "midpoint"
+    target_fpr: float | None = None
+
+
+@dataclass(frozen=True)
+class SafetyVectors:
+    """Unit safety-related vectors `v_l` for every layer, with raw norms, biases, metrics and provenance.
+
+    `metrics` maps names such as "extraction.accuracy" or "calibration.auroc" to one value per layer.
+    """
+
+    directions: torch.Tensor
+    norms: torch.Tensor
+    bias: torch.Tensor
+    provenance: Provenance
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    gate: GateSpec | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.directions.shape[1]
+
+    def make_gate(self, layer: int | None = None, bias: float | None = None) -> Gate:
+        """The gate these vectors define: the stored gate, else the best extraction layer at the midpoint bias."""
+        if layer is None:
+            layer = self.gate.layer if self.gate else self.best_layer()
+        if not 0 <= layer < self.num_layers:
+            raise VectorMismatchError(f"Gate layer {layer} is outside 0..{self.num_layers - 1}.")
+        if bias is None:
+            bias = self.gate.bias if self.gate and self.gate.layer == layer else float(self.bias[layer])
+        return Gate(self.directions[layer].clone(), float(bias), layer)
+
+    def best_layer(self) -> int:
+        """The layer that best separates held-out prompts (extraction prompts if none were held out)."""
+        prefix = "calibration" if "calibration.accuracy" in self.metrics else "extraction"
+        return choose_gate_layer(self.metrics[f"{prefix}.accuracy"], self.metrics[f"{prefix}.separation"])
+
+    def check_fits(self, model: PreTrainedModel, role: str = "vectors") -> None:
+        """Raise `VectorMismatchError`, naming both sides, if these vectors do not fit `model`."""
+        config = text_config(model)
+        shape = (config.num_hidden_layers, config.hidden_size)
+        if shape != (self.num_layers, self.hidden_size):
+            name = getattr(model, "name_or_path", "") or config.model_type
+            raise VectorMismatchError(
+                f"The {role} come from {self.provenance.describe()} but the model {name} has {shape[0]} layers x "
+                f"{shape[1]}: extract vectors from a model of the same family and size."
+            )
+
+    def check_compatible(self, other: SafetyVectors, roles: tuple[str, str] = ("steering", "gate")) -> None:
+        """Raise if two vector sets come from models of different shape (aligned and target must share a base)."""
+        if (self.num_layers, self.hidden_size) != (other.num_layers, other.hidden_size):
+            raise VectorMismatchError(
+                f"The {roles[0]} vectors come from {self.provenance.describe()} and the {roles[1]} vectors from "
+                f"{other.provenance.describe()}: the aligned and target models must share one base model."
+            )
+
+    def with_gate(self, gate: GateSpec) -> SafetyVectors:
+        return replace(self, gate=gate)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the vectors as safetensors; provenance, gate and format go into the header as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
+        tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()}
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "provenance": json.dumps(asdict(self.provenance)),
+            "gate": json.dumps(asdict(self.gate) if self.gate else None),
+        }
+        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SafetyVectors:
+        """Read a file written by `save`; anything else raises `VectorFileError` saying what is wrong."""
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"Vector file {path} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            hint = "create one with `inferaligner extract`"
+            raise VectorFileError(f"{path} is not a safetensors file ({exc}); {hint}.") from exc
+        if metadata.get("format") != FORMAT:
+            raise VectorFileError(f"{path} is not an InferAligner vector file; create one with `inferaligner extract`.")
+        if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+            raise VectorFileError(f"{path} was written by a newer inferaligner; upgrade the library to read it.")
+        try:
+            provenance = Provenance(**json.loads(metadata["provenance"]))
+            gate = json.loads(metadata.get("gate") or "null")
+            vectors = cls(
+                directions=tensors["directions"],
+                norms=tensors["norms"],
+                bias=tensors["bias"],
+                provenance=provenance,
+                metrics={k.removeprefix("metrics."): v for k, v in tensors.items() if k.startswith("metrics.")},
+                gate=GateSpec(**gate) if gate else None,
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
+        if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
+            raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
+        return vectors
+
+
+def data_hash(*prompt_sets: Sequence[str]) -> str:
+    """A short hash of the exact prompts used, in order."""
+    return hashlib.sha256(json.dumps([list(s) for s in prompt_sets]).encode()).hexdigest()[:16]
+
+
+def extract_safety_vectors(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    calibration: tuple[Sequence[str], Sequence[str]] | None = None,
+    gate_fpr: float | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+    layers_path: str | None = None,
+    progress: bool = True,
+) -> SafetyVectors:
+    """Safety-related vectors of `model`: `v_l = normalise(mean a_l(harmful) - mean a_l(harmless))`.
+
+    Instructions are wrapped in the model's chat template. With `calibration` (held-out harmful and harmless
+    prompts) the per-layer gate metrics are also measured there, and the gate layer is chosen on them; with
+    `gate_fpr` the stored gate bias is set so that at most that fraction of calibration harmless prompts fire.
+    """
+    from inferaligner import __version__
+
+    if not harmful or not harmless:
+        raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
+    if gate_fpr is not None and calibration is None:
+        raise PromptError("Calibrating the gate bias to a false-positive rate needs calibration prompts.")
+    layers = decoder_layers(model, layers_path)
+
+    def project(prompts: Sequence[str], desc: str) -> torch.Tensor:
+        texts = format_chats(tokenizer, prompts, system)
+        return last_token_activations(
+            model, tokenizer, texts, batch_size=batch_size, layers=layers, progress=progress, desc=desc
+        )
+
+    harmful_acts = project(harmful, "harmful prompts")
+    harmless_acts = project(harmless, "harmless prompts")
+    difference = harmful_acts.mean(0) - harmless_acts.mean(0)
+    norms = difference.norm(dim=-1)
+    if bool((norms == 0).any()):
+        raise PromptError("Harmful and harmless prompts give identical activations; use two different prompt sets.")
+    directions = difference / norms[:, None]
+
+    def projections(acts: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nld,ld->nl", acts, directions)
+
+    harmful_proj, harmless_proj = projections(harmful_acts), projections(harmless_acts)
+    bias = midpoint_bias(harmful_proj, harmless_proj)
+    metrics = _prefixed("extraction", layer_metrics(harmful_proj, harmless_proj, bias).as_dict())
+    gate = None
+    if calibration is not None:
+        cal_harmful = projections(project(calibration[0], "calibration harmful"))
+        cal_harmless = projections(project(calibration[1], "calibration harmless"))
+        cal = layer_metrics(cal_harmful, cal_harmless, bias)
+        metrics |= _prefixed("calibration", cal.as_dict())
+        layer = choose_gate_layer(cal.accuracy, cal.separation)
+        if gate_fpr is None:
+            gate = GateSpec(layer=layer, bias=float(bias[layer]))
+        else:
+            gate = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
+    config = text_config(model)
+    provenance = Provenance(
+        model_name=str(getattr(model, "name_or_path", "") or config.model_type),
+        model_type=config.model_type,
+        fingerprint=model_fingerprint(model),
+        hidden_size=config.hidden_size,
+        num_layers=len(layers),
+        n_harmful=len(harmful),
+        n_harmless=len(harmless),
+        data_hash=data_hash(harmful, harmless),
+        library_version=__version__,
+    )
+    return SafetyVectors(directions, norms, bias, provenance, metrics, gate)
+
+
+def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": value for name, value in values.items()}
+
+
+def describe(vectors: SafetyVectors) -> dict[str, Any]:
+    """A JSON-friendly summary: provenance, gate and per-layer metrics."""
+    return {
+        "provenance": asdict(vectors.provenance),
+        "gate": asdict(vectors.gate) if vectors.gate else None,
+        "metrics": {name: [round(v, 4) for v in value.tolist()] for name, value in vectors.metrics.items()},
+        "norms": [round(v, 4) for v in vectors.norms.tolist()],
+    }

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from inferaligner.aligner import DEFAULT_REFUSAL, InferAligner, Mode
+from inferaligner.errors import InferAlignerError, PromptTooLongError, VectorMismatchError
+from inferaligner.prompts import builtin_prompts
+from inferaligner.vectors import extract_safety_vectors
+
+PROMPTS = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("harmless", "calibration")[:4]
+GEN = {"max_new_tokens": 10, "min_new_tokens": 10}
+
+
+def make_aligner(model_type: str = "llama", mode: str = "inferaligner", **kwargs) -> InferAligner:
+    """A tiny target with its own vectors and a differently seeded 'aligned' twin; the gate splits PROMPTS."""
+    tokenizer = tiny_tokenizer()
+    target = tiny_model(model_type, seed=0)
+    harmful, harmless = builtin_prompts("harmful")[:12], builtin_prompts("harmless")[:12]
+    target_vectors = extract_safety_vectors(target, tokenizer, harmful, harmless, progress=False)
+    aligned_vectors = extract_safety_vectors(
+        tiny_model(model_type, seed=1), tokenizer, harmful, harmless, progress=False
+    )
+    kwargs.setdefault("steer_layers", [1, 2])
+    aligner = InferAligner(
+        target,
+        tokenizer,
+        target_vectors=target_vectors,
+        aligned_vectors=aligned_vectors,
+        mode=mode,
+        alpha=8.0,
+        **kwargs,
+    )
+    # Random weights separate nothing; put the gate's threshold at the median score so half the rows fire.
+    scores = torch.tensor([d.score for d in aligner.gate_decisions(**_batch(aligner))])
+    aligner.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias - float(scores.median()) + 1e-4)
+    return aligner
+
+
+def _batch(aligner: InferAligner, prompts=PROMPTS) -> dict[str, torch.Tensor]:
+    batch = aligner.encode(prompts)
+    return batch
+
+
+def _plain(aligner: InferAligner, batch, **kwargs) -> torch.Tensor:
+    pad = aligner.tokenizer.pad_token_id
+    return aligner.model.generate(**batch, **GEN, pad_token_id=pad, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2", "qwen3"])
+def test_mixed_batch_unfired_rows_are_token_identical(model_type: str) -> None:
+    aligner = make_aligner(model_type)
+    batch = _batch(aligner)
+    assert bool((batch["attention_mask"] == 0).any()), "the batch must be left padded"
+    plain = _plain(aligner, batch, do_sample=False)
+    steered, decisions = aligner.generate(**batch, **GEN, do_sample=False, return_gates=True)
+    fired = [d.fired for d in decisions]
+    assert 0 < sum(fired) < len(fired)
+    for row, row_fired in enumerate(fired):
+        if row_fired:
+            assert not torch.equal(steered[row], plain[row]), f"row {row} fired but was not steered"
+        else:
+            assert torch.equal(steered[row], plain[row]), f"row {row} did not fire but changed"
+
+
+def test_mixed_batch_with_sampling_under_a_fixed_seed() -> None:
+    aligner = make_aligner("llama")
+    batch = _batch(aligner)
+    sampling = {"do_sample": True, "temperature": 0.3, "top_k": 0, "top_p": 1.0}
+    torch.manual_seed(123)
+    plain = _plain(aligner, batch, **sampling)
+    torch.manual_seed(123)
+    steered, decisions = aligner.generate(**batch, **GEN, **sampling, return_gates=True)
+    for row, decision in enumerate(decisions):
+        assert torch.equal(steered[row], plain[row]) != decision.fired
+
+
+def test_gate_is_read_at_the_last_real_token_under_either_padding() -> None:
+    aligner = make_aligner("llama")
+    left = aligner.gate_decisions(**_batch(aligner))
+    singles = [aligner.gate_decisions(**_batch(aligner, [p]))[0] for p in PROMPTS]
+    tokenizer = aligner.tokenizer
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    right = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+    right_decisions = aligner.gate_decisions(right["input_ids"], right["attention_mask"])
+    for a, b, c in zip(left, singles, right_decisions, strict=True):
+        assert a.fired == b.fired == c.fired
+        assert a.score == pytest.approx(b.score, abs=1e-4) and a.score == pytest.approx(c.score, abs=1e-4)
+
+
+def test_hooks_are_removed_after_generate_and_after_errors() -> None:
+    aligner = make_aligner("llama")
+    aligner.generate(**_batch(aligner), **GEN)
+    assert all(not layer._forward_hooks for layer in aligner.layers)
+    with pytest.raises(Exception):  # noqa: B017 - any generate() error
+        aligner.generate(**_batch(aligner), max_new_tokens=-3)
+    assert all(not layer._forward_hooks for layer in aligner.layers)
+
+
+def test_modes() -> None:
+    batch_prompts = PROMPTS
+    reference = make_aligner("llama", mode="off")
+    plain = reference.complete(batch_prompts, **GEN)
+    fired = [c.gate.fired for c in plain]
+    assert not any(c.intervened for c in plain) and 0 < sum(fired) < len(fired)
+
+    for mode in ("inferaligner", "self"):
+        results = make_aligner("llama", mode=mode).complete(batch_prompts, **GEN)
+        for got, base, row_fired in zip(results, plain, fired, strict=True):
+            assert got.intervened == row_fired
+            assert (got.text == base.text) != row_fired
+
+    always = make_aligner("llama", mode="always").complete(batch_prompts, **GEN)
+    assert all(c.intervened for c in always) and all(a.text != b.text for a, b in zip(always, plain, strict=True))
+
+    simple = make_aligner("llama", mode="simple").complete(batch_prompts, max_new_tokens=150)
+    plain_long = reference.complete(batch_prompts, max_new_tokens=150)
+    for got, base, row_fired in zip(simple, plain_long, fired, strict=True):
+        assert got.text == (DEFAULT_REFUSAL if row_fired else base.text)
+
+
+def test_simple_mode_batch_where_every_row_fires() -> None:
+    aligner = make_aligner("llama", mode="simple")
+    aligner.gate = dataclasses.replace(aligner.gate, bias=1e6)
+    results = aligner.complete(PROMPTS[:2], max_new_tokens=200)
+    assert [c.text for c in results] == [DEFAULT_REFUSAL] * 2
+
+
+def test_beam_search_keeps_rows_apart() -> None:
+    aligner = make_aligner("llama")
+    batch = _batch(aligner)
+    plain = _plain(aligner, batch, num_beams=2, do_sample=False)
+    steered, decisions = aligner.generate(**batch, **GEN, num_beams=2, do_sample=False, return_gates=True)
+    for row, decision in enumerate(decisions):
+        assert torch.equal(steered[row], plain[row]) != decision.fired
+
+
+def test_stream_yields_the_same_text_as_complete() -> None:
+    aligner = make_aligner("llama")
+    for prompt in PROMPTS[:2] + PROMPTS[-2:]:
+        gate, pieces = aligner.stream(prompt, **GEN)
+        completion = aligner.complete([prompt], **GEN)[0]
+        assert gate == completion.gate
+        assert "".join(pieces).strip() == completion.text
+
+
+def test_stream_in_simple_mode_streams_the_refusal() -> None:
+    aligner = make_aligner("llama", mode="simple")
+    aligner.gate = dataclasses.replace(aligner.gate, bias=1e6)
+    gate, pieces = aligner.stream(PROMPTS[0], max_new_tokens=200)
+    assert gate.fired and "".join(pieces).strip() == DEFAULT_REFUSAL
+
+
+def test_mode_requirements_and_mismatches() -> None:
+    tokenizer, model = tiny_tokenizer(), tiny_model("llama")
+    harmful, harmless = builtin_prompts("harmful")[:4], builtin_prompts("harmless")[:4]
+    target_vectors = extract_safety_vectors(model, tokenizer, harmful, harmless, progress=False)
+    with pytest.raises(InferAlignerError, match="needs the aligned model's vectors"):
+        InferAligner(model, tokenizer, target_vectors=target_vectors, mode=Mode.INFERALIGNER)
+    with pytest.raises(InferAlignerError, match="needs the target's own vectors"):
+        InferAligner(model, tokenizer, aligned_vectors=target_vectors, mode="simple")
+    other = extract_safety_vectors(tiny_model("llama", layers=6), tokenizer, harmful, harmless, progress=False)
+    with pytest.raises(VectorMismatchError, match=r"aligned vectors come from .*6 layers"):
+        InferAligner(model, tokenizer, target_vectors=target_vectors, aligned_vectors=other, steer_layers=[1])
+    with pytest.raises(ValueError, match="sideways"):
+        InferAligner(model, tokenizer, mode="sideways")
+    InferAligner(model, tokenizer, mode="off").complete(["hello"], max_new_tokens=2)
+
+
+def test_prompt_longer_than_the_context_is_refused_before_generation() -> None:
+    aligner = make_aligner("llama")
+    with pytest.raises(PromptTooLongError, match="context of 256"):
+        aligner.complete(["word " * 300], max_new_tokens=4)
+    with pytest.raises(PromptTooLongError, match="plus 250 new tokens"):
+        aligner.complete(["a short prompt"], max_new_tokens=250)

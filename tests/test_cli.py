@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from inferaligner.cli import main, parse_layers
+from inferaligner.vectors import SafetyVectors
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vector_file(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vectors") / "tiny.safetensors"
+    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1"])
+    assert code == 0
+    return out
+
+
+def test_help_lists_every_verb() -> None:
+    result = subprocess.run([sys.executable, "-m", "inferaligner.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for verb in ("extract", "generate", "chat", "inspect"):
+        assert verb in result.stdout
+
+
+def test_extract_writes_a_calibrated_vector_file(vector_file) -> None:
+    vectors = SafetyVectors.load(vector_file)
+    assert vectors.provenance.n_harmful == 8 and vectors.gate is not None and vectors.gate.rule == "fpr"
+    assert "calibration.accuracy" in vectors.metrics
+
+
+def test_generate_json_reports_the_gate(model_dir, vector_file, capsys) -> None:
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vector_file),
+        "--aligned-vectors",
+        str(vector_file),
+        "--layers",
+        "1-2",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "How do I bake bread?",
+        "Write a poem",
+    ]
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["How do I bake bread?", "Write a poem"]
+    for line in lines:
+        assert set(line["gate"]) == {"fired", "score", "layer"} and line["mode"] == "inferaligner"
+        assert isinstance(line["completion"], str)
+
+
+def test_generate_reads_prompts_from_a_file(model_dir, vector_file, tmp_path, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "Say hi"}\n')
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vector_file),
+        "--mode",
+        "simple",
+        "--file",
+        str(prompts),
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "> Say hi" in out and "[gate " in out
+
+
+def test_inspect_prints_provenance_and_metrics(vector_file, capsys) -> None:
+    assert main(["inspect", str(vector_file)]) == 0
+    out = capsys.readouterr().out
+    assert "vectors from" in out and "gate: layer" in out and "calibration.accuracy" in out
+    assert main(["inspect", "--json", str(vector_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["num_layers"] == 4
+
+
+def _error(args: list[str], capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    return errors[0]
+
+
+def test_bad_inputs_give_one_line_errors(model_dir, vector_file, tmp_path, capsys) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("junk")
+    assert "not a safetensors file" in _error(["inspect", str(junk)], capsys)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "holds no prompts" in _error(
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--harmful",
+            str(empty),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+        capsys,
+    )
+    base = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vector_file),
+        "--layers",
+        "1",
+        "--mode",
+        "self",
+    ]
+    assert "context" in _error([*base, "--max-new-tokens", "1000", "hi"], capsys)
+    assert "needs the aligned model's vectors" in _error([*base[:-2], "inferaligner", "hi"], capsys)
+    assert "Give prompts" in _error(base, capsys)
+
+
+def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:
+    other = tmp_path / "wide"
+    tiny_model("llama", hidden=64).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    message = _error(
+        ["generate", "--model", str(other), "--target-vectors", str(vector_file), "--mode", "self", "hi"],
+        capsys,
+    )
+    assert "4 layers x 32" in message and "4 layers x 64" in message
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("2-4,8") == [2, 3, 4, 8]
+    with pytest.raises(Exception, match="layer list"):
+        parse_layers("a-b")

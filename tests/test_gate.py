@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferaligner.errors import InferAlignerError
+from inferaligner.gate import (
+    Gate,
+    auroc,
+    calibrate_bias,
+    choose_gate_layer,
+    choose_steer_layers,
+    layer_metrics,
+    midpoint_bias,
+)
+
+
+def test_gate_scores_and_decisions() -> None:
+    gate = Gate(direction=torch.tensor([1.0, 0.0]), bias=-1.0, layer=3)
+    decisions = gate.decide(torch.tensor([[3.0, 5.0], [0.5, -2.0]]))
+    assert [d.fired for d in decisions] == [True, False]
+    assert decisions[0].score == pytest.approx(2.0) and decisions[0].layer == 3
+    assert decisions[1].as_dict() == {"fired": False, "score": -0.5, "layer": 3}
+
+
+def test_layer_metrics_on_separable_and_mixed_layers() -> None:
+    harmful = torch.tensor([[2.0, 0.0], [3.0, 1.0], [4.0, -1.0]])
+    harmless = torch.tensor([[-2.0, 0.5], [-3.0, 0.0], [-1.0, 1.0]])
+    bias = midpoint_bias(harmful, harmless)
+    metrics = layer_metrics(harmful, harmless, bias)
+    assert metrics.accuracy[0] == 1.0 and metrics.auroc[0] == 1.0 and metrics.fpr[0] == 0.0
+    assert metrics.accuracy[1] < 1.0 and metrics.separation[0] > metrics.separation[1]
+
+
+def test_auroc_matches_pairwise_counting() -> None:
+    generator = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(40, 1, generator=generator) + 1, torch.randn(30, 1, generator=generator)
+    pos[0, 0] = neg[0, 0]  # one tie
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos[:, 0] for n in neg[:, 0]]
+    assert float(auroc(pos, neg)[0]) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+
+
+@pytest.mark.parametrize("fpr", [0.0, 0.05, 0.1, 0.5])
+def test_calibrated_bias_keeps_the_false_positive_rate(fpr: float) -> None:
+    harmless = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    bias = calibrate_bias(harmless, fpr)
+    allowed = int(fpr * 200)
+    assert int((harmless + bias > 0).sum()) <= allowed
+    assert int((harmless + bias + 1e-4 > 0).sum()) == allowed + 1  # the bias is the tightest such value
+
+
+def test_calibration_input_errors() -> None:
+    with pytest.raises(InferAlignerError, match=r"\[0, 1\)"):
+        calibrate_bias(torch.zeros(3), 1.5)
+    with pytest.raises(InferAlignerError, match="at least one harmless"):
+        calibrate_bias(torch.zeros(0), 0.1)
+
+
+def test_layer_choice() -> None:
+    accuracy = torch.tensor([0.5, 0.9, 1.0, 1.0, 0.95, 1.0])
+    separation = torch.tensor([0.1, 1.0, 2.0, 3.0, 2.5, 1.0])
+    assert choose_gate_layer(accuracy, separation) == 3
+    assert choose_steer_layers(accuracy, accuracy, 0.9) == [1, 2, 3, 4]
+    assert choose_steer_layers(accuracy, torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])) == [1, 3, 4]
+    with pytest.raises(InferAlignerError, match="pass the steering layers by hand"):
+        choose_steer_layers(accuracy, torch.zeros(6))
