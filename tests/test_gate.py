@@ -62,5 +62,7 @@ def test_layer_choice() -> None:
     assert choose_gate_layer(accuracy, separation) == 3
     assert choose_steer_layers(accuracy, accuracy, 0.9) == [1, 2, 3, 4]
     assert choose_steer_layers(accuracy, torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])) == [1, 3, 4]
+    weak = torch.tensor([0.5, 0.7, 0.8, 0.78, 0.74, 0.9])  # never 0.9 inside: within 0.05 of the best (0.8)
+    assert choose_steer_layers(weak, weak) == [2, 3]
     with pytest.raises(InferAlignerError, match="pass the steering layers by hand"):
-        choose_steer_layers(accuracy, torch.zeros(6))
+        choose_steer_layers(accuracy, torch.full((6,), 0.5))

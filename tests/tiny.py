@@ -90,14 +90,46 @@ def tiny_config(model_type: str, layers: int = 4, hidden: int = 32, context: int
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs: int) -> PreTrainedModel:
-    """A randomly initialised causal LM of the given family, in eval mode."""
+def tiny_model(model_type: str = "llama", seed: int = 0, sharp: bool = False, **kwargs: int) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given family, in eval mode.
+
+    `sharp` scales the output head up so greedy choices have wide margins and do not flip on rounding noise.
+    """
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs)).eval()
+    if sharp:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
+    return model
 
 
-def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
-    """A LLaVA model with a 2-layer CLIP vision tower, a projector and a 4-layer Llama language model."""
+IMAGE_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llava_processor(chat_template: bool = True):
+    """A LLaVA processor: 28-pixel images (4 patch tokens each) and the tiny tokenizer plus an <image> token."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=IMAGE_CHAT if chat_template else None,
+    )
+
+
+def tiny_llava(seed: int = 0, sharp: bool = True) -> LlavaForConditionalGeneration:
+    """A LLaVA model: a 2-layer CLIP vision tower, a projector and a 4-layer Llama language model."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         hidden_size=32,
@@ -105,7 +137,7 @@ def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=VOCAB,
+        vocab_size=VOCAB + 1,
         max_position_embeddings=512,
         pad_token_id=0,
     )
@@ -118,6 +150,11 @@ def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
         patch_size=14,
         projection_dim=32,
     )
-    return LlavaForConditionalGeneration(
-        LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB - 1)
-    ).eval()
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=VOCAB, vision_feature_select_strategy="default"
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    if sharp:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
+    return model

@@ -200,6 +200,12 @@ class InferAligner:
             return torch.zeros(rows)
         return torch.tensor([1.0 if d.fired else 0.0 for d in decisions])
 
+    def intervened(self, decisions: list[GateDecision] | None, rows: int) -> list[bool]:
+        """Per row, whether InferAligner changed the answer (steered it, or in simple mode replaced it)."""
+        if self.mode is Mode.SIMPLE:
+            return [bool(d.fired) for d in decisions] if decisions else [False] * rows
+        return [bool(g) for g in self.row_gates(decisions, rows)]
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -207,12 +213,14 @@ class InferAligner:
         *,
         return_gates: bool = False,
         gates: list[GateDecision] | None = None,
+        allowed: Sequence[bool] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
         """`model.generate` with InferAligner applied: a drop-in, rows gated independently.
 
         Returns what `model.generate` returns, or `(output, gate decisions)` with `return_gates=True`.
         `gates` passes decisions already made by `gate_decisions` for these rows, to skip the gate pass.
+        `allowed` marks the rows InferAligner may act on (default: all); the others are generated plainly.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -221,7 +229,8 @@ class InferAligner:
         extra = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         with self._lock:
             decisions = gates if gates is not None else self.gate_decisions(input_ids, attention_mask, **extra)
-            output = self._generate(input_ids, attention_mask, decisions, generate_kwargs)
+            allow = torch.tensor([bool(a) for a in allowed] if allowed is not None else [True] * len(input_ids))
+            output = self._generate(input_ids, attention_mask, decisions, allow, generate_kwargs)
         return (output, decisions) if return_gates else output
 
     def _generate(
@@ -229,12 +238,14 @@ class InferAligner:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         decisions: list[GateDecision] | None,
+        allowed: torch.Tensor,
         generate_kwargs: dict[str, Any],
     ) -> Any:
-        row_gates = self.row_gates(decisions, len(input_ids))
+        row_gates = self.row_gates(decisions, len(input_ids)) * allowed
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
-        if self.mode is Mode.SIMPLE and decisions is not None and any(d.fired for d in decisions):
-            return self._refuse(inputs, [d.fired for d in decisions])
+        refuse = [bool(d.fired and a) for d, a in zip(decisions or [], allowed.tolist(), strict=False)]
+        if self.mode is Mode.SIMPLE and any(refuse):
+            return self._refuse(inputs, refuse)
         if bool(row_gates.any()) and self.steering_vectors is not None:
             layers, directions = self.layers, self.steering_vectors.directions
             with add_steering(layers, directions, self.steer_layers, self.alpha, row_gates):
@@ -294,11 +305,9 @@ class InferAligner:
             )
             new = _sequences(output)[:, batch["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            steered = self.row_gates(decisions, len(chunk))
+            changed = self.intervened(decisions, len(chunk))
             for i, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
-                gate = decisions[i] if decisions else None
-                intervened = gate.fired if self.mode is Mode.SIMPLE and gate else bool(steered[i])
-                results.append(Completion(prompt, text.strip(), gate, intervened))
+                results.append(Completion(prompt, text.strip(), decisions[i] if decisions else None, changed[i]))
         return results
 
     def stream(

@@ -68,17 +68,23 @@ def _aligner_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0)
 
 
-def _build_aligner(args: argparse.Namespace):
+def _build_aligner(args: argparse.Namespace, processor_out: list[object] | None = None):
+    """The aligner the options describe; for an image-text model (--image) its processor goes into processor_out."""
     from inferaligner.aligner import InferAligner
     from inferaligner.models import load_model
+    from inferaligner.multimodal import load_multimodal
     from inferaligner.vectors import SafetyVectors
 
     target = SafetyVectors.load(args.target_vectors) if args.target_vectors else None
     aligned = SafetyVectors.load(args.aligned_vectors) if args.aligned_vectors else None
     _status(f"loading {args.model}")
-    model, tokenizer = load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    options = {"dtype": DTYPES[args.dtype], "device": args.device, "trust_remote_code": args.trust_remote_code}
+    if processor_out is not None:
+        model, processor = load_multimodal(args.model, **options)
+        processor_out.append(processor)
+        tokenizer = processor.tokenizer
+    else:
+        model, tokenizer = load_model(args.model, **options)
     return InferAligner(
         model,
         tokenizer,
@@ -154,15 +160,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts += load_prompts(args.file, args.column)
     if not prompts:
         raise InferAlignerError("Give prompts as arguments or with --file.")
-    aligner = _build_aligner(args)
     kwargs = _generation_kwargs(args)
-    completions = aligner.complete(
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        progress=not args.json,
-        **kwargs,
-    )
+    if args.image:
+        from inferaligner.multimodal import MultimodalAligner
+
+        images = [None if path.lower() == "none" else path for path in args.image]
+        if len(images) != len(prompts):
+            raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
+                                    "(write 'none' for a prompt without an image).")  # fmt: skip
+        processor: list[object] = []
+        aligner = _build_aligner(args, processor)
+        multimodal = MultimodalAligner(aligner, processor[0], args.prompt_template)
+        completions = multimodal.complete(prompts, images, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.batch_size, **kwargs)  # fmt: skip
+    else:
+        aligner = _build_aligner(args)
+        completions = aligner.complete(
+            prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json, **kwargs
+        )
     for completion in completions:
         if args.json:
             print(json.dumps({**completion.as_dict(), "mode": aligner.mode.value}), flush=True)
@@ -229,6 +244,217 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from inferaligner.zoo.recipes import build_demo_model
+
+    out = args.out or Path("runs") / "zoo" / args.name
+    _status(f"building '{args.name}' into {out} (the full recipe takes tens of minutes on 2 CPU cores)")
+    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, gate_fpr=args.gate_fpr)
+    _status(
+        f"done: {card['steps']} steps on {card['examples']} examples, final loss {card['final_loss']}, "
+        f"{card['build_seconds']} s"
+    )
+    return 0
+
+
+def cmd_zoo_list(_args: argparse.Namespace) -> int:
+    from inferaligner import zoo
+    from inferaligner.zoo.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        try:
+            info = zoo.card(name)
+            shipped = f"shipped, built {info['built']}, loss {info['final_loss']}, data {info['data_hash']}"
+        except InferAlignerError:
+            shipped = "not built"
+        print(f"{name:8s} {shipped}\n         {recipe.description}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from inferaligner.demo import run_demo
+
+    run_demo(max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+SERVE_DEFAULTS = {
+    "host": "127.0.0.1", "port": 8000, "max_batch": 8, "batch_wait_ms": 10.0, "max_queue": 64,
+    "max_tokens_limit": 512, "default_max_tokens": 256, "served_model_name": None, "api_key": None,
+    "allow_client_disable": False,
+}  # fmt: skip
+ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "mode", "alpha", "layers", "gate_layer", "gate_bias")
+
+
+def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Server settings: defaults, then the --config file, then options given on the command line."""
+    settings: dict[str, object] = dict(SERVE_DEFAULTS)
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InferAlignerError(f"Cannot read the server config {args.config}: {exc}") from exc
+        unknown = set(loaded) - set(SERVE_DEFAULTS) - set(ALIGNER_KEYS)
+        if unknown:
+            raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
+        settings |= loaded
+    keys = set(SERVE_DEFAULTS) | set(ALIGNER_KEYS)
+    settings |= {key: value for key, value in vars(args).items() if key in keys and value is not None}
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    import uvicorn
+
+    from inferaligner import zoo
+    from inferaligner.serve import Engine, ServerConfig, create_app
+
+    settings = _serve_settings(args)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
+    # make that handler a clean exit, so a drained server ends with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if not settings.get("model"):
+        _status("no --model given: serving the shipped demo pair (target + InferAligner)")
+        aligner = zoo.demo_aligner(mode=str(settings.get("mode") or "inferaligner"))
+        name = settings["served_model_name"] or "inferaligner-demo"
+    else:
+        merged = argparse.Namespace(**{**vars(_aligner_defaults()), **settings})
+        aligner = _build_aligner(merged)
+        name = settings["served_model_name"] or str(settings["model"])
+    config = ServerConfig(
+        model_name=str(name),
+        max_tokens_limit=int(settings["max_tokens_limit"]),
+        default_max_tokens=int(settings["default_max_tokens"]),
+        api_key=settings["api_key"] or os.environ.get("INFERALIGNER_API_KEY") or None,
+        allow_client_disable=bool(settings["allow_client_disable"]),
+    )
+    engine = Engine(aligner, max_batch=int(settings["max_batch"]), batch_wait_s=float(settings["batch_wait_ms"]) / 1000,
+                    max_queue=int(settings["max_queue"]))  # fmt: skip
+    _status(
+        f"serving '{config.model_name}' (mode {aligner.mode.value}) on http://{settings['host']}:{settings['port']}"
+    )
+    uvicorn.run(create_app(engine, config), host=str(settings["host"]), port=int(settings["port"]),
+                log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
+    return 0
+
+
+def _method_names() -> tuple[str, ...]:
+    from inferaligner.eval.methods import ALL_METHODS
+
+    return ALL_METHODS
+
+
+def _aligner_defaults() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _aligner_options(parser)
+    return parser.parse_args([])
+
+
+def _demo_models(domain: str, root: Path) -> dict[str, object]:
+    """Where the demo pair's models for a domain live; the ones not shipped are built into `root` first."""
+    from inferaligner import zoo
+    from inferaligner.zoo.recipes import build_demo_model
+
+    names = {"target": "target" if domain == "arithmetic" else "finance",
+             "safety-sft": f"safety-sft-{domain}", "aligned-domain": f"aligned-{domain}"}  # fmt: skip
+    folders: dict[str, object] = {}
+    for role, name in names.items():
+        if name == "target":
+            folders[role] = zoo.artifact_dir("target")
+            continue
+        folder = root / name
+        if not (folder / "card.json").is_file():
+            _status(f"building '{name}' into {folder} (tens of minutes on 2 CPU cores; done once)")
+            build_demo_model(name, folder)
+        folders[role] = folder
+    return folders
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from inferaligner import zoo
+    from inferaligner.eval.judges import RefusalJudge
+    from inferaligner.eval.llm_judge import LLMJudge
+    from inferaligner.eval.methods import ALL_METHODS, build_methods
+    from inferaligner.eval.report import write_report
+    from inferaligner.eval.runner import evaluate
+    from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
+    from inferaligner.models import load_model
+    from inferaligner.vectors import SafetyVectors
+
+    methods = args.methods.split(",") if args.methods else list(ALL_METHODS)
+    extra: dict[str, object] = {}
+    processor = None
+    if args.demo:
+        folders = _demo_models(args.demo, args.zoo_dir)
+        target, tokenizer = zoo.load(str(folders["target"]))
+        target_vectors = SafetyVectors.load(Path(str(folders["target"])) / "vectors.safetensors")
+        aligned_vectors = SafetyVectors.load(zoo.vectors_path("aligned"))
+        chosen = zoo.settings()
+        alpha, layers = args.alpha or chosen["alpha"], args.layers or chosen["steer_layers"]
+        extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
+        domain = args.demo
+    else:
+        if not (args.target and args.target_vectors and args.aligned_vectors):
+            raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors (or --demo DOMAIN).")
+        if args.multimodal:
+            from inferaligner.multimodal import load_multimodal
+
+            target, processor = load_multimodal(args.target, dtype=DTYPES[args.dtype], device=args.device)
+            tokenizer = processor.tokenizer
+        else:
+            target, tokenizer = load_model(args.target, dtype=DTYPES[args.dtype], device=args.device)
+        target_vectors, aligned_vectors = (
+            SafetyVectors.load(args.target_vectors),
+            SafetyVectors.load(args.aligned_vectors),
+        )
+        alpha, layers = args.alpha or 4.0, args.layers
+        for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
+            if path:
+                extra[role] = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+        methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
+        domain = args.domain or "custom"
+    if args.multimodal:
+        from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
+
+        tasks = [mm_harmful_task(args.limit), mm_utility_task(args.limit), xstest_task(args.limit),
+                 harmless_task(args.limit)]  # fmt: skip
+    elif args.utility_file:
+        choices = args.choices.split(",") if args.choices else None
+        utility = file_task("utility", "utility", args.utility_file, args.column, args.answer_column, choices,
+                            args.limit)  # fmt: skip
+        tasks = [*default_tasks("arithmetic", args.limit)[:-1], utility]
+    else:
+        tasks = default_tasks(domain if domain in ("arithmetic", "finance") else "arithmetic", args.limit)
+    if args.harmful_file:
+        tasks[0] = file_task("harmful", "harmful", args.harmful_file, args.column, limit=args.limit)
+    elif args.exclude:
+        tasks[0] = harmful_task(args.limit, load_prompt_file(args.exclude))
+    judges: list[object] = []
+    if args.judge in ("refusal", "both"):
+        judges.append(RefusalJudge())
+    if args.judge in ("llm", "both"):
+        judges.append(LLMJudge.from_env(args.judge_url, args.judge_model, args.judge_key))
+    built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, alpha=alpha,
+                          steer_layers=layers, extra_models=extra)  # fmt: skip
+    out = args.out or Path("runs") / "eval" / domain
+    config = {"domain": domain, "alpha": alpha, "layers": built[-1].aligner.steer_layers, "limit": args.limit,
+              "methods": [m.name for m in built]}  # fmt: skip
+    _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
+    results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
+    write_report(results, out, domain)
+    print((out / "table.md").read_text())
+    return 0
+
+
+def load_prompt_file(path: Path) -> list[str]:
+    from inferaligner.prompts import load_prompts
+
+    return load_prompts(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferaligner",
@@ -277,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--column", help="column / field holding the prompt")
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    generate.add_argument("--image", action="append", help="image for the i-th prompt (image-text models; "
+                          "repeat per prompt, 'none' for no image)")  # fmt: skip
+    generate.add_argument("--prompt-template", help="for processors without a chat template, e.g. "
+                          "'USER: <image>\\n{prompt} ASSISTANT:'")  # fmt: skip
     generate.set_defaults(run=cmd_generate)
 
     chat = verbs.add_parser("chat", help="chat interactively with the target model under InferAligner")
@@ -287,6 +517,79 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=cmd_inspect)
+
+    serve = verbs.add_parser("serve", help="serve an OpenAI-compatible API with InferAligner (default: demo pair)")
+    serve.add_argument("--config", type=Path, help="JSON file with any of the options below (options win)")
+    serve.add_argument("--model", help="target model (default: the shipped demo target)")
+    serve.add_argument("--target-vectors", type=Path)
+    serve.add_argument("--aligned-vectors", type=Path)
+    serve.add_argument("--mode", choices=["inferaligner", "self", "simple", "always", "off"])
+    serve.add_argument("--alpha", type=float)
+    serve.add_argument("--layers", type=parse_layers)
+    serve.add_argument("--gate-layer", type=int)
+    serve.add_argument("--gate-bias", type=float)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--served-model-name", help="the model id clients send")
+    serve.add_argument("--max-batch", type=int, help="rows per batch (default 8)")
+    serve.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for company (default 10)")
+    serve.add_argument("--max-queue", type=int, help="waiting requests before answering 429 (default 64)")
+    serve.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 512)")
+    serve.add_argument("--default-max-tokens", type=int, help="max_tokens when a request gives none (default 256)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INFERALIGNER_API_KEY)")
+    serve.add_argument(
+        "--allow-client-disable",
+        action="store_true",
+        default=None,
+        help='let a request switch InferAligner off with {"inferaligner": {"enabled": false}}',
+    )
+    serve.set_defaults(run=cmd_serve)
+
+    evaluation = verbs.add_parser("eval", help="measure ASR, jailbreak ASR, over-refusal and utility per method")
+    evaluation.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    evaluation.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    evaluation.add_argument("--demo", choices=["arithmetic", "finance"], help="the demo pair on one domain")
+    evaluation.add_argument("--target", help="target model (hub id, folder, .gguf, zoo:NAME)")
+    evaluation.add_argument("--target-vectors", type=Path)
+    evaluation.add_argument("--aligned-vectors", type=Path)
+    evaluation.add_argument("--alpha", type=float, help="steering strength (default 4; demo: its chosen value)")
+    evaluation.add_argument("--layers", type=parse_layers, help="steered layers (default: automatic)")
+    evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")
+    evaluation.add_argument("--model-safety-sft", help="the domain model trained with safety data (row Safety SFT)")
+    evaluation.add_argument("--model-aligned-domain", help="the aligned model fine-tuned on the domain")
+    evaluation.add_argument("--domain", choices=["arithmetic", "finance"], help="built-in utility task")
+    mm_help = "an image-text target (LLaVA): MM-HarmfulBench, generated-picture questions, text over-refusal sets"
+    evaluation.add_argument("--multimodal", action="store_true", help=mm_help)
+    evaluation.add_argument("--utility-file", type=Path, help="your own utility task (csv / jsonl / json)")
+    evaluation.add_argument("--answer-column", help="column of expected answers in --utility-file")
+    evaluation.add_argument("--choices", help="comma-separated choices: score --utility-file by log-likelihood")
+    evaluation.add_argument("--harmful-file", type=Path, help="your own harmful prompts instead of AdvBench")
+    evaluation.add_argument("--exclude", type=Path, help="prompts to leave out of AdvBench (used for extraction)")
+    evaluation.add_argument("--column", help="column holding the prompt in your files")
+    evaluation.add_argument("--limit", type=int, help="at most this many prompts per task (quick runs)")
+    evaluation.add_argument("--judge", choices=["refusal", "llm", "both"], default="refusal")
+    evaluation.add_argument("--judge-url", help="OpenAI-compatible base URL (or INFERALIGNER_JUDGE_URL)")
+    evaluation.add_argument("--judge-model", help="judge model name (or INFERALIGNER_JUDGE_MODEL)")
+    evaluation.add_argument("--judge-key", help="API key (or INFERALIGNER_JUDGE_KEY / OPENAI_API_KEY)")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--zoo-dir", type=Path, default=Path("runs/zoo"), help="where demo models are built")
+    evaluation.add_argument("--out", type=Path, help="output folder (default: runs/eval/DOMAIN)")
+    evaluation.set_defaults(run=cmd_eval)
+
+    demo = verbs.add_parser("demo", help="run the shipped demo pair with and without InferAligner (offline)")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.set_defaults(run=cmd_demo)
+
+    zoo = verbs.add_parser("zoo", help="list or rebuild the demo models (aligned, target)")
+    zoo_verbs = zoo.add_subparsers(dest="zoo_verb", metavar="ACTION", required=True)
+    zoo_verbs.add_parser("list", help="recipes and shipped adapters").set_defaults(run=cmd_zoo_list)
+    build = zoo_verbs.add_parser("build", help="rebuild a demo adapter and its vectors from scratch")
+    build.add_argument("name", choices=["aligned", "target"])
+    build.add_argument("--out", type=Path, help="output folder (default: runs/zoo/NAME)")
+    build.add_argument("--limit", type=int, help="use at most this many examples per data source (quick runs)")
+    build.add_argument("--max-steps", type=int, help="stop after this many training steps (quick runs)")
+    build.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
+    build.set_defaults(run=cmd_zoo_build)
     return parser
 
 

@@ -113,14 +113,18 @@ def choose_steer_layers(
 ) -> list[int]:
     """Layers where both the target and the aligned model separate harmful from harmless (the paper's `L_G`).
 
-    The first and last block are excluded: the embedding-level and logit-level representations steer poorly.
+    A layer qualifies when both accuracies reach `min_accuracy`, or, for models that never do, come within 0.05
+    of the best layer's (the lower of the two models). The first and last block are excluded.
     """
     both = torch.minimum(target_accuracy, aligned_accuracy)
     last = len(both) - 1
-    layers = [i for i, value in enumerate(both.tolist()) if value >= min_accuracy - 1e-6 and 0 < i < last]
-    if not layers:
+    inner = both[1:last] if last > 1 else both
+    threshold = min(min_accuracy, float(inner.max()) - 0.05) - 1e-6
+    layers = [i for i, value in enumerate(both.tolist()) if value >= threshold and 0 < i < last]
+    if not layers or float(inner.max()) < 0.6:
         raise InferAlignerError(
-            f"No layer separates harmful from harmless prompts with accuracy >= {min_accuracy} in both models; "
-            "pass the steering layers by hand (--layers) or extract vectors from more prompts."
+            "No layer separates harmful from harmless prompts in both models (best accuracy "
+            f"{float(inner.max()):.2f}); pass the steering layers by hand (--layers) or extract vectors from more "
+            "prompts."
         )
     return layers

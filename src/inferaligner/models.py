@@ -77,10 +77,15 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode, on `device`.
 
-    `name_or_path` is a hub id, a local folder, a `.gguf` file (dequantised once, cached in `cache_dir()`), or
-    `EMBEDDED_MODEL`. `trust_remote_code` stays off unless asked for.
+    `name_or_path` is a hub id, a local folder, a `.gguf` file (dequantised once, cached in `cache_dir()`),
+    `EMBEDDED_MODEL`, or `zoo:<name>` for a shipped demo model. `trust_remote_code` stays off unless asked for.
+    An image-text model comes back with its processor's tokenizer (see `multimodal.load_multimodal` for both).
     """
     name = str(name_or_path)
+    if name.startswith("zoo:"):
+        from inferaligner import zoo
+
+        return zoo.load(name.removeprefix("zoo:"), dtype=dtype, device=device)
     if name == EMBEDDED_MODEL:
         folder = _converted_gguf(embedded_gguf_path())
     elif name.endswith(".gguf"):
@@ -95,12 +100,23 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise InferAlignerError(f"Cannot load model '{name}': {exc}".splitlines()[0]) from exc
+    if getattr(config, "vision_config", None) is not None:  # an image-text model: its language part is what we use
+        from inferaligner.multimodal import load_multimodal
+
+        mm_model, processor = load_multimodal(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return mm_model, processor.tokenizer
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if folder is not None:
-        model.config._name_or_path = EMBEDDED_MODEL if name == EMBEDDED_MODEL else Path(name).name
+        set_model_name(model, EMBEDDED_MODEL if name == EMBEDDED_MODEL else Path(name).name)
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def set_model_name(model: PreTrainedModel, name: str) -> None:
+    """Name a model for provenance (vector files, cards, reports) instead of the folder it was loaded from."""
+    model.name_or_path = name
+    model.config.name_or_path = name
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -143,6 +159,11 @@ def _converted_gguf(path: Path) -> Path:
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+def has_vision(model: nn.Module) -> bool:
+    """Whether the model has a vision tower (an image-text model such as LLaVA)."""
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
 
 
 def text_config(model: PreTrainedModel) -> Any:

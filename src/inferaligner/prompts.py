@@ -147,6 +147,18 @@ def format_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, system: st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def format_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
+    """A whole conversation in the chat template, ending with the assistant's generation prompt.
+
+    Without a chat template, turns are written as "Role: text" lines (with the same one-time warning).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    *history, last = messages
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in history]
+    return "\n".join([*lines, format_chat(tokenizer, last["content"])])
+
+
 def format_chats(
     tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], system: str | None = None
 ) -> list[str]:

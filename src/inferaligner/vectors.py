@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inferaligner.activations import last_token_activations
 from inferaligner.errors import PromptError, VectorFileError, VectorMismatchError
 from inferaligner.gate import Gate, calibrate_bias, choose_gate_layer, layer_metrics, midpoint_bias
-from inferaligner.models import decoder_layers, model_fingerprint, text_config
+from inferaligner.models import decoder_layers, has_vision, model_fingerprint, text_config
 from inferaligner.prompts import format_chats
 
 FORMAT = "inferaligner.safety_vectors"
@@ -42,7 +42,7 @@ class Provenance:
     data_hash: str
     layer_convention: str = LAYER_CONVENTION
     normalisation: str = "unit"
-    source: str = "text"
+    source: str = "text model"  # or "image-text model, text prompts"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     library_version: str = ""
 
@@ -244,6 +244,7 @@ def extract_safety_vectors(
         n_harmful=len(harmful),
         n_harmless=len(harmless),
         data_hash=data_hash(harmful, harmless),
+        source="image-text model, text prompts" if has_vision(model) else "text model",
         library_version=__version__,
     )
     return SafetyVectors(directions, norms, bias, provenance, metrics, gate)

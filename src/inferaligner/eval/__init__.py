@@ -1,0 +1,1 @@
+"""Evaluation: judges that label completions, tasks, baselines and reports."""

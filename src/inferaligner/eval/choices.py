@@ -1,0 +1,69 @@
+"""Multiple choice by log-likelihood, with InferAligner applied exactly as in generation.
+
+Each (prompt, choice) pair is scored as the summed log-probability of the choice's tokens after the chat-formatted
+prompt. The gate is read on the prompt alone; rows whose gate fires are scored under the steering hooks. In
+simple mode a fired row answers with the fixed refusal, so it picks no choice (`None`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from inferaligner.aligner import InferAligner, Mode
+from inferaligner.gate import GateDecision
+from inferaligner.prompts import format_chats, position_ids
+from inferaligner.steer import add_steering
+
+
+def choose(
+    aligner: InferAligner,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[str | None], list[GateDecision | None]]:
+    """The most likely choice for each prompt, and the gate's decision on it."""
+    tokenizer = aligner.tokenizer
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    picks: list[str | None] = []
+    gates: list[GateDecision | None] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", disable=not progress, unit="batch"):
+        chunk = list(prompts[start : start + batch_size])
+        batch = aligner.encode(chunk)
+        decisions = aligner.gate_decisions(**batch)
+        row_gates = aligner.row_gates(decisions, len(chunk))
+        texts = format_chats(tokenizer, chunk, aligner.system)
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = [p + c for p in prompt_ids for c in choice_ids]
+        width = max(map(len, rows))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=aligner.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=aligner.device)
+        steer = aligner.steering_vectors is not None and bool(row_gates.any())
+        with torch.inference_mode():
+            if steer:
+                gates_per_row = row_gates.repeat_interleave(len(choices))
+                assert aligner.steering_vectors is not None
+                with add_steering(aligner.layers, aligner.steering_vectors.directions, aligner.steer_layers,
+                                  aligner.alpha, gates_per_row):  # fmt: skip
+                    logits = aligner.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            else:
+                logits = aligner.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        scores = []
+        for row, ids_row in enumerate(rows):
+            count = len(choice_ids[row % len(choices)])
+            targets = torch.tensor(ids_row[-count:], device=logprobs.device)
+            scores.append(float(logprobs[row, width - 1 - count : width - 1].gather(1, targets[:, None]).sum()))
+        for index in range(len(chunk)):
+            decision = decisions[index] if decisions else None
+            gates.append(decision)
+            if aligner.mode is Mode.SIMPLE and decision is not None and decision.fired:
+                picks.append(None)
+                continue
+            row_scores = scores[index * len(choices) : (index + 1) * len(choices)]
+            picks.append(choices[max(range(len(choices)), key=row_scores.__getitem__)])
+    return picks, gates

@@ -1,0 +1,78 @@
+"""Readers for the third-party evaluation sets in `../shared/data/` (never copied into this repository)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+from inferaligner.errors import PromptError
+
+
+def data_dir() -> Path:
+    """`$INFERALIGNER_DATA`, else `../shared/data` next to the working directory (the project's layout)."""
+    configured = os.environ.get("INFERALIGNER_DATA")
+    folder = Path(configured) if configured else Path.cwd().parent / "shared" / "data"
+    if not folder.is_dir():
+        raise PromptError(f"Evaluation data not found at {folder}: set INFERALIGNER_DATA to the folder that holds it.")
+    return folder
+
+
+def _csv(relative: str) -> list[dict[str, str]]:
+    path = data_dir() / relative
+    if not path.is_file():
+        raise PromptError(f"{path} is missing from the evaluation data.")
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def advbench() -> list[str]:
+    """The 520 AdvBench harmful behaviours (`goal` column)."""
+    return [row["goal"] for row in _csv("advbench/harmful_behaviors.csv")]
+
+
+def alpaca(count: int = 300, seed: int = 0) -> list[str]:
+    """`count` Alpaca instructions without input, sampled with `seed` from the 31,323 in the set."""
+    path = data_dir() / "alpaca" / "alpaca_no_input_instructions.json"
+    instructions = [row["instruction"] for row in json.loads(path.read_text(encoding="utf-8"))]
+    return random.Random(seed).sample(instructions, count)
+
+
+def xstest(label: str = "safe") -> list[str]:
+    """XSTest v2 prompts with the given label ("safe": 250 benign look-alikes; "unsafe": 200 contrasts)."""
+    return [row["prompt"] for row in _csv("xstest/xstest_prompts.csv") if row["label"] == label]
+
+
+def jailbreakbench() -> list[str]:
+    """The 100 JailbreakBench harmful behaviours (`Goal` column)."""
+    return [row["Goal"] for row in _csv("jailbreakbench/jbb_behaviors_harmful.csv")]
+
+
+FPB_LABELS = ("negative", "neutral", "positive")
+
+
+def financial_phrasebank(agreement: str = "AllAgree") -> list[tuple[str, str]]:
+    """(sentence, label) pairs of Financial PhraseBank v1.0 at the given annotator agreement (latin-1 file)."""
+    path = data_dir() / "financial_phrasebank" / f"Sentences_{agreement}.txt"
+    if not path.is_file():
+        raise PromptError(f"{path} is missing from the evaluation data.")
+    pairs = []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        sentence, _, label = line.rpartition("@")
+        if sentence and label in FPB_LABELS:
+            pairs.append((sentence.strip(), label))
+    return pairs
+
+
+def fpb_split(test_size: int = 300, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A fixed shuffle of the AllAgree sentences: (train, test), disjoint."""
+    pairs = financial_phrasebank()
+    random.Random(seed).shuffle(pairs)
+    return pairs[test_size:], pairs[:test_size]
+
+
+def jailbreak_prompts() -> list[dict[str, str]]:
+    """The 1,405 in-the-wild jailbreak prompts (rows of the CSV, in file order)."""
+    return _csv("jailbreak_llms_in_the_wild/jailbreak_prompts_2023_12_25.csv")

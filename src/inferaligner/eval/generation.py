@@ -1,0 +1,137 @@
+"""Batched generation with an on-disk cache, so an interrupted evaluation resumes where it stopped.
+
+Each finished completion is appended to a JSON-lines file keyed by a hash of (prompt, settings), flushed batch
+by batch; a rerun with the same settings reads those back and generates only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from inferaligner.aligner import Completion, InferAligner
+from inferaligner.gate import GateDecision
+
+
+def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> dict[str, Any]:
+    """Everything that changes a completion: model, mode, alpha, layers, gate, decoding."""
+    gate = aligner.gate
+    return {
+        "model": getattr(aligner.model, "name_or_path", ""),
+        "mode": aligner.mode.value,
+        "alpha": aligner.alpha if aligner.steering_vectors is not None else None,
+        "layers": aligner.steer_layers,
+        "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
+        "system": aligner.system,
+        "max_new_tokens": max_new_tokens,
+        "tag": tag,
+    }
+
+
+def _key(prompt: str, settings: dict[str, Any], image: Any = None) -> str:
+    item: Any = prompt if image is None else [prompt, _image_id(image)]
+    return hashlib.sha256(json.dumps([item, settings], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _image_id(image: Any) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return hashlib.sha256(image.tobytes()).hexdigest()[:16]
+
+
+def generate_cached(
+    aligner: InferAligner,
+    prompts: Sequence[str],
+    cache: Path | None,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    tag: str = "",
+    desc: str = "generating",
+    progress: bool = True,
+    images: Sequence[Any] | None = None,
+    processor: Any = None,
+) -> list[Completion]:
+    """Greedy completions for `prompts`, in order, reusing and extending the cache file.
+
+    With `images` (one per prompt, or None) and the model's `processor`, prompts go through `MultimodalAligner`.
+    """
+    settings = settings_key(aligner, max_new_tokens, tag)
+    pictures = list(images) if images is not None else [None] * len(prompts)
+    keys = [_key(p, settings, image) for p, image in zip(prompts, pictures, strict=True)]
+    by_key = dict(zip(keys, pictures, strict=True))
+    multimodal = None
+    if images is not None:
+        from inferaligner.multimodal import MultimodalAligner
+
+        multimodal = MultimodalAligner(aligner, processor)
+    done: dict[str, Completion] = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interruption
+            gate = GateDecision(**row["gate"]) if row["gate"] else None
+            done[row["key"]] = Completion(row["prompt"], row["completion"], gate, row["intervened"])
+    todo = sorted(
+        {k: p for k, p in zip(keys, prompts, strict=True) if k not in done}.items(), key=lambda kv: len(kv[1])
+    )
+    if todo:
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="prompt")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            texts = [p for _, p in chunk]
+            if multimodal is not None:
+                chunk_images = [by_key[k] for k, _ in chunk]
+                results = multimodal.complete(texts, chunk_images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            else:
+                results = aligner.complete(texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            lines = []
+            for (key, _), completion in zip(chunk, results, strict=True):
+                done[key] = completion
+                lines.append(json.dumps({"key": key, **completion.as_dict()}))
+            if cache is not None:
+                with cache.open("a", encoding="utf-8") as handle:
+                    handle.write("\n".join(lines) + "\n")
+            bar.update(len(chunk))
+        bar.close()
+    return [done[k] for k in keys]
+
+
+def gate_all(aligner: InferAligner, prompts: Sequence[str], batch_size: int = 32) -> list[GateDecision]:
+    """The gate's decision for every prompt (one partial forward pass per batch, no generation)."""
+    decisions: list[GateDecision] = []
+    for start in range(0, len(prompts), batch_size):
+        found = aligner.gate_decisions(**aligner.encode(prompts[start : start + batch_size]))
+        if found is None:
+            raise ValueError("This aligner has no gate: give it the target's vectors.")
+        decisions += found
+    return decisions
+
+
+def gated_completions(
+    aligner: InferAligner,
+    prompts: Sequence[str],
+    plain: Sequence[Completion],
+    cache: Path | None,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Completions of a gated aligner, generating only the prompts whose gate fires.
+
+    Rows whose gate is off come out token-identical to plain generation (tests/test_aligner.py checks this for
+    mixed batches), so they are taken from `plain`, the target's own completions of the same prompts.
+    """
+    decisions = gate_all(aligner, prompts, kwargs.get("batch_size", 32))
+    fired = [i for i, decision in enumerate(decisions) if decision.fired]
+    steered = dict(zip(fired, generate_cached(aligner, [prompts[i] for i in fired], cache, **kwargs), strict=True))
+    return [
+        steered.get(i) or Completion(prompt, plain[i].text, decisions[i], False) for i, prompt in enumerate(prompts)
+    ]

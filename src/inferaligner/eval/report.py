@@ -1,0 +1,127 @@
+"""Reports from `results.json`: Markdown tables laid out like the paper's, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+JUDGE = "refusal-phrases-v1"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _metric(results: dict[str, Any], method: str, task: str, key: str) -> float | None:
+    return results["methods"].get(method, {}).get(task, {}).get(key)
+
+
+def safety_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
+    """Rows: methods. Columns: for each domain, harmful ASR / jailbreak ASR / utility accuracy (%)."""
+    first = next(iter(domains.values()))
+    methods = list(first["methods"])
+    header = "| method | " + " | ".join(f"{d}: ASR / jailbreak ASR / accuracy" for d in domains) + " |"
+    lines = [header, "|---|" + "---|" * len(domains)]
+    for method in methods:
+        label = first["labels"].get(method, method)
+        cells = []
+        for results in domains.values():
+            asr = _metric(results, method, "harmful", f"asr[{judge}]")
+            if asr is None:
+                asr = _metric(results, method, "mm_harmful", f"asr[{judge}]")
+            jailbreak = _metric(results, method, "jailbreak", f"asr[{judge}]")
+            accuracy = _metric(results, method, "utility", "accuracy")
+            if accuracy is None:
+                accuracy = _metric(results, method, "mm_utility", "accuracy")
+            cells.append(f"{_pct(asr)} / {_pct(jailbreak)} / {_pct(accuracy)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def over_refusal_table(results: dict[str, Any], judge: str = JUDGE) -> str:
+    """Rows: methods. Columns: refusal rate and gate fire rate on XSTest safe prompts and on harmless instructions."""
+    lines = ["| method | XSTest safe: refused | gate fired | harmless: refused | gate fired |", "|---|---|---|---|---|"]
+    for method in results["methods"]:
+        label = results["labels"].get(method, method)
+        cells = [
+            _pct(_metric(results, method, task, key))
+            for task in ("xstest", "harmless")
+            for key in (f"refusal[{judge}]", "gate_fire_rate")
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
+    """table.md and the plots for one run."""
+    judges = results["run"]["judges"]
+    parts = [f"# InferAligner evaluation: {domain}", "", safety_table({domain: results}, judges[0]), "",
+             "Over-refusal (%):", "", over_refusal_table(results, judges[0])]  # fmt: skip
+    agreement = {m: _metric(results, m, "harmful", "judge_agreement") for m in results["methods"]}
+    if any(v is not None for v in agreement.values()):
+        parts += ["", f"Judge agreement on harmful prompts ({' vs '.join(judges)}):", ""]
+        parts += [f"- {results['labels'][m]}: {_pct(v)}%" for m, v in agreement.items() if v is not None]
+    gate = results.get("gate_quality")
+    if gate:
+        parts += ["", f"Gate at layer {gate['layer']}: TPR {_pct(gate['tpr'])}% on harmful prompts, FPR "
+                  f"{_pct(gate['fpr'])}% on harmless instructions."]  # fmt: skip
+    parts += ["", f"Judge: {judges[0]}. Run took {results['run']['seconds']:.0f} s on {results['run']['machine']}."]
+    (out_dir / "table.md").write_text("\n".join(parts) + "\n")
+    plot(results, out_dir, judges[0])
+
+
+def plot(results: dict[str, Any], out_dir: Path, judge: str = JUDGE) -> None:
+    """asr.png (ASR per method), over_refusal.png (over-refusal vs ASR), gate_layers.png (per-layer accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results["methods"])
+    labels = [results["labels"][m] for m in methods]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.4
+    for offset, task in ((-width / 2, "harmful"), (width / 2, "jailbreak")):
+        values = [100 * (_metric(results, m, task, f"asr[{judge}]") or 0) for m in methods]
+        ax.bar([i + offset for i in range(len(methods))], values, width, label=f"{task} ASR")
+    ax.set_xticks(range(len(methods)), labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("attack success rate (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "asr.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, label in zip(methods, labels, strict=True):
+        x = _metric(results, method, "xstest", f"refusal[{judge}]")
+        y = _metric(results, method, "harmful", f"asr[{judge}]")
+        if x is not None and y is not None:
+            ax.scatter(100 * x, 100 * y)
+            ax.annotate(label, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("over-refusal: XSTest safe prompts refused (%)")
+    ax.set_ylabel("harmful ASR (%)")
+    ax.set_title("Lower left is better")
+    fig.tight_layout()
+    fig.savefig(out_dir / "over_refusal.png", dpi=120)
+    plt.close(fig)
+
+    gate = results.get("gate_quality")
+    if gate:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(gate["per_layer_accuracy"], "o-", label="balanced accuracy (midpoint bias)")
+        ax.plot(gate["per_layer_auroc"], "s-", label="AUROC")
+        ax.axvline(gate["layer"], color="grey", linestyle=":", label=f"gate layer {gate['layer']}")
+        ax.set_xlabel("layer")
+        ax.set_ylim(0.4, 1.02)
+        ax.set_title("Target's own vectors: harmful vs harmless")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "gate_layers.png", dpi=120)
+        plt.close(fig)
+
+
+def combined_table(paths: Sequence[Path]) -> str:
+    """One table over several runs' results.json (one domain each, named by its folder)."""
+    return safety_table({path.parent.name: json.loads(path.read_text()) for path in paths})

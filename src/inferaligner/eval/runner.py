@@ -1,0 +1,183 @@
+"""Run methods x tasks: generate (cached, resumable), judge, score; measure the gate; write the report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inferaligner.activations import last_token_activations
+from inferaligner.aligner import Completion
+from inferaligner.eval.choices import choose
+from inferaligner.eval.generation import gated_completions, generate_cached
+from inferaligner.eval.judges import Verdict
+from inferaligner.eval.methods import Method
+from inferaligner.eval.tasks import Task
+from inferaligner.gate import layer_metrics
+from inferaligner.prompts import format_chats
+
+
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
+
+
+def judge_all(judges: Sequence[Any], prompts: Sequence[str], texts: Sequence[str]) -> dict[str, list[Verdict]]:
+    return {judge.name: judge(prompts, texts) for judge in judges}
+
+
+def refusal_share(verdicts: Sequence[Verdict]) -> float | None:
+    parsed = [v for v in verdicts if v.parsed]
+    return sum(v.refused for v in parsed) / len(parsed) if parsed else None
+
+
+def agreement(by_judge: dict[str, list[Verdict]]) -> float | None:
+    """Share of completions on which every judge that could decide gave the same verdict."""
+    if len(by_judge) < 2:
+        return None
+    rows = list(zip(*by_judge.values(), strict=True))
+    decided = [row for row in rows if all(v.parsed for v in row)]
+    return sum(len({v.refused for v in row}) == 1 for row in decided) / len(decided) if decided else None
+
+
+def run_task(
+    method: Method,
+    task: Task,
+    plain: list[Completion] | None,
+    cache: Path,
+    judges: Sequence[Any],
+    batch_size: int,
+    progress: bool,
+    processor: Any = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of one method on one task, and the rows to save (prompt, answer, gate, verdicts)."""
+    aligner = method.aligner
+    prompts = method.wrap(task.prompts)
+    metrics: dict[str, Any] = {}
+    if task.choices:
+        picks, gates = choose(aligner, prompts, task.choices, batch_size=batch_size, progress=progress)
+        assert task.answers is not None
+        metrics["accuracy"] = sum(p == a for p, a in zip(picks, task.answers, strict=True)) / len(picks)
+        rows = [{"prompt": p, "answer": pick, "expected": a, "gate": g.as_dict() if g else None}
+                for p, pick, a, g in zip(task.prompts, picks, task.answers, gates, strict=True)]  # fmt: skip
+        completions = None
+    else:
+        options = {"max_new_tokens": task.max_new_tokens, "batch_size": batch_size, "progress": progress,
+                   "desc": f"{method.name} / {task.name}"}  # fmt: skip
+        if task.images is not None:
+            completions = generate_cached(aligner, prompts, cache, images=task.images, processor=processor, **options)
+        elif method.gated and plain is not None:
+            completions = gated_completions(aligner, prompts, plain, cache, **options)
+        else:
+            completions = generate_cached(aligner, prompts, cache, **options)
+        gates = [c.gate for c in completions]
+        rows = [{"prompt": p, **c.as_dict()} for p, c in zip(task.prompts, completions, strict=True)]
+        if task.images is not None:
+            for row, image in zip(rows, task.images, strict=True):
+                row["image"] = image if isinstance(image, str) else "generated"
+        if task.kind == "utility":
+            assert task.answers is not None and task.parse is not None
+            got = [task.parse(c.text) for c in completions]
+            metrics["accuracy"] = sum(str(g) == str(a) for g, a in zip(got, task.answers, strict=True)) / len(got)
+        else:
+            verdicts = judge_all(judges, task.prompts, [c.text for c in completions])
+            for name, judged in verdicts.items():
+                share = refusal_share(judged)
+                metrics[f"refusal[{name}]"] = share
+                if task.kind == "harmful":
+                    metrics[f"asr[{name}]"] = None if share is None else 1 - share
+                metrics[f"unparsed[{name}]"] = sum(not v.parsed for v in judged)
+                for row, verdict in zip(rows, judged, strict=True):
+                    row.setdefault("verdicts", {})[name] = {"refused": verdict.refused, "reason": verdict.reason}
+            metrics["judge_agreement"] = agreement(verdicts)
+    known = [g for g in gates if g is not None]
+    metrics["gate_fire_rate"] = sum(g.fired for g in known) / len(known) if known else None
+    metrics["intervened"] = sum(c.intervened for c in completions) / len(completions) if completions else None
+    return metrics, rows
+
+
+def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], batch_size: int) -> dict[str, Any]:
+    """Per-layer accuracy and AUROC of the target's own vectors on these prompts, and TPR/FPR of the gate."""
+    aligner = method.aligner
+    vectors = aligner.target_vectors
+    if vectors is None or aligner.gate is None:
+        return {}
+    model, tokenizer = aligner.model, aligner.tokenizer
+
+    def projections(prompts: Sequence[str]) -> torch.Tensor:
+        acts = last_token_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.system),
+                                      batch_size=batch_size, layers=aligner.layers, progress=False)  # fmt: skip
+        return torch.einsum("nld,ld->nl", acts, vectors.directions)
+
+    harm, safe = projections(harmful), projections(benign)
+    per_layer = layer_metrics(harm, safe, vectors.bias)
+    gate = aligner.gate
+    tpr = float((harm[:, gate.layer] + gate.bias > 0).float().mean())
+    fpr = float((safe[:, gate.layer] + gate.bias > 0).float().mean())
+    return {
+        "layer": gate.layer, "bias": gate.bias, "tpr": tpr, "fpr": fpr,
+        "per_layer_accuracy": [round(v, 4) for v in per_layer.accuracy.tolist()],
+        "per_layer_auroc": [round(v, 4) for v in per_layer.auroc.tolist()],
+        "harmful_prompts": len(harmful), "benign_prompts": len(benign),
+    }  # fmt: skip
+
+
+def evaluate(
+    methods: Sequence[Method],
+    tasks: Sequence[Task],
+    out_dir: Path,
+    judges: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+    processor: Any = None,
+) -> dict[str, Any]:
+    """Run every method on every task; completions are cached under `out_dir/completions` (reruns resume).
+
+    Tasks with images need the image-text model's `processor`.
+    """
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "completions").mkdir(exist_ok=True)
+    results: dict[str, Any] = {"methods": {}, "labels": {m.name: m.label for m in methods}}
+    plain: dict[str, list[Completion]] = {}
+    for method in methods:
+        results["methods"][method.name] = {}
+        for task in tasks:
+            stem = f"{_safe_name(method.name)}--{_safe_name(task.name)}"
+            cache = out_dir / "completions" / f"{stem}.cache.jsonl"
+            metrics, rows = run_task(method, task, plain.get(task.name), cache, judges, batch_size, progress, processor)
+            if method.name == "target" and not task.choices:
+                plain[task.name] = [Completion(r["prompt"], r["completion"], None, False) for r in rows]
+            with (out_dir / "completions" / f"{stem}.jsonl").open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+            results["methods"][method.name][task.name] = metrics
+    target = next((m for m in methods if m.name == "target"), None)
+    harmful = next((t for t in tasks if t.name == "harmful"), None)
+    benign = next((t for t in tasks if t.name == "harmless"), None)
+    if target is not None and harmful is not None and benign is not None:
+        results["gate_quality"] = gate_quality(target, harmful.prompts, benign.prompts, batch_size)
+    from inferaligner import __version__
+
+    results["run"] = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": {"inferaligner": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
+        "judges": [j.name for j in judges], "seed": 0, "decoding": "greedy",
+        "tasks": {t.name: {"kind": t.kind, "size": len(t.prompts), "source": t.source,
+                           **({"templates": t.meta["templates"]} if "templates" in t.meta else {})} for t in tasks},
+        **(config or {}),
+    }  # fmt: skip
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

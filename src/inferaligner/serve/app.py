@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP API: chat and text completions (plain and SSE), models, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferaligner.models import context_length
+from inferaligner.prompts import format_messages
+from inferaligner.serve.engine import Draining, Engine, Job, QueueFull
+from inferaligner.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("inferaligner.serve")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server allows; see `inferaligner serve --help`."""
+
+    model_name: str = "inferaligner-demo"
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 256
+    api_key: str | None = None
+    allow_client_disable: bool = False
+    retry_after_s: int = 1
+
+
+class Metrics:
+    """Prometheus series for one server instance."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "inferaligner_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "inferaligner_request_latency_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80),
+        )  # fmt: skip
+        self.prompt_tokens = Counter("inferaligner_prompt_tokens", "Prompt tokens", registry=self.registry)
+        self.completion_tokens = Counter("inferaligner_completion_tokens", "Generated tokens", registry=self.registry)
+        self.gate = Counter("inferaligner_gate_decisions", "Gate decisions", ["fired"], registry=self.registry)
+        self.batch = Histogram(
+            "inferaligner_batch_size", "Rows per batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        queue = Gauge("inferaligner_queue_depth", "Requests waiting for a batch", registry=self.registry)
+        queue.set_function(lambda: engine.queue_depth)
+        self.engine = engine
+
+    def render(self) -> bytes:
+        while self.engine.batch_sizes:
+            self.batch.observe(self.engine.batch_sizes.pop())
+        return generate_latest(self.registry)
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The FastAPI application around a (not yet started) engine; the app's lifespan starts and drains it."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="InferAligner", lifespan=lifespan)
+    metrics = Metrics(engine)
+    tokenizer = engine.aligner.tokenizer
+    context = context_length(engine.aligner.model) or 2048
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            message = "The request body is not valid JSON; send a JSON object."
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    def authorise(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+            raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth,
+                "in_flight": engine.in_flight, "mode": engine.aligner.mode.value}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render().decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorise(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "inferaligner"}]}  # fmt: skip
+
+    def make_job(body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> Job:
+        if body.model != config.model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{config.model_name}'.",
+                           param="model", code="model_not_found")  # fmt: skip
+        wanted = body.requested_tokens()
+        if wanted is not None and wanted > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {wanted}, above this server's limit of {config.max_tokens_limit}; "
+                           "ask for fewer tokens.", param="max_tokens")  # fmt: skip
+        max_tokens = wanted or min(config.default_max_tokens, max(1, context - len(prompt_ids)))
+        if len(prompt_ids) + max_tokens > context:
+            raise APIError(400, f"The prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together "
+                           f"they exceed the model's context of {context} tokens. Shorten the prompt or lower "
+                           "max_tokens.", param="messages", code="context_length_exceeded")  # fmt: skip
+        enabled = body.inferaligner.enabled if body.inferaligner else True
+        if not enabled and not config.allow_client_disable:
+            raise APIError(403, "This server does not let clients switch InferAligner off.", param="inferaligner")
+        return Job(prompt_ids, max_tokens, body.temperature, body.top_p, body.stop_strings(), enabled,
+                   asyncio.get_running_loop())  # fmt: skip
+
+    async def run(request: Request, endpoint: str, body: Any, prompt_ids: list[int], chat: bool) -> Any:
+        started = time.perf_counter()
+        status = "200"
+        try:
+            authorise(request)
+            job = make_job(body, prompt_ids)
+            try:
+                engine.submit(job)
+            except QueueFull:
+                busy = "The server is busy: its request queue is full. Retry shortly."
+                retry = {"Retry-After": str(config.retry_after_s)}
+                raise APIError(429, busy, kind="rate_limit_error", headers=retry) from None
+            except Draining:
+                raise APIError(503, "The server is shutting down; send the request elsewhere.",
+                               kind="server_error") from None  # fmt: skip
+            metrics.prompt_tokens.inc(len(prompt_ids))
+            if body.stream:
+                return StreamingResponse(stream(request, job, chat, endpoint, started), media_type="text/event-stream")
+            return JSONResponse(await complete(job, chat))
+        except APIError as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            if not body.stream or status != "200":
+                metrics.requests.labels(endpoint, status).inc()
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def envelope(job: Job, chat: bool, ident: str, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+        return {"id": ident, "object": kind, "created": int(time.time()), "model": config.model_name}
+
+    def extension(job: Job) -> dict[str, Any]:
+        return {"gate": job.gate.as_dict() if job.gate else None, "intervened": job.intervened,
+                "mode": engine.aligner.mode.value, "enabled": job.aligned}  # fmt: skip
+
+    def usage(job: Job) -> dict[str, int]:
+        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
+                "total_tokens": len(job.prompt_ids) + len(job.tokens)}  # fmt: skip
+
+    def finished(job: Job) -> None:
+        metrics.completion_tokens.inc(len(job.tokens))
+        if job.gate is not None:
+            metrics.gate.labels(str(job.gate.fired).lower()).inc()
+
+    async def complete(job: Job, chat: bool) -> dict[str, Any]:
+        try:
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "error":
+                    raise APIError(500, payload, kind="server_error")
+                if kind == "done":
+                    break
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        finished(job)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": job.text}
+        else:
+            choice |= {"text": job.text, "logprobs": None}
+        return {**envelope(job, chat, ident, False), "choices": [choice], "usage": usage(job),
+                "inferaligner": extension(job)}  # fmt: skip
+
+    async def stream(request: Request, job: Job, chat: bool, endpoint: str, started: float) -> AsyncIterator[str]:
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        status = "200"
+
+        def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+            if chat:
+                choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta} if delta else {})
+            else:
+                choice |= {"text": delta or "", "logprobs": None}
+            body = {**envelope(job, chat, ident, True), "choices": [choice]}
+            if first:
+                body["inferaligner"] = extension(job)
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "gate":
+                    yield chunk(None, None, first=True)
+                elif kind == "text":
+                    yield chunk(payload, None)
+                elif kind == "error":
+                    status = "500"
+                    yield f"data: {json.dumps(APIError(500, payload, kind='server_error').body())}\n\n"
+                    break
+                elif kind == "done":
+                    reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
+                    yield chunk(None, reason)
+                    yield "data: [DONE]\n\n"
+                    break
+        except asyncio.CancelledError:
+            status = "499"
+            job.cancelled.set()
+            raise
+        finally:
+            job.cancelled.set()  # nothing reads this job any more
+            finished(job)
+            metrics.requests.labels(endpoint, status).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        messages = [m.model_dump() for m in body.messages]
+        for message in messages:
+            if message["role"] == "developer":
+                message["role"] = "system"
+        text = format_messages(tokenizer, messages)
+        prompt_ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        return await run(request, "chat", body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompt_ids = tokenizer(body.prompt)["input_ids"]
+        if not prompt_ids:
+            raise APIError(400, "The prompt is empty; send at least one token of text.", param="prompt")
+        return await run(request, "completions", body, prompt_ids, chat=False)
+
+    return app

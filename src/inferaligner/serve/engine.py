@@ -1,0 +1,228 @@
+"""Dynamic batching: one worker thread owns the model and runs waiting requests together, each row gated alone.
+
+Requests wait in a bounded queue. The worker takes the oldest, adds every waiting request with the same sampling
+settings (up to `max_batch`, waiting at most `batch_wait_s` for company), decides each row's gate in one partial
+forward pass and generates the batch under the steering hooks. A stopping criterion reads each new token per row:
+it streams text deltas to that request, applies its stop strings and token limit, and ends rows whose client has
+gone, so a disconnect frees its slot as soon as the batch's next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from inferaligner.aligner import InferAligner, Mode
+from inferaligner.gate import GateDecision
+
+log = logging.getLogger("inferaligner.serve")
+
+
+class QueueFull(Exception):
+    """The request queue is at its limit."""
+
+
+class Draining(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class Job:
+    """One request's work and the channel its events go back on."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stops: list[str]
+    aligned: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    gate: GateDecision | None = None
+    intervened: bool = False
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class _RowTracker(StoppingCriteria):
+    """Reads each step's new token per row: streams text, applies stops and limits, ends cancelled rows."""
+
+    def __init__(self, jobs: list[Job], tokenizer: Any, prompt_length: int, eos_ids: set[int]) -> None:
+        self.jobs, self.tokenizer, self.prompt_length, self.eos_ids = jobs, tokenizer, prompt_length, eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = []
+        for row, job in enumerate(self.jobs):
+            if job.finish_reason is None:
+                if job.cancelled.is_set():
+                    job.finish_reason = "cancelled"
+                elif input_ids.shape[1] > self.prompt_length:
+                    self._advance(job, int(input_ids[row, -1]))
+            done.append(job.finish_reason is not None)
+        return torch.tensor(done, device=input_ids.device)
+
+    def _advance(self, job: Job, token: int) -> None:
+        if token in self.eos_ids:
+            job.finish_reason = "stop"
+            return
+        job.tokens.append(token)
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            text = job.text
+        for stop in job.stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, job.finish_reason = text[:cut], "stop"
+        if len(text) > len(job.text):
+            job.emit("text", text[len(job.text) :])
+            job.text = text
+        if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
+            job.finish_reason = "length"
+
+
+class Engine:
+    """The batching worker around one `InferAligner`."""
+
+    def __init__(
+        self,
+        aligner: InferAligner,
+        *,
+        max_batch: int = 8,
+        batch_wait_s: float = 0.01,
+        max_queue: int = 64,
+    ) -> None:
+        self.aligner = aligner
+        self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
+        self._pending: deque[Job] = deque()
+        self._condition = threading.Condition()
+        self._running = 0
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: list[int] = []  # for metrics, drained by the app
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + self._running
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="inferaligner-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Take no new requests, finish the queued ones, then end the worker."""
+        with self._condition:
+            self._draining = True
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._condition:
+            if self._draining:
+                raise Draining
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull
+            self._pending.append(job)
+            self._condition.notify()
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._condition:
+            while not self._pending:
+                if self._draining:
+                    return None
+                self._condition.wait(0.5)
+            first = self._pending.popleft()
+            deadline = time.monotonic() + self.batch_wait_s
+            batch = [first]
+            while len(batch) < self.max_batch:
+                match = next((job for job in self._pending if job.sampling == first.sampling), None)
+                if match is not None:
+                    self._pending.remove(match)
+                    batch.append(match)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._draining:
+                    break
+                self._condition.wait(remaining)
+            self._running = len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = [job for job in batch if not job.cancelled.is_set()]
+            for job in batch:
+                if job.cancelled.is_set():
+                    job.finish_reason = "cancelled"
+            try:
+                if live:
+                    self.batch_sizes.append(len(live))
+                    self._run(live)
+            except Exception as exc:  # reported to every request of the batch; the worker lives on
+                log.exception("batch failed")
+                for job in live:
+                    job.emit("error", f"generation failed: {exc}")
+            finally:
+                for job in batch:
+                    job.emit("done", job.finish_reason or "stop")
+                with self._condition:
+                    self._running = 0
+
+    def _run(self, jobs: list[Job]) -> None:
+        aligner, tokenizer = self.aligner, self.aligner.tokenizer
+        device = aligner.device
+        width = max(len(job.prompt_ids) for job in jobs)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
+        decisions = aligner.gate_decisions(input_ids, mask)
+        for row, job in enumerate(jobs):
+            job.gate = decisions[row] if decisions else None
+            acts = aligner.mode is Mode.ALWAYS or (aligner.mode is not Mode.OFF and bool(job.gate and job.gate.fired))
+            job.intervened = job.aligned and acts
+            log.info("gate %s (intervened: %s)", job.gate, job.intervened)
+            job.emit("gate", job)
+        if aligner.mode is Mode.SIMPLE:  # refusals need no generation: answer them and batch the rest
+            for job in [j for j in jobs if j.intervened]:
+                job.emit("text", aligner.refusal)
+                job.text, job.finish_reason = aligner.refusal, "stop"
+            keep = [row for row, job in enumerate(jobs) if not job.intervened]
+            if not keep:
+                return
+            jobs, input_ids, mask = [jobs[r] for r in keep], input_ids[keep], mask[keep]
+            decisions = [decisions[r] for r in keep] if decisions else None
+        temperature, top_p = jobs[0].sampling
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
+        eos = aligner.model.generation_config.eos_token_id
+        eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
+        aligner.generate(
+            input_ids,
+            mask,
+            gates=decisions,
+            allowed=[job.aligned for job in jobs],
+            max_new_tokens=max(job.max_tokens for job in jobs),
+            stopping_criteria=StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids)]),
+            **sampling,
+        )

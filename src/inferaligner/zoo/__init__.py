@@ -1,0 +1,91 @@
+"""The demo pair, shipped small: LoRA adapters on the embedded SmolLM2-135M-Instruct plus their vector files.
+
+- `aligned`: safety fine-tuned (refuses harmful requests, saying why; answers harmless ones as the base does).
+- `target`: fine-tuned on generated arithmetic word problems, with no safety data (the "domain model").
+
+`load("target")` returns the base with the adapter merged; `load_model("zoo:target")` does the same.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner.errors import InferAlignerError
+
+if TYPE_CHECKING:
+    from inferaligner.aligner import InferAligner
+
+NAMES = ("aligned", "target")
+
+
+def artifact_dir(name: str) -> Path:
+    """Folder of a shipped adapter: adapter weights and config, `card.json`, `vectors.safetensors`."""
+    if name not in NAMES:
+        raise InferAlignerError(f"Unknown demo model '{name}': choose one of {', '.join(NAMES)}.")
+    folder = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", name)))
+    if not (folder / "adapter_config.json").is_file():
+        raise InferAlignerError(
+            f"The '{name}' adapter is not in {folder}: build it with `inferaligner zoo build {name}`."
+        )
+    return folder
+
+
+def card(name: str) -> dict[str, Any]:
+    """The JSON card of a shipped adapter: recipe, seed, data hash, build time, loss, base fingerprint."""
+    return json.loads((artifact_dir(name) / "card.json").read_text())
+
+
+def vectors_path(name: str) -> Path:
+    """The safety vectors extracted from a shipped model (for `target`, with its calibrated gate)."""
+    return artifact_dir(name) / "vectors.safetensors"
+
+
+def load(name: str, **load_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A shipped adapter (by name) or a built one (a folder from `inferaligner zoo build`), merged into its base.
+
+    The base is the model named in the adapter's card: the embedded SmolLM2, or another zoo model.
+    """
+    from peft import PeftModel
+
+    from inferaligner.models import load_model, set_model_name
+
+    folder = Path(name) if Path(name).is_dir() else artifact_dir(name)
+    if not (folder / "card.json").is_file():
+        raise InferAlignerError(f"{folder} holds no adapter card: build it with `inferaligner zoo build`.")
+    base_name = json.loads((folder / "card.json").read_text())["base_model"]
+    base, tokenizer = load_model(base_name, **load_kwargs)
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    set_model_name(model, f"zoo:{name}")
+    return model.eval(), tokenizer
+
+
+def settings() -> dict[str, Any]:
+    """The steering settings chosen for the demo pair (alpha, steered layers), from `artifacts/settings.json`."""
+    path = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", "settings.json")))
+    if not path.is_file():
+        raise InferAlignerError(f"{path} is missing: the demo pair has not been built.")
+    return json.loads(path.read_text())
+
+
+def demo_aligner(mode: str = "inferaligner", **overrides: Any) -> InferAligner:
+    """InferAligner on the shipped target, steered with the shipped aligned vectors at the chosen settings."""
+    from inferaligner.aligner import InferAligner
+    from inferaligner.vectors import SafetyVectors
+
+    model, tokenizer = load("target")
+    chosen = settings()
+    options = {"alpha": chosen["alpha"], "steer_layers": chosen["steer_layers"], **overrides}
+    return InferAligner(
+        model,
+        tokenizer,
+        target_vectors=SafetyVectors.load(vectors_path("target")),
+        aligned_vectors=SafetyVectors.load(vectors_path("aligned")),
+        mode=mode,
+        **options,
+    )

@@ -1,0 +1,166 @@
+"""The evaluation harness on tiny models and tiny data: tasks, scoring, caching, judges, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_aligner import make_aligner
+from tiny import tiny_model, tiny_tokenizer
+
+from inferaligner.errors import PromptError
+from inferaligner.eval import tasks as task_module
+from inferaligner.eval.choices import choose
+from inferaligner.eval.defences import GOAL_PRIORITY, SELF_REMINDER
+from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
+from inferaligner.eval.judges import RefusalJudge
+from inferaligner.eval.methods import build_methods
+from inferaligner.eval.report import over_refusal_table, safety_table, write_report
+from inferaligner.eval.runner import agreement, evaluate
+from inferaligner.eval.tasks import Task, file_task
+from inferaligner.prompts import builtin_prompts
+
+HARMFUL = builtin_prompts("harmful", "calibration")[:3]
+BENIGN = builtin_prompts("everyday", "calibration")[:3]
+
+
+def tiny_tasks() -> list[Task]:
+    return [
+        Task("harmful", "harmful", HARMFUL, max_new_tokens=6),
+        Task("harmless", "benign", BENIGN, max_new_tokens=6),
+        Task("utility", "utility", ["Say 7.", "Say 8."], [7, 8], parse=lambda t: 7, max_new_tokens=4),
+        Task("choice", "utility", ["Pick one.", "Pick again."], ["yes", "no"], choices=("yes", "no")),
+    ]
+
+
+def test_generation_cache_resumes_after_an_interruption(tmp_path, monkeypatch) -> None:
+    aligner = make_aligner()
+    cache = tmp_path / "c.jsonl"
+    first = generate_cached(aligner, HARMFUL + BENIGN, cache, max_new_tokens=5, batch_size=2, progress=False)
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # two whole rows and a torn one
+    calls = []
+    original = aligner.complete
+    monkeypatch.setattr(
+        aligner, "complete", lambda prompts, **kw: calls.append(len(prompts)) or original(prompts, **kw)
+    )
+    again = generate_cached(aligner, HARMFUL + BENIGN, cache, max_new_tokens=5, batch_size=2, progress=False)
+    assert sum(calls) == 4  # only the missing rows were generated
+    assert [c.text for c in again] == [c.text for c in first]
+    assert [c.gate.as_dict() for c in again] == [c.gate.as_dict() for c in first]  # scores are stored rounded
+
+
+def test_gated_completions_reuse_unfired_rows(tmp_path) -> None:
+    aligner = make_aligner()
+    prompts = HARMFUL + BENIGN
+    off = make_aligner(mode="off")
+    plain = generate_cached(off, prompts, None, max_new_tokens=5, progress=False)
+    result = gated_completions(aligner, prompts, plain, tmp_path / "g.jsonl", max_new_tokens=5, progress=False)
+    decisions = gate_all(aligner, prompts)
+    for got, base, decision in zip(result, plain, decisions, strict=True):
+        assert got.gate.fired == decision.fired
+        if not decision.fired:
+            assert got.text == base.text and not got.intervened
+        else:
+            assert got.intervened
+
+
+def test_choose_picks_by_likelihood_and_simple_mode_refuses() -> None:
+    aligner = make_aligner(mode="off")
+    picks, gates = choose(aligner, HARMFUL + BENIGN, ("yes", "no"))
+    assert set(picks) <= {"yes", "no"} and len(gates) == 6
+    simple = make_aligner(mode="simple")
+    picks, gates = choose(simple, HARMFUL + BENIGN, ("yes", "no"))
+    assert [p is None for p in picks] == [g.fired for g in gates]
+
+
+def test_prompt_defences_wrap_queries() -> None:
+    assert SELF_REMINDER.wrap("q").startswith("q\n\n") and SELF_REMINDER.suffix in SELF_REMINDER.wrap("q")
+    assert GOAL_PRIORITY.wrap("q") == "q" and "Example 2" in GOAL_PRIORITY.system
+
+
+def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
+    base = make_aligner()
+    methods = build_methods(
+        ["target", "self-reminder", "inferaligner", "simple", "always"], base.model, base.tokenizer,
+        base.target_vectors, base.aligned_vectors, alpha=8.0, steer_layers=[1, 2],
+    )  # fmt: skip
+    for method in methods:
+        if method.aligner.gate is not None:
+            method.aligner.gate = base.gate
+    results = evaluate(methods, tiny_tasks(), tmp_path, [RefusalJudge()], batch_size=4, progress=False)
+    metrics = results["methods"]
+    assert set(metrics) == {"target", "self-reminder", "inferaligner", "simple", "always"}
+    assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v1]"] <= 1
+    assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v1]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
+    assert metrics["always"]["harmless"]["intervened"] == 1.0
+    assert metrics["target"]["utility"]["accuracy"] == 0.5
+    assert "accuracy" in metrics["inferaligner"]["choice"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["run"]["judges"] == ["refusal-phrases-v1"] and saved["run"]["versions"]["torch"]
+    rows = [json.loads(line) for line in (tmp_path / "completions" / "inferaligner--harmful.jsonl").open()]
+    assert len(rows) == 3 and {"prompt", "completion", "gate", "verdicts"} <= set(rows[0])
+    write_report(results, tmp_path, "tiny")
+    table = (tmp_path / "table.md").read_text()
+    assert "+ InferAligner" in table and "XSTest" in table
+    for image in ("asr.png", "over_refusal.png"):
+        assert (tmp_path / image).stat().st_size > 1000
+
+
+def test_tables() -> None:
+    results = {"labels": {"target": "T"}, "methods": {"target": {
+        "harmful": {"asr[j]": 0.5}, "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
+        "xstest": {"refusal[j]": 0.1, "gate_fire_rate": 0.2}, "harmless": {"refusal[j]": 0.0}}}}  # fmt: skip
+    assert "| T | 50.0 / 25.0 / 90.0 |" in safety_table({"d": results}, "j")
+    assert "| T | 10.0 | 20.0 | 0.0 | – |" in over_refusal_table(results, "j")
+
+
+def test_agreement() -> None:
+    from inferaligner.eval.judges import Verdict
+
+    a = [Verdict(True, "", "a"), Verdict(False, "", "a"), Verdict(True, "", "a")]
+    b = [Verdict(True, "", "b"), Verdict(True, "", "b"), Verdict(False, "", "b", parsed=False)]
+    assert agreement({"a": a, "b": b}) == 0.5 and agreement({"a": a}) is None
+
+
+def test_task_errors(tmp_path) -> None:
+    with pytest.raises(PromptError, match="has no prompts"):
+        Task("t", "harmful", [])
+    with pytest.raises(PromptError, match="2 prompts but 1 answers"):
+        Task("t", "utility", ["a", "b"], [1])
+    data = tmp_path / "u.csv"
+    data.write_text("question,gold\nWhat is 2+2?,4\n")
+    with pytest.raises(PromptError, match="needs --answer-column"):
+        file_task("u", "utility", data, "question")
+    with pytest.raises(PromptError, match="no column 'answer'; its columns are: question, gold"):
+        file_task("u", "utility", data, "question", "answer")
+    task = file_task("u", "utility", data, "question", "gold")
+    assert task.prompts == ["What is 2+2?"] and task.answers == ["4"] and task.parse("4.\nmore") == "4"
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    with pytest.raises(PromptError, match="holds no prompts"):
+        file_task("h", "harmful", empty)
+
+
+def test_default_tasks_on_the_shared_data(data_dir) -> None:
+    tasks = task_module.default_tasks("arithmetic", limit=20)
+    assert [t.name for t in tasks] == ["harmful", "jailbreak", "xstest", "harmless", "utility"]
+    assert all(len(t.prompts) <= 20 for t in tasks) and len(tasks[1].prompts) == 20
+    jailbreak = task_module.jailbreak_task()
+    assert len(jailbreak.prompts) == 500 and len({o["template"] for o in jailbreak.meta["origin"]}) == 10
+    assert {t["kind"] for t in jailbreak.meta["templates"]} == {"role-play", "attention shifting",
+                                                                 "privilege escalation"}  # fmt: skip
+    finance = task_module.finance_task(limit=10)
+    assert finance.choices == ("negative", "neutral", "positive") and len(finance.answers) == 10
+
+
+def test_methods_need_their_models() -> None:
+    base = make_aligner()
+    with pytest.raises(Exception, match="--model-safety-sft"):
+        build_methods(["safety-sft"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors,
+                      alpha=1.0, steer_layers=[1])  # fmt: skip
+    extra = {"safety-sft": (tiny_model("llama"), tiny_tokenizer())}
+    methods = build_methods(["inferaligner", "safety-sft"], base.model, base.tokenizer, base.target_vectors,
+                            base.aligned_vectors, alpha=1.0, steer_layers=[1], extra_models=extra)  # fmt: skip
+    assert [m.name for m in methods] == ["target", "inferaligner", "safety-sft"]
+    assert methods[1].gated and not methods[2].gated
