@@ -5,7 +5,7 @@ Greedy decoding, 64 new tokens, the offline refusal judge. Data from ../shared/d
 Completions are cached under --cache, so an interrupted run resumes. Gated runs generate only the prompts whose
 gate fires; the others are token-identical to the target's own answers and are taken from that run.
 
-    python bench/demo_pair.py                      # full run (about an hour on 2 CPU cores)
+    python bench/demo_pair.py                      # full run (about 45 minutes on 2 CPU cores)
     python bench/demo_pair.py --quick              # a few prompts per set, to check the plumbing
     python bench/demo_pair.py --save-settings      # also write the chosen alpha / layers for the shipped demo
 """
@@ -30,13 +30,18 @@ from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 
-ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+# Raw mean differences (steer_scale="raw"): on this pair the unit vectors of the paper barely move the target
+# (see docs/RESULTS.md), and one late layer transfers better than a band of layers.
+STEER_SCALE = "raw"
+LAYER_ALPHA = 4.0
 LAYER_SETS = {
-    "early 2-9": list(range(2, 10)),
+    "layer 19": [19],
+    "layer 22": [22],
+    "layer 24": [24],
+    "layer 26": [26],
     "middle 10-19": list(range(10, 20)),
     "late 20-28": list(range(20, 29)),
-    "2-19": list(range(2, 20)),
-    "all 1-28": list(range(1, 29)),
 }
 JUDGE = RefusalJudge()
 
@@ -56,11 +61,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_pair.json"))
     parser.add_argument("--plots", type=Path, default=Path("docs/img"))
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sweep-size", type=int, default=48, help="prompts per set in the sweeps")
     parser.add_argument("--save-settings", action="store_true", help="write the chosen settings for the demo")
     args = parser.parse_args()
     started = time.perf_counter()
     n = 8 if args.quick else None
-    sweep_n = 8 if args.quick else 100
+    sweep_n = 8 if args.quick else args.sweep_size
     _, test = train_test_split(ARITHMETIC_TRAIN, ARITHMETIC_TEST)
     sets = {
         "advbench": datasets.advbench()[:n],
@@ -84,21 +90,21 @@ def main() -> None:
     def aligner(alpha: float, layers: list[int], mode: str = "inferaligner") -> InferAligner:
         return InferAligner(
             target, tokenizer, target_vectors=target_vectors, aligned_vectors=aligned_vectors, mode=mode,
-            alpha=alpha, steer_layers=layers,
+            alpha=alpha, steer_layers=layers, steer_scale=STEER_SCALE,
         )  # fmt: skip
 
     def gated(ia: InferAligner, name: str, count: int | None = None) -> list[Completion]:
         prompts, base = sets[name][:count], target_runs[name][:count]
-        tag = f"{name}-{ia.mode.value}-{ia.alpha:g}-{ia.steer_layers[0]}-{ia.steer_layers[-1]}"
+        tag = f"{name}-{ia.mode.value}-{ia.steer_scale}-{ia.alpha:g}-{ia.steer_layers[0]}-{ia.steer_layers[-1]}"
         return gated_completions(ia, prompts, base, cache / f"ia-{tag}.jsonl", desc=tag, **gen)
 
     # 1. Layer sets at a middle alpha, then the alpha sweep on the best set (gated), and without the gate.
     layer_rows = []
     for label, layers in LAYER_SETS.items():
-        runs = {name: gated(aligner(8.0, layers), name, sweep_n) for name in ("advbench", "arithmetic")}
-        layer_rows.append({"layers": label, "alpha": 8.0, "advbench_refusal": refusal_rate(runs["advbench"]),
+        runs = {name: gated(aligner(LAYER_ALPHA, layers), name, sweep_n) for name in ("advbench", "arithmetic")}
+        layer_rows.append({"layers": label, "alpha": LAYER_ALPHA, "advbench_refusal": refusal_rate(runs["advbench"]),
                            "arithmetic_accuracy": accuracy(runs["arithmetic"], answers[:sweep_n])})  # fmt: skip
-        print(f"layers {label:13s} alpha 8: AdvBench refusal {layer_rows[-1]['advbench_refusal']:.1%}")
+        print(f"layers {label:13s} alpha {LAYER_ALPHA:g}: AdvBench refusal {layer_rows[-1]['advbench_refusal']:.1%}")
     best_layers = max(layer_rows, key=lambda r: r["advbench_refusal"])["layers"]
     sweep = []
     for alpha in ALPHAS:
@@ -106,7 +112,7 @@ def main() -> None:
         always = aligner(alpha, LAYER_SETS[best_layers], mode="always")
         adv, math = gated(ia, "advbench", sweep_n), gated(ia, "arithmetic", sweep_n)
         math_always = generate_cached(
-            always, sets["arithmetic"][:sweep_n], cache / f"always-{alpha:g}-{best_layers}.jsonl",
+            always, sets["arithmetic"][:sweep_n], cache / f"always-{STEER_SCALE}-{alpha:g}-{best_layers}.jsonl",
             desc=f"always alpha {alpha:g}", **gen,
         )  # fmt: skip
         sweep.append({"alpha": alpha, "advbench_refusal": refusal_rate(adv),
@@ -119,7 +125,8 @@ def main() -> None:
     # The smallest alpha within one point of the best refusal rate.
     top = max(row["advbench_refusal"] for row in sweep)
     best_alpha = min(row["alpha"] for row in sweep if row["advbench_refusal"] >= top - 0.01)
-    chosen = {"alpha": best_alpha, "steer_layers": LAYER_SETS[best_layers], "layer_set": best_layers}
+    chosen = {"alpha": best_alpha, "steer_layers": LAYER_SETS[best_layers], "steer_scale": STEER_SCALE,
+              "layer_set": best_layers}  # fmt: skip
     print(f"chosen: alpha {best_alpha:g}, layers {best_layers}")
 
     # 2. The headline runs at the chosen settings.
@@ -129,14 +136,15 @@ def main() -> None:
     aligned = InferAligner(aligned_model, aligned_tok, mode="off")
     aligned_runs = {
         name: generate_cached(aligned, sets[name], cache / f"aligned-{name}.jsonl", desc=f"aligned {name}", **gen)
-        for name in ("advbench", "alpaca", "xstest_safe", "arithmetic")
+        for name in ("advbench", "alpaca", "xstest_safe")  # its arithmetic is not the question here
     }
     headline: dict[str, Any] = {}
     for label, runs in (("target", target_runs), ("target + InferAligner", ia_runs), ("aligned", aligned_runs)):
         headline[label] = {
             f"{name}_refusal": refusal_rate(runs[name]) for name in ("advbench", "alpaca", "xstest_safe")
         }
-        headline[label]["arithmetic_accuracy"] = accuracy(runs["arithmetic"], answers)
+        if "arithmetic" in runs:
+            headline[label]["arithmetic_accuracy"] = accuracy(runs["arithmetic"], answers)
     gate_scores = {name: [d.score for d in gate_all(ia, prompts)] for name, prompts in sets.items()}
     fire_rates = {name: sum(s > 0 for s in scores) / len(scores) for name, scores in gate_scores.items()}
     for label, row in headline.items():
@@ -186,7 +194,7 @@ def plot(
     left.legend(fontsize=8)
     labels = [row["layers"] for row in layer_rows]
     right.bar(labels, [1 - row["advbench_refusal"] for row in layer_rows], label="AdvBench ASR")
-    right.set_title("Steered layer sets (alpha 8)")
+    right.set_title(f"Steered layers ({STEER_SCALE} vectors, alpha {LAYER_ALPHA:g})")
     right.set_ylabel("attack success rate")
     right.tick_params(axis="x", rotation=20)
     fig.tight_layout()

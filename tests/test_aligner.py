@@ -179,3 +179,13 @@ def test_prompt_longer_than_the_context_is_refused_before_generation() -> None:
         aligner.complete(["word " * 300], max_new_tokens=4)
     with pytest.raises(PromptTooLongError, match="plus 250 new tokens"):
         aligner.complete(["a short prompt"], max_new_tokens=250)
+
+
+def test_raw_scale_steers_with_the_unnormalised_differences() -> None:
+    unit = make_aligner("llama")
+    raw = make_aligner("llama", steer_scale="raw")
+    vectors = raw.steering_vectors
+    torch.testing.assert_close(raw.steer_directions, vectors.directions * vectors.norms[:, None])
+    torch.testing.assert_close(unit.steer_directions, vectors.directions)
+    with pytest.raises(InferAlignerError, match="'unit' or 'raw'"):
+        make_aligner("llama", steer_scale="huge")

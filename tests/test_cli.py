@@ -151,3 +151,14 @@ def test_parse_layers() -> None:
     assert parse_layers("2-4,8") == [2, 3, 4, 8]
     with pytest.raises(Exception, match="layer list"):
         parse_layers("a-b")
+
+
+def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeypatch) -> None:
+    from inferaligner import cli
+    from inferaligner.zoo import recipes
+
+    built: list[str] = []
+    monkeypatch.setattr(recipes, "build_demo_model", lambda name, folder: built.append(name))
+    folders = cli._demo_models("arithmetic", tmp_path, ["target", "inferaligner", "safety-sft"])
+    assert built == ["safety-sft-arithmetic"]
+    assert set(folders) == {"target", "safety-sft"}

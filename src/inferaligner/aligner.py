@@ -64,9 +64,10 @@ class InferAligner:
     """Gated inference-time alignment of a causal LM.
 
     `target_vectors` are the target model's own safety-related vectors (they define the gate); `aligned_vectors`
-    are the aligned model's (the safety steering vectors). Which ones a mode needs: inferaligner both, self and
-    simple the target's, always the aligned ones, off none. The model is only hooked during generation calls;
-    calls from several threads take turns, since hooks act on the whole model.
+    are the aligned model's (the safety steering vectors). Steering adds `alpha` times the unit vectors, as in
+    the paper, or with `steer_scale="raw"` times the raw mean differences. Which vectors a mode needs:
+    inferaligner both, self and simple the target's, always the aligned ones, off none. The model is only hooked
+    during generation calls; calls from several threads take turns, since hooks act on the whole model.
     """
 
     def __init__(
@@ -84,7 +85,11 @@ class InferAligner:
         refusal: str = DEFAULT_REFUSAL,
         system: str | None = None,
         layers_path: str | None = None,
+        steer_scale: str = "unit",
     ) -> None:
+        if steer_scale not in ("unit", "raw"):
+            raise InferAlignerError(f"steer_scale must be 'unit' or 'raw', not '{steer_scale}'.")
+        self.steer_scale = steer_scale
         self.model = model
         self.tokenizer = tokenizer
         self.mode = Mode(mode)
@@ -141,6 +146,15 @@ class InferAligner:
             aligned_vectors=SafetyVectors.load(aligned_vectors) if aligned_vectors else None,
             **kwargs,
         )
+
+    @property
+    def steer_directions(self) -> torch.Tensor | None:
+        """What is added per layer (times alpha): the unit vectors (the paper), or with `steer_scale="raw"` the
+        unnormalised harmful-minus-harmless differences, whose size follows each layer's own activation scale."""
+        if self.steering_vectors is None:
+            return None
+        vectors = self.steering_vectors
+        return vectors.directions * vectors.norms[:, None] if self.steer_scale == "raw" else vectors.directions
 
     @property
     def device(self) -> torch.device:
@@ -246,9 +260,9 @@ class InferAligner:
         refuse = [bool(d.fired and a) for d, a in zip(decisions or [], allowed.tolist(), strict=False)]
         if self.mode is Mode.SIMPLE and any(refuse):
             return self._refuse(inputs, refuse)
-        if bool(row_gates.any()) and self.steering_vectors is not None:
-            layers, directions = self.layers, self.steering_vectors.directions
-            with add_steering(layers, directions, self.steer_layers, self.alpha, row_gates):
+        directions = self.steer_directions
+        if bool(row_gates.any()) and directions is not None:
+            with add_steering(self.layers, directions, self.steer_layers, self.alpha, row_gates):
                 return self.model.generate(**inputs)
         return self.model.generate(**inputs)
 

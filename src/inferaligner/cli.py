@@ -57,6 +57,8 @@ def _aligner_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.INFERALIGNER.value)
     group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="steering strength (default: %(default)s)")
     group.add_argument("--layers", type=parse_layers, help="steered layers, e.g. '5-20' (default: automatic)")
+    group.add_argument("--steer-scale", choices=["unit", "raw"], default="unit",
+                       help="add alpha x unit vectors (paper) or alpha x raw mean differences")  # fmt: skip
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
@@ -97,6 +99,7 @@ def _build_aligner(args: argparse.Namespace, processor_out: list[object] | None 
         gate_bias=args.gate_bias,
         system=args.system,
         layers_path=args.layers_path,
+        steer_scale=args.steer_scale,
     )
 
 
@@ -283,7 +286,8 @@ SERVE_DEFAULTS = {
     "max_tokens_limit": 512, "default_max_tokens": 256, "served_model_name": None, "api_key": None,
     "allow_client_disable": False,
 }  # fmt: skip
-ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "mode", "alpha", "layers", "gate_layer", "gate_bias")
+ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "mode", "alpha", "layers", "gate_layer", "gate_bias",
+                "steer_scale")  # fmt: skip
 
 
 def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -353,8 +357,8 @@ def _aligner_defaults() -> argparse.Namespace:
     return parser.parse_args([])
 
 
-def _demo_models(domain: str, root: Path) -> dict[str, object]:
-    """Where the demo pair's models for a domain live; the ones not shipped are built into `root` first."""
+def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, object]:
+    """Where the demo pair's models for a domain live; the ones not shipped (and asked for) are built first."""
     from inferaligner import zoo
     from inferaligner.zoo.recipes import build_demo_model
 
@@ -362,6 +366,8 @@ def _demo_models(domain: str, root: Path) -> dict[str, object]:
              "safety-sft": f"safety-sft-{domain}", "aligned-domain": f"aligned-{domain}"}  # fmt: skip
     folders: dict[str, object] = {}
     for role, name in names.items():
+        if role != "target" and role not in methods:
+            continue
         if name == "target":
             folders[role] = zoo.artifact_dir("target")
             continue
@@ -388,12 +394,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra: dict[str, object] = {}
     processor = None
     if args.demo:
-        folders = _demo_models(args.demo, args.zoo_dir)
+        folders = _demo_models(args.demo, args.zoo_dir, methods)
         target, tokenizer = zoo.load(str(folders["target"]))
         target_vectors = SafetyVectors.load(Path(str(folders["target"])) / "vectors.safetensors")
         aligned_vectors = SafetyVectors.load(zoo.vectors_path("aligned"))
         chosen = zoo.settings()
         alpha, layers = args.alpha or chosen["alpha"], args.layers or chosen["steer_layers"]
+        scale = args.steer_scale or chosen.get("steer_scale", "unit")
         extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
         domain = args.demo
     else:
@@ -410,7 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             SafetyVectors.load(args.target_vectors),
             SafetyVectors.load(args.aligned_vectors),
         )
-        alpha, layers = args.alpha or 4.0, args.layers
+        alpha, layers, scale = args.alpha or 4.0, args.layers, args.steer_scale
         for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
             if path:
                 extra[role] = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
@@ -438,9 +445,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.judge in ("llm", "both"):
         judges.append(LLMJudge.from_env(args.judge_url, args.judge_model, args.judge_key))
     built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, alpha=alpha,
-                          steer_layers=layers, extra_models=extra)  # fmt: skip
+                          steer_layers=layers, steer_scale=scale, extra_models=extra)  # fmt: skip
     out = args.out or Path("runs") / "eval" / domain
-    config = {"domain": domain, "alpha": alpha, "layers": built[-1].aligner.steer_layers, "limit": args.limit,
+    config = {"domain": domain, "alpha": alpha, "steer_scale": scale, "layers": built[-1].aligner.steer_layers,
+              "limit": args.limit,
               "methods": [m.name for m in built]}  # fmt: skip
     _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
     results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
@@ -526,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=["inferaligner", "self", "simple", "always", "off"])
     serve.add_argument("--alpha", type=float)
     serve.add_argument("--layers", type=parse_layers)
+    serve.add_argument("--steer-scale", choices=["unit", "raw"])
     serve.add_argument("--gate-layer", type=int)
     serve.add_argument("--gate-bias", type=float)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -554,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--aligned-vectors", type=Path)
     evaluation.add_argument("--alpha", type=float, help="steering strength (default 4; demo: its chosen value)")
     evaluation.add_argument("--layers", type=parse_layers, help="steered layers (default: automatic)")
+    evaluation.add_argument("--steer-scale", choices=["unit", "raw"], help="unit vectors (paper) or raw differences")
     evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")
     evaluation.add_argument("--model-safety-sft", help="the domain model trained with safety data (row Safety SFT)")
     evaluation.add_argument("--model-aligned-domain", help="the aligned model fine-tuned on the domain")

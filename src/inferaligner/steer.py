@@ -42,31 +42,31 @@ class SteeringHandle:
         ]
 
     def _make_hook(self, direction: torch.Tensor) -> Any:
-        cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        shifts: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             hidden = block_hidden(output)
-            key = (hidden.device, hidden.dtype)
-            if key not in cast:
-                cast[key] = (self.alpha * direction).to(device=hidden.device, dtype=hidden.dtype)
-            shift = cast[key]
-            if self.row_gates is not None:
-                shift = self._gates_for(hidden) * shift
-            return with_block_hidden(output, hidden + shift)
+            key = (hidden.device, hidden.dtype, hidden.shape[0])
+            if key not in shifts:  # computed once per batch shape: no host-to-device copy per decoding step
+                shifts[key] = self._shift(direction, hidden)
+            return with_block_hidden(output, hidden + shifts[key])
 
         return hook
 
-    def _gates_for(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Per-row gates shaped to broadcast over [batch, positions, hidden]."""
+    def _shift(self, direction: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """`alpha * theta`, times each row's gate, shaped to broadcast over [batch, positions, hidden]."""
+        shift = (self.alpha * direction).to(device=hidden.device, dtype=hidden.dtype)
+        if self.row_gates is None:
+            return shift
         gates = self.row_gates
-        assert gates is not None
         rows = hidden.shape[0]
         if rows != len(gates):
             # generate() expands each prompt into beams / return sequences, consecutively.
             if rows % len(gates):
                 raise VectorMismatchError(f"Batch of {rows} rows does not match {len(gates)} gate values.")
             gates = gates.repeat_interleave(rows // len(gates))
-        return gates.to(device=hidden.device, dtype=hidden.dtype).view(rows, *([1] * (hidden.ndim - 1)))
+        gates = gates.to(device=hidden.device, dtype=hidden.dtype).view(rows, *([1] * (hidden.ndim - 1)))
+        return gates * shift
 
     @property
     def active(self) -> bool:

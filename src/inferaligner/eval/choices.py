@@ -42,13 +42,11 @@ def choose(
         width = max(map(len, rows))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=aligner.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=aligner.device)
-        steer = aligner.steering_vectors is not None and bool(row_gates.any())
+        directions = aligner.steer_directions
         with torch.inference_mode():
-            if steer:
+            if directions is not None and bool(row_gates.any()):
                 gates_per_row = row_gates.repeat_interleave(len(choices))
-                assert aligner.steering_vectors is not None
-                with add_steering(aligner.layers, aligner.steering_vectors.directions, aligner.steer_layers,
-                                  aligner.alpha, gates_per_row):  # fmt: skip
+                with add_steering(aligner.layers, directions, aligner.steer_layers, aligner.alpha, gates_per_row):
                     logits = aligner.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             else:
                 logits = aligner.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits

@@ -25,6 +25,7 @@ def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> d
         "model": getattr(aligner.model, "name_or_path", ""),
         "mode": aligner.mode.value,
         "alpha": aligner.alpha if aligner.steering_vectors is not None else None,
+        "scale": aligner.steer_scale,
         "layers": aligner.steer_layers,
         "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
         "system": aligner.system,

@@ -58,6 +58,7 @@ def build_methods(
     *,
     alpha: float,
     steer_layers: Sequence[int] | None,
+    steer_scale: str = "unit",
     extra_models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None,
 ) -> list[Method]:
     """Methods in the order asked ("target" always first, since gated rows reuse its answers)."""
@@ -67,7 +68,7 @@ def build_methods(
         raise InferAlignerError(f"Unknown methods {unknown}: choose from {', '.join(LABELS)}.")
     ordered = ["target", *[n for n in names if n != "target"]]
     vectors = {"target_vectors": target_vectors, "aligned_vectors": aligned_vectors}
-    steering = {"alpha": alpha, "steer_layers": steer_layers}
+    steering = {"alpha": alpha, "steer_layers": steer_layers, "steer_scale": steer_scale}
     methods = []
     for name in ordered:
         if name in EXTRA_MODELS:

@@ -58,7 +58,10 @@ class Job:
         return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
 
     def emit(self, kind: str, payload: Any = None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
+            self.cancelled.set()
 
 
 class _RowTracker(StoppingCriteria):

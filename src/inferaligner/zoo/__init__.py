@@ -66,7 +66,7 @@ def load(name: str, **load_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedToke
 
 
 def settings() -> dict[str, Any]:
-    """The steering settings chosen for the demo pair (alpha, steered layers), from `artifacts/settings.json`."""
+    """The steering settings chosen for the demo pair (alpha, layers, scale), from `artifacts/settings.json`."""
     path = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", "settings.json")))
     if not path.is_file():
         raise InferAlignerError(f"{path} is missing: the demo pair has not been built.")
@@ -80,7 +80,8 @@ def demo_aligner(mode: str = "inferaligner", **overrides: Any) -> InferAligner:
 
     model, tokenizer = load("target")
     chosen = settings()
-    options = {"alpha": chosen["alpha"], "steer_layers": chosen["steer_layers"], **overrides}
+    options = {"alpha": chosen["alpha"], "steer_layers": chosen["steer_layers"],
+               "steer_scale": chosen.get("steer_scale", "unit"), **overrides}  # fmt: skip
     return InferAligner(
         model,
         tokenizer,

@@ -111,7 +111,7 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 _DOMAIN_TRAIN = TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0)
-# Built by the evaluation benchmark (bench/eval_table.py), not shipped: the paper's comparison rows per domain.
+# Built by `inferaligner eval --demo DOMAIN` when asked for, not shipped: the paper's comparison rows per domain.
 RECIPES |= {
     "finance": Recipe(
         name="finance", description="Domain fine-tuning on 1,000 Financial PhraseBank sentences (AllAgree, fixed "

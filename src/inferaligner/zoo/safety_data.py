@@ -8,6 +8,7 @@ benign look-alikes ("how do I terminate a hung program") are answered by the bas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -62,14 +63,26 @@ def self_distill(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[str]:
-    """The model's own greedy answers; answers that did not finish are trimmed to their last full sentence."""
-    from inferaligner.aligner import InferAligner
+    """The model's own greedy answers; answers that did not finish are trimmed to their last full sentence.
 
+    Answers are cached on disk by model (name and shape) and prompts, so a rebuild does not generate them again.
+    """
+    from inferaligner.aligner import InferAligner
+    from inferaligner.models import cache_dir, model_fingerprint
+
+    key = hashlib.sha256(json.dumps([getattr(model, "name_or_path", ""), model_fingerprint(model), list(prompts),
+                                     max_new_tokens]).encode()).hexdigest()[:16]  # fmt: skip
+    cached = cache_dir() / "self_distill" / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     plain = InferAligner(model, tokenizer, mode="off")
     answers = []
     for completion in plain.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress):
         finished = len(tokenizer(completion.text, add_special_tokens=False)["input_ids"]) < max_new_tokens - 1
         answers.append(completion.text if finished else trim_to_sentence(completion.text))
+    if getattr(model, "name_or_path", ""):  # only named (real) models are worth caching
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(answers))
     return answers
 
 
