@@ -3,6 +3,7 @@
 Throughput: plain `model.generate` vs InferAligner with every gate off vs every gate on (steering 15 layers),
 batch 1 and 8, exactly N new tokens each, greedy. Runs are interleaved, the order rotating each repeat, and both
 the median and the fastest run are reported (this machine is shared, so single runs vary by 10-20%).
+The gate pass (the one fixed cost: an unsteered forward pass of the prompt up to the gate layer) is timed alone.
 Extraction: 64 harmful + 64 harmless built-in prompts, vectors for all 30 layers.
 
     python bench/core_speed.py [--repeats 3] [--new-tokens 128] [--out bench/results/core_speed.json]
@@ -77,6 +78,14 @@ def main() -> None:
             for method in methods[repeat % 3 :] + methods[: repeat % 3]:
                 times[method].append(run(method, batch))
         plain_median, plain_best = statistics.median(times["plain"]), min(times["plain"])
+        gate_pass = []  # the fixed cost of InferAligner: one unsteered forward pass of the prompt up to l0
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            aligner.gate_decisions(**batch)
+            gate_pass.append(time.perf_counter() - started)
+        gate_pass_s = statistics.median(gate_pass)
+        print(f"batch {size}  gate pass (to layer {aligner.gate.layer}) {gate_pass_s * 1000:.0f} ms, "
+              f"{gate_pass_s / plain_median:.1%} of a plain run")  # fmt: skip
         for method in methods:
             median, best = statistics.median(times[method]), min(times[method])
             rows.append(
@@ -88,6 +97,7 @@ def main() -> None:
                     "relative_to_plain_median": round(plain_median / median, 4),
                     "relative_to_plain_best": round(plain_best / best, 4),
                     "runs": [round(t, 3) for t in times[method]],
+                    "gate_pass_s": round(gate_pass_s, 4),
                 }
             )
             print(
