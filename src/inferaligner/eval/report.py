@@ -94,12 +94,13 @@ def plot(results: dict[str, Any], out_dir: Path, judge: str = JUDGE) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, label in zip(methods, labels, strict=True):
+    markers = "osD^vP*Xh<>"  # a legend rather than labels on the points: methods often coincide
+    for index, (method, label) in enumerate(zip(methods, labels, strict=True)):
         x = _metric(results, method, "xstest", f"refusal[{judge}]")
         y = _metric(results, method, "harmful", f"asr[{judge}]")
         if x is not None and y is not None:
-            ax.scatter(100 * x, 100 * y)
-            ax.annotate(label, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(100 * x, 100 * y, marker=markers[index % len(markers)], s=60, alpha=0.7, label=label)
+    ax.legend(fontsize=7)
     ax.set_xlabel("over-refusal: XSTest safe prompts refused (%)")
     ax.set_ylabel("harmful ASR (%)")
     ax.set_title("Lower left is better")
