@@ -162,3 +162,15 @@ def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeyp
     folders = cli._demo_models("arithmetic", tmp_path, ["target", "inferaligner", "safety-sft"])
     assert built == ["safety-sft-arithmetic"]
     assert set(folders) == {"target", "safety-sft"}
+
+
+def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, tmp_path, data_dir, capsys) -> None:
+    long_context = tmp_path / "model"  # the jailbreak prompts need more than the fixture model's 256 positions
+    tiny_model("llama", context=2048).save_pretrained(long_context)
+    tiny_tokenizer().save_pretrained(long_context)
+    vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(vector_file)]
+    code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner", "--limit", "2",
+                 "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "eval" / "results.json").read_text())["run"]
+    assert config["steer_scale"] == "unit" and (tmp_path / "eval" / "table.md").is_file()

@@ -417,7 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             SafetyVectors.load(args.target_vectors),
             SafetyVectors.load(args.aligned_vectors),
         )
-        alpha, layers, scale = args.alpha or 4.0, args.layers, args.steer_scale
+        alpha, layers, scale = args.alpha or 4.0, args.layers, args.steer_scale or "unit"
         for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
             if path:
                 extra[role] = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
