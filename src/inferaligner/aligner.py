@@ -22,6 +22,7 @@ from inferaligner.steer import add_steering
 from inferaligner.vectors import SafetyVectors
 
 DEFAULT_ALPHA = 4.0
+STEER_SCALES = ("unit", "raw")  # alpha times the unit vectors (the paper), or times the raw differences
 DEFAULT_REFUSAL = (
     "I can't help with that. The request could lead to real harm to people, so I won't provide it. "
     "If you have a related question that is safe, I'm glad to help."
@@ -87,7 +88,7 @@ class InferAligner:
         layers_path: str | None = None,
         steer_scale: str = "unit",
     ) -> None:
-        if steer_scale not in ("unit", "raw"):
+        if steer_scale not in STEER_SCALES:
             raise InferAlignerError(f"steer_scale must be 'unit' or 'raw', not '{steer_scale}'.")
         self.steer_scale = steer_scale
         self.model = model

@@ -48,7 +48,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _aligner_options(parser: argparse.ArgumentParser) -> None:
-    from inferaligner.aligner import DEFAULT_ALPHA, Mode
+    from inferaligner.aligner import DEFAULT_ALPHA, STEER_SCALES, Mode
 
     _model_options(parser)
     group = parser.add_argument_group("alignment")
@@ -57,7 +57,7 @@ def _aligner_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.INFERALIGNER.value)
     group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="steering strength (default: %(default)s)")
     group.add_argument("--layers", type=parse_layers, help="steered layers, e.g. '5-20' (default: automatic)")
-    group.add_argument("--steer-scale", choices=["unit", "raw"], default="unit",
+    group.add_argument("--steer-scale", choices=STEER_SCALES, default="unit",
                        help="add alpha x unit vectors (paper) or alpha x raw mean differences")  # fmt: skip
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
@@ -469,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inference-time harmlessness for fine-tuned LLMs: gated cross-model safety steering.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    from inferaligner.aligner import STEER_SCALES
+
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     extract = verbs.add_parser("extract", help="extract safety vectors (and a gate) from a model")
@@ -534,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=["inferaligner", "self", "simple", "always", "off"])
     serve.add_argument("--alpha", type=float)
     serve.add_argument("--layers", type=parse_layers)
-    serve.add_argument("--steer-scale", choices=["unit", "raw"])
+    serve.add_argument("--steer-scale", choices=STEER_SCALES)
     serve.add_argument("--gate-layer", type=int)
     serve.add_argument("--gate-bias", type=float)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -563,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--aligned-vectors", type=Path)
     evaluation.add_argument("--alpha", type=float, help="steering strength (default 4; demo: its chosen value)")
     evaluation.add_argument("--layers", type=parse_layers, help="steered layers (default: automatic)")
-    evaluation.add_argument("--steer-scale", choices=["unit", "raw"], help="unit vectors (paper) or raw differences")
+    evaluation.add_argument("--steer-scale", choices=STEER_SCALES, help="unit vectors (paper) or raw differences")
     evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")
     evaluation.add_argument("--model-safety-sft", help="the domain model trained with safety data (row Safety SFT)")
     evaluation.add_argument("--model-aligned-domain", help="the aligned model fine-tuned on the domain")
