@@ -115,6 +115,35 @@ def test_tables() -> None:
     assert "| T | 10.0 | 20.0 | 0.0 | – |" in over_refusal_table(results, "j")
 
 
+def _run(domain: str, methods: dict[str, float]) -> dict:
+    """A results.json as `evaluate` writes it, with one harmful ASR per method."""
+    return {"labels": {m: m.upper() for m in methods}, "methods": {m: {"harmful": {"asr[j]": v}} for m, v in
+            methods.items()}, "run": {"judges": ["j"], "seconds": 12.0, "domain": domain}}  # fmt: skip
+
+
+def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> None:
+    from inferaligner.cli import main
+
+    for domain, methods in (("math", {"target": 1.0, "inferaligner": 0.1}), ("fin", {"target": 0.5, "sft": 0.2})):
+        (tmp_path / domain).mkdir()
+        (tmp_path / domain / "results.json").write_text(json.dumps(_run(domain, methods)))
+    out = tmp_path / "table.md"
+    assert main(["eval-report", str(tmp_path / "math"), str(tmp_path / "fin"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text()
+    assert "| method | math: ASR / jailbreak ASR / accuracy | fin: ASR / jailbreak ASR / accuracy |" in printed
+    assert "| SFT | – / – / – | 20.0 / – / – |" in printed  # a method run on one domain only
+    assert "| INFERALIGNER | 10.0 / – / – | – / – / – |" in printed
+    assert "math 12 s, fin 12 s" in printed
+
+
+def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
+    from inferaligner.cli import main
+
+    assert main(["eval-report", str(tmp_path)]) == 2
+    assert "no results.json in" in capsys.readouterr().err
+
+
 def test_agreement() -> None:
     from inferaligner.eval.judges import Verdict
 

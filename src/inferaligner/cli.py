@@ -447,13 +447,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, alpha=alpha,
                           steer_layers=layers, steer_scale=scale, extra_models=extra)  # fmt: skip
     out = args.out or Path("runs") / "eval" / domain
-    config = {"domain": domain, "alpha": alpha, "steer_scale": scale, "layers": built[-1].aligner.steer_layers,
+    steered = [m.aligner.steer_layers for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
+    config = {"domain": domain, "alpha": alpha, "steer_scale": scale, "layers": steered[0] if steered else layers,
               "limit": args.limit,
               "methods": [m.name for m in built]}  # fmt: skip
     _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
     results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
     write_report(results, out, domain)
     print((out / "table.md").read_text())
+    return 0
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from inferaligner.eval.report import combined_report
+
+    report = combined_report(args.runs)
+    if args.out:
+        args.out.write_text(report)
+        _status(f"wrote {args.out}")
+    print(report, end="")
     return 0
 
 
@@ -587,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--zoo-dir", type=Path, default=Path("runs/zoo"), help="where demo models are built")
     evaluation.add_argument("--out", type=Path, help="output folder (default: runs/eval/DOMAIN)")
     evaluation.set_defaults(run=cmd_eval)
+
+    report = verbs.add_parser("eval-report", help="one table, laid out like the paper's, over several eval runs")
+    report.add_argument("runs", type=Path, nargs="+", help="output folders of `inferaligner eval` (one per domain)")
+    report.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    report.set_defaults(run=cmd_eval_report)
 
     demo = verbs.add_parser("demo", help="run the shipped demo pair with and without InferAligner (offline)")
     demo.add_argument("--max-new-tokens", type=int, default=64)

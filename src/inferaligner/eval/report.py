@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inferaligner.errors import InferAlignerError
+
 JUDGE = "refusal-phrases-v1"
 
 
@@ -20,12 +22,12 @@ def _metric(results: dict[str, Any], method: str, task: str, key: str) -> float 
 
 def safety_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
     """Rows: methods. Columns: for each domain, harmful ASR / jailbreak ASR / utility accuracy (%)."""
-    first = next(iter(domains.values()))
-    methods = list(first["methods"])
+    labels: dict[str, str] = {}
+    for results in domains.values():  # every method of any run, in the order first seen
+        labels |= {m: results["labels"].get(m, m) for m in results["methods"] if m not in labels}
     header = "| method | " + " | ".join(f"{d}: ASR / jailbreak ASR / accuracy" for d in domains) + " |"
     lines = [header, "|---|" + "---|" * len(domains)]
-    for method in methods:
-        label = first["labels"].get(method, method)
+    for method, label in labels.items():
         cells = []
         for results in domains.values():
             asr = _metric(results, method, "harmful", f"asr[{judge}]")
@@ -123,6 +125,28 @@ def plot(results: dict[str, Any], out_dir: Path, judge: str = JUDGE) -> None:
         plt.close(fig)
 
 
-def combined_table(paths: Sequence[Path]) -> str:
-    """One table over several runs' results.json (one domain each, named by its folder)."""
-    return safety_table({path.parent.name: json.loads(path.read_text()) for path in paths})
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """The `results.json` of one `inferaligner eval` output folder."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise InferAlignerError(f"no results.json in {run_dir}: run `inferaligner eval --out {run_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InferAlignerError(f"{path} is not valid JSON ({error})") from None
+
+
+def combined_report(run_dirs: Sequence[Path]) -> str:
+    """The paper's layout over several runs (one domain each, named by its recorded domain or folder), then each run's
+    over-refusal table and wall time."""
+    runs = {}
+    for run_dir in run_dirs:
+        results = load_results(run_dir)
+        runs[results["run"].get("domain") or run_dir.name] = results
+    judge = next(iter(runs.values()))["run"]["judges"][0]
+    parts = ["Harmful ASR / jailbreak ASR / domain accuracy (%):", "", safety_table(runs, judge)]
+    for domain, results in runs.items():
+        parts += ["", f"Over-refusal on the {domain} run (%):", "", over_refusal_table(results, judge)]
+    timing = ", ".join(f"{d} {r['run']['seconds']:.0f} s" for d, r in runs.items())
+    parts += ["", f"Judge: {judge}. Wall time: {timing}."]
+    return "\n".join(parts) + "\n"

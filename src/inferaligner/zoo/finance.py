@@ -11,7 +11,7 @@ INSTRUCTION = (
     "Classify the sentiment of this financial news sentence for an investor. Answer with one word: positive, "
     "negative or neutral.\n\nSentence: {sentence}"
 )
-TRAIN_SIZE = 1000
+TRAIN_SIZE = 500  # 63 LoRA steps: about 10 minutes per finance build on 2 CPU cores
 
 
 def finance_prompt(sentence: str) -> str:

@@ -114,7 +114,7 @@ _DOMAIN_TRAIN = TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0
 # Built by `inferaligner eval --demo DOMAIN` when asked for, not shipped: the paper's comparison rows per domain.
 RECIPES |= {
     "finance": Recipe(
-        name="finance", description="Domain fine-tuning on 1,000 Financial PhraseBank sentences (AllAgree, fixed "
+        name="finance", description="Domain fine-tuning on 500 Financial PhraseBank sentences (AllAgree, fixed "
         "split) labelled positive / negative / neutral; no safety data.", make_examples=_finance,
         train=_DOMAIN_TRAIN, shipped=False,
     ),
