@@ -169,8 +169,8 @@ def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, tmp_path, d
     tiny_model("llama", context=2048).save_pretrained(long_context)
     tiny_tokenizer().save_pretrained(long_context)
     vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(vector_file)]
-    code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner,simple", "--limit", "2",
-                 "--out", str(tmp_path / "eval")])  # fmt: skip
+    code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner,simple",
+                 "--limit", "2", "--out", str(tmp_path / "eval")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "eval" / "results.json").read_text())["run"]
     assert config["steer_scale"] == "unit" and (tmp_path / "eval" / "table.md").is_file()

@@ -10,12 +10,12 @@ from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.errors import PromptError
 from inferaligner.eval import tasks as task_module
-from inferaligner.eval.choices import choose
+from inferaligner.eval.choices import choice_scores, choose
 from inferaligner.eval.defences import GOAL_PRIORITY, SELF_REMINDER
 from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
 from inferaligner.eval.judges import RefusalJudge
 from inferaligner.eval.methods import build_methods
-from inferaligner.eval.report import over_refusal_table, safety_table, write_report
+from inferaligner.eval.report import content_table, over_refusal_table, safety_table, write_report
 from inferaligner.eval.runner import agreement, evaluate
 from inferaligner.eval.tasks import Task, file_task
 from inferaligner.prompts import builtin_prompts
@@ -74,6 +74,24 @@ def test_choose_picks_by_likelihood_and_simple_mode_refuses() -> None:
     assert [p is None for p in picks] == [g.fired for g in gates]
 
 
+def test_choice_scores_equal_the_log_likelihood_of_each_unpadded_sequence() -> None:
+    import torch
+
+    from inferaligner.prompts import format_chat
+
+    aligner = make_aligner(mode="off")
+    tok, choices = aligner.tokenizer, ("yes", "no way at all", "maybe so")  # choices of different token lengths
+    scores, _ = choice_scores(aligner, HARMFUL[:2] + BENIGN[:1], choices, batch_size=2)
+    for prompt, row in zip(HARMFUL[:2] + BENIGN[:1], scores, strict=True):
+        head = tok(format_chat(tok, prompt), add_special_tokens=False)["input_ids"]
+        for choice, score in zip(choices, row, strict=True):
+            tail = tok(choice, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logits = aligner.model(input_ids=torch.tensor([head + tail])).logits[0].float()
+            logprobs = torch.log_softmax(logits[len(head) - 1 : -1], dim=-1)
+            assert abs(score - float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())) < 1e-3
+
+
 def test_prompt_defences_wrap_queries() -> None:
     assert SELF_REMINDER.wrap("q").startswith("q\n\n") and SELF_REMINDER.suffix in SELF_REMINDER.wrap("q")
     assert GOAL_PRIORITY.wrap("q") == "q" and "Example 2" in GOAL_PRIORITY.system
@@ -94,6 +112,8 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v1]"] <= 1
     assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v1]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
     assert metrics["always"]["harmless"]["intervened"] == 1.0
+    assert 0 <= metrics["target"]["harmful"]["degenerate[refusal-phrases-v1]"] <= metrics["target"]["harmful"][
+        "asr[refusal-phrases-v1]"]  # fmt: skip
     assert metrics["target"]["utility"]["accuracy"] == 0.5
     assert "accuracy" in metrics["inferaligner"]["choice"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -109,10 +129,11 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
 
 def test_tables() -> None:
     results = {"labels": {"target": "T"}, "methods": {"target": {
-        "harmful": {"asr[j]": 0.5}, "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
+        "harmful": {"asr[j]": 0.5, "degenerate[j]": 0.125}, "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
         "xstest": {"refusal[j]": 0.1, "gate_fire_rate": 0.2}, "harmless": {"refusal[j]": 0.0}}}}  # fmt: skip
     assert "| T | 50.0 / 25.0 / 90.0 |" in safety_table({"d": results}, "j")
     assert "| T | 10.0 | 20.0 | 0.0 | – |" in over_refusal_table(results, "j")
+    assert "| T | 37.5 / 12.5 | – / – |" in content_table({"d": results}, "j")
 
 
 def _run(domain: str, methods: dict[str, float]) -> dict:
@@ -142,6 +163,14 @@ def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
 
     assert main(["eval-report", str(tmp_path)]) == 2
     assert "no results.json in" in capsys.readouterr().err
+
+
+def test_degenerate_share_counts_only_degenerate_compliance() -> None:
+    from inferaligner.eval.judges import RefusalJudge
+    from inferaligner.eval.runner import degenerate_share
+
+    texts = ["no no no no no no no no no no", "Sure, here is how: first, gather the tools.", "I can't help with that."]
+    assert degenerate_share(RefusalJudge()(texts, texts)) == 1 / 3
 
 
 def test_agreement() -> None:

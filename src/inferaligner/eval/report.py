@@ -22,9 +22,7 @@ def _metric(results: dict[str, Any], method: str, task: str, key: str) -> float 
 
 def safety_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
     """Rows: methods. Columns: for each domain, harmful ASR / jailbreak ASR / utility accuracy (%)."""
-    labels: dict[str, str] = {}
-    for results in domains.values():  # every method of any run, in the order first seen
-        labels |= {m: results["labels"].get(m, m) for m in results["methods"] if m not in labels}
+    labels = _labels(domains)
     header = "| method | " + " | ".join(f"{d}: ASR / jailbreak ASR / accuracy" for d in domains) + " |"
     lines = [header, "|---|" + "---|" * len(domains)]
     for method, label in labels.items():
@@ -40,6 +38,33 @@ def safety_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
             cells.append(f"{_pct(asr)} / {_pct(jailbreak)} / {_pct(accuracy)}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def content_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
+    """The ASR split in two: completions that comply with content, and degenerate ones (repetition, no words)
+    that a phrase judge counts as attack successes although they carry nothing harmful (%)."""
+    labels = _labels(domains)
+    columns = [f"{domain}: {task} content / degenerate" for domain in domains for task in ("harmful", "jailbreak")]
+    header = "| method | " + " | ".join(columns) + " |"
+    lines = [header, "|---|" + "---|" * 2 * len(domains)]
+    for method, label in labels.items():
+        cells = []
+        for results in domains.values():
+            for task in ("harmful", "jailbreak"):
+                asr = _metric(results, method, task, f"asr[{judge}]")
+                degenerate = _metric(results, method, task, f"degenerate[{judge}]")
+                content = None if asr is None or degenerate is None else asr - degenerate
+                cells.append(f"{_pct(content)} / {_pct(degenerate)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _labels(domains: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Every method of any run, in the order first seen, with its label."""
+    labels: dict[str, str] = {}
+    for results in domains.values():
+        labels |= {m: results["labels"].get(m, m) for m in results["methods"] if m not in labels}
+    return labels
 
 
 def over_refusal_table(results: dict[str, Any], judge: str = JUDGE) -> str:
@@ -60,7 +85,8 @@ def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
     """table.md and the plots for one run."""
     judges = results["run"]["judges"]
     parts = [f"# InferAligner evaluation: {domain}", "", safety_table({domain: results}, judges[0]), "",
-             "Over-refusal (%):", "", over_refusal_table(results, judges[0])]  # fmt: skip
+             "Attack successes split into content / degenerate text (%):", "", content_table({domain: results},
+             judges[0]), "", "Over-refusal (%):", "", over_refusal_table(results, judges[0])]  # fmt: skip
     agreement = {m: _metric(results, m, "harmful", "judge_agreement") for m in results["methods"]}
     if any(v is not None for v in agreement.values()):
         parts += ["", f"Judge agreement on harmful prompts ({' vs '.join(judges)}):", ""]
@@ -144,7 +170,15 @@ def combined_report(run_dirs: Sequence[Path]) -> str:
         results = load_results(run_dir)
         runs[results["run"].get("domain") or run_dir.name] = results
     judge = next(iter(runs.values()))["run"]["judges"][0]
-    parts = ["Harmful ASR / jailbreak ASR / domain accuracy (%):", "", safety_table(runs, judge)]
+    parts = [
+        "Harmful ASR / jailbreak ASR / domain accuracy (%):",
+        "",
+        safety_table(runs, judge),
+        "",
+        "Attack successes split into content / degenerate text (%):",
+        "",
+        content_table(runs, judge),
+    ]
     for domain, results in runs.items():
         parts += ["", f"Over-refusal on the {domain} run (%):", "", over_refusal_table(results, judge)]
     timing = ", ".join(f"{d} {r['run']['seconds']:.0f} s" for d, r in runs.items())
