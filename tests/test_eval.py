@@ -148,6 +148,10 @@ def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> N
     for domain, methods in (("math", {"target": 1.0, "inferaligner": 0.1}), ("fin", {"target": 0.5, "sft": 0.2})):
         (tmp_path / domain).mkdir()
         (tmp_path / domain / "results.json").write_text(json.dumps(_run(domain, methods)))
+    saved = tmp_path / "math" / "completions"  # a run from before the degenerate metric: read from its verdicts
+    saved.mkdir()
+    verdicts = [{"verdicts": {"j": {"refused": False, "reason": reason}}} for reason in ("degenerate", "x", "y", "z")]
+    (saved / "target--harmful.jsonl").write_text("".join(json.dumps(row) + "\n" for row in verdicts))
     out = tmp_path / "table.md"
     assert main(["eval-report", str(tmp_path / "math"), str(tmp_path / "fin"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -156,6 +160,7 @@ def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> N
     assert "| SFT | – / – / – | 20.0 / – / – |" in printed  # a method run on one domain only
     assert "| INFERALIGNER | 10.0 / – / – | – / – / – |" in printed
     assert "math 12 s, fin 12 s" in printed
+    assert "| TARGET | 75.0 / 25.0 | – / – | – / – | – / – |" in printed
 
 
 def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
+from inferaligner.eval.judges import DEGENERATE
 
 JUDGE = "refusal-phrases-v1"
 
@@ -157,9 +158,25 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InferAlignerError(f"no results.json in {run_dir}: run `inferaligner eval --out {run_dir}` first")
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise InferAlignerError(f"{path} is not valid JSON ({error})") from None
+    _fill_degenerate(results, run_dir / "completions")
+    return results
+
+
+def _fill_degenerate(results: dict[str, Any], completions: Path) -> None:
+    """Runs written before the `degenerate[...]` metric existed: derive it from the saved verdicts."""
+    for method, tasks in results["methods"].items():
+        for task in ("harmful", "jailbreak"):
+            saved = completions / f"{method}--{task}.jsonl"
+            if task not in tasks or not saved.is_file():
+                continue
+            rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
+            for judge in results["run"]["judges"]:
+                reasons = [row["verdicts"][judge]["reason"] for row in rows if judge in row.get("verdicts", {})]
+                if f"degenerate[{judge}]" not in tasks[task] and reasons:
+                    tasks[task][f"degenerate[{judge}]"] = sum(r == DEGENERATE for r in reasons) / len(reasons)
 
 
 def combined_report(run_dirs: Sequence[Path]) -> str:
