@@ -168,6 +168,9 @@ def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
 
     assert main(["eval-report", str(tmp_path)]) == 2
     assert "no results.json in" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"accuracy": 0.5}')
+    assert main(["eval-report", str(tmp_path)]) == 2
+    assert "is not an `inferaligner eval` results file" in capsys.readouterr().err
 
 
 def test_degenerate_share_counts_only_degenerate_compliance() -> None:

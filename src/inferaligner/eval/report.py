@@ -161,6 +161,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise InferAlignerError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(results, dict) or not {"methods", "labels", "run"} <= set(results):
+        raise InferAlignerError(f"{path} is not an `inferaligner eval` results file (no methods, labels and run)")
     _fill_degenerate(results, run_dir / "completions")
     return results
 
