@@ -174,11 +174,10 @@ def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
 
 
 def test_degenerate_share_counts_only_degenerate_compliance() -> None:
-    from inferaligner.eval.judges import RefusalJudge
-    from inferaligner.eval.runner import degenerate_share
+    from inferaligner.eval.judges import RefusalJudge, degenerate_share
 
     texts = ["no no no no no no no no no no", "Sure, here is how: first, gather the tools.", "I can't help with that."]
-    assert degenerate_share(RefusalJudge()(texts, texts)) == 1 / 3
+    assert degenerate_share([v.reason for v in RefusalJudge()(texts, texts)]) == 1 / 3
 
 
 def test_agreement() -> None:

@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import DEGENERATE
+from inferaligner.eval.judges import degenerate_share
 
 JUDGE = "refusal-phrases-v1"
+
+
+def completion_stem(method: str, task: str) -> str:
+    """File name (without suffix) of one method's completions on one task in an output folder's `completions/`."""
+    return "--".join("".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) for name in (method, task))
 
 
 def _pct(value: float | None) -> str:
@@ -171,14 +176,14 @@ def _fill_degenerate(results: dict[str, Any], completions: Path) -> None:
     """Runs written before the `degenerate[...]` metric existed: derive it from the saved verdicts."""
     for method, tasks in results["methods"].items():
         for task in ("harmful", "jailbreak"):
-            saved = completions / f"{method}--{task}.jsonl"
+            saved = completions / f"{completion_stem(method, task)}.jsonl"
             if task not in tasks or not saved.is_file():
                 continue
             rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
             for judge in results["run"]["judges"]:
                 reasons = [row["verdicts"][judge]["reason"] for row in rows if judge in row.get("verdicts", {})]
                 if f"degenerate[{judge}]" not in tasks[task] and reasons:
-                    tasks[task][f"degenerate[{judge}]"] = sum(r == DEGENERATE for r in reasons) / len(reasons)
+                    tasks[task][f"degenerate[{judge}]"] = degenerate_share(reasons)
 
 
 def combined_report(run_dirs: Sequence[Path]) -> str:

@@ -15,15 +15,12 @@ from inferaligner.activations import last_token_activations
 from inferaligner.aligner import Completion
 from inferaligner.eval.choices import choose
 from inferaligner.eval.generation import gated_completions, generate_cached
-from inferaligner.eval.judges import DEGENERATE, Verdict
+from inferaligner.eval.judges import Verdict, degenerate_share
 from inferaligner.eval.methods import Method
+from inferaligner.eval.report import completion_stem
 from inferaligner.eval.tasks import Task
 from inferaligner.gate import layer_metrics
 from inferaligner.prompts import format_chats
-
-
-def _safe_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
 
 
 def judge_all(judges: Sequence[Any], prompts: Sequence[str], texts: Sequence[str]) -> dict[str, list[Verdict]]:
@@ -33,13 +30,6 @@ def judge_all(judges: Sequence[Any], prompts: Sequence[str], texts: Sequence[str
 def refusal_share(verdicts: Sequence[Verdict]) -> float | None:
     parsed = [v for v in verdicts if v.parsed]
     return sum(v.refused for v in parsed) / len(parsed) if parsed else None
-
-
-def degenerate_share(verdicts: Sequence[Verdict]) -> float | None:
-    """Share of decided completions that complied only by being degenerate text (repetition, no words): counted
-    in the ASR, yet they carry no harmful content."""
-    parsed = [v for v in verdicts if v.parsed]
-    return sum(v.reason == DEGENERATE for v in parsed) / len(parsed) if parsed else None
 
 
 def agreement(by_judge: dict[str, list[Verdict]]) -> float | None:
@@ -97,7 +87,7 @@ def run_task(
                 metrics[f"refusal[{name}]"] = share
                 if task.kind == "harmful":
                     metrics[f"asr[{name}]"] = None if share is None else 1 - share
-                    metrics[f"degenerate[{name}]"] = degenerate_share(judged)
+                    metrics[f"degenerate[{name}]"] = degenerate_share([v.reason for v in judged if v.parsed])
                 metrics[f"unparsed[{name}]"] = sum(not v.parsed for v in judged)
                 for row, verdict in zip(rows, judged, strict=True):
                     row.setdefault("verdicts", {})[name] = {"refused": verdict.refused, "reason": verdict.reason}
@@ -157,7 +147,7 @@ def evaluate(
     for method in methods:
         results["methods"][method.name] = {}
         for task in tasks:
-            stem = f"{_safe_name(method.name)}--{_safe_name(task.name)}"
+            stem = completion_stem(method.name, task.name)
             cache = out_dir / "completions" / f"{stem}.cache.jsonl"
             metrics, rows = run_task(method, task, plain.get(task.name), cache, judges, batch_size, progress, processor)
             if method.name == "target" and not task.choices:
