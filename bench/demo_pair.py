@@ -7,7 +7,7 @@ gate fires; the others are token-identical to the target's own answers and are t
 
     python bench/demo_pair.py                      # full run (about 45 minutes on 2 CPU cores)
     python bench/demo_pair.py --quick              # a few prompts per set, to check the plumbing
-    python bench/demo_pair.py --save-settings      # also write the chosen alpha / layers for the shipped demo
+    python bench/demo_pair.py --save-settings      # also write the demo's mean-difference settings (the paper's row)
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("docs/img"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sweep-size", type=int, default=48, help="prompts per set in the sweeps")
-    parser.add_argument("--save-settings", action="store_true", help="write the chosen settings for the demo")
+    parser.add_argument("--save-settings", action="store_true",
+                        help="write the chosen mean-difference settings for the demo")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
     n = 8 if args.quick else None
@@ -165,8 +166,18 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     plot(sweep, layer_rows, gate_scores, ia.gate.layer, args.plots)
     if args.save_settings and not args.quick:
-        path = Path(str(zoo.artifact_dir("target").parent / "settings.json"))
-        path.write_text(json.dumps({**chosen, "source": "bench/demo_pair.py"}, indent=2))
+        from inferaligner.calibrate import SteeringSettings
+
+        path = Path(str(zoo.artifact_dir("target").parent / zoo.SETTINGS["mean-difference"]))
+        SteeringSettings(
+            str(zoo.vectors_path("aligned")),
+            float(best_alpha),
+            tuple(LAYER_SETS[best_layers]),
+            STEER_SCALE,
+            "mean-difference",
+            "mean-difference",
+            "bench/demo_pair.py",
+        ).save(path)
         print(f"wrote {path}")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from inferaligner.activations import last_token_activations
+from inferaligner.activations import prompt_activations
 from inferaligner.gate import choose_gate_layer, layer_metrics, midpoint_bias
 from inferaligner.models import load_model
 from inferaligner.prompts import builtin_prompts, format_chats
@@ -52,7 +52,7 @@ def measure(name: str) -> dict[str, object]:
     model, tokenizer = load_model(name)
 
     def acts(kind: str, split: str) -> torch.Tensor:
-        return last_token_activations(model, tokenizer, format_chats(tokenizer, builtin_prompts(kind, split)),
+        return prompt_activations(model, tokenizer, format_chats(tokenizer, builtin_prompts(kind, split)),
                                       progress=False)  # fmt: skip
 
     data = {(kind, split): acts(kind, split) for kind in ("harmful", "harmless", "everyday")

@@ -78,8 +78,10 @@ def test_mixed_batch_with_sampling_under_a_fixed_seed() -> None:
         assert torch.equal(steered[row], plain[row]) != decision.fired
 
 
-def test_gate_is_read_at_the_last_real_token_under_either_padding() -> None:
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_gate_is_read_at_the_last_real_token_under_either_padding(pooling: str) -> None:
     aligner = make_aligner("llama")
+    aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     left = aligner.gate_decisions(**_batch(aligner))
     singles = [aligner.gate_decisions(**_batch(aligner, [p]))[0] for p in PROMPTS]
     tokenizer = aligner.tokenizer

@@ -36,8 +36,36 @@ def test_help_lists_every_verb() -> None:
 
 def test_extract_writes_a_calibrated_vector_file(vector_file) -> None:
     vectors = SafetyVectors.load(vector_file)
-    assert vectors.provenance.n_harmful == 8 and vectors.gate is not None and vectors.gate.rule == "fpr"
-    assert "calibration.accuracy" in vectors.metrics
+    assert vectors.provenance.n_harmful == 3 * 8  # three built-in harmful sets, --limit per set
+    assert vectors.gate is not None and vectors.gate.rule == "fpr"
+    assert (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")  # the defaults
+    assert "calibration.accuracy" in vectors.metrics and "probe.calibration_accuracy" in vectors.metrics
+
+
+def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
+    steering = tmp_path / "steering.safetensors"
+    # the tiny random "aligned" model refuses nothing, so teach with a one-line file of refusals via a tiny teacher
+    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--limit", "2",
+                 "--steps", "2", "--layers", "1,2", "--answer-tokens", "4"]) == 2  # fmt: skip
+    assert "refused none of the harmful prompts" in capsys.readouterr().err
+    from inferaligner.fit import FitSettings, TeacherExample, fit_steering_vectors
+
+    fitted = fit_steering_vectors(tiny_model("llama"), tiny_tokenizer(), [TeacherExample("Hurt him?", "No.")],
+                                  FitSettings(layers=(1, 2), steps=2), progress=False)  # fmt: skip
+    fitted.vectors.save(steering)
+    settings = tmp_path / "out" / "settings.json"
+    assert main(["calibrate", "--model", str(model_dir), "--steering", str(steering), "--out", str(settings),
+                 "--scales", "0.5,1", "--limit", "2", "--max-new-tokens", "3"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| teacher-fitted | 0.5 |" in table and "**yes**" in table
+    assert json.loads(settings.read_text())["vectors"] == "../steering.safetensors"
+    assert settings.with_suffix(".png").stat().st_size > 1000
+    args = ["generate", "--model", str(model_dir), "--target-vectors", str(vector_file), "--settings", str(settings),
+            "--max-new-tokens", "3", "--json", "How do I bake bread?"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["mode"] == "inferaligner"
+    assert main(["inspect", str(steering)]) == 0
+    assert "teacher-fitted steering vectors" in capsys.readouterr().out
 
 
 def test_generate_json_reports_the_gate(model_dir, vector_file, capsys) -> None:
@@ -170,7 +198,7 @@ def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, tmp_path, d
     tiny_tokenizer().save_pretrained(long_context)
     vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(vector_file)]
     code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner,simple",
-                 "--limit", "2", "--out", str(tmp_path / "eval")])  # fmt: skip
+                 "--limit", "2", "--layers", "1-2", "--out", str(tmp_path / "eval")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "eval" / "results.json").read_text())["run"]
     assert config["steer_scale"] == "unit" and (tmp_path / "eval" / "table.md").is_file()

@@ -15,7 +15,7 @@ from inferaligner.eval.defences import GOAL_PRIORITY, SELF_REMINDER
 from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
 from inferaligner.eval.judges import RefusalJudge
 from inferaligner.eval.methods import build_methods
-from inferaligner.eval.report import content_table, over_refusal_table, safety_table, write_report
+from inferaligner.eval.report import outcome_table, over_refusal_table, safety_table, write_report
 from inferaligner.eval.runner import agreement, evaluate
 from inferaligner.eval.tasks import Task, file_task
 from inferaligner.prompts import builtin_prompts
@@ -109,31 +109,36 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     results = evaluate(methods, tiny_tasks(), tmp_path, [RefusalJudge()], batch_size=4, progress=False)
     metrics = results["methods"]
     assert set(metrics) == {"target", "self-reminder", "inferaligner", "simple", "always"}
-    assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v1]"] <= 1
-    assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v1]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
+    assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v2]"] <= 1
+    assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v2]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
     assert metrics["always"]["harmless"]["intervened"] == 1.0
-    assert 0 <= metrics["target"]["harmful"]["degenerate[refusal-phrases-v1]"] <= metrics["target"]["harmful"][
-        "asr[refusal-phrases-v1]"]  # fmt: skip
+    harmful = metrics["target"]["harmful"]
+    outcomes = [harmful[f"{kind}[refusal-phrases-v2]"] for kind in ("refusal", "content", "degenerate")]
+    assert sum(outcomes) == pytest.approx(1.0) and harmful["degenerate[refusal-phrases-v2]"] <= harmful[
+        "asr[refusal-phrases-v2]"]  # fmt: skip
     assert metrics["target"]["utility"]["accuracy"] == 0.5
     assert "accuracy" in metrics["inferaligner"]["choice"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["run"]["judges"] == ["refusal-phrases-v1"] and saved["run"]["versions"]["torch"]
+    assert saved["run"]["judges"] == ["refusal-phrases-v2"] and saved["run"]["versions"]["torch"]
     rows = [json.loads(line) for line in (tmp_path / "completions" / "inferaligner--harmful.jsonl").open()]
     assert len(rows) == 3 and {"prompt", "completion", "gate", "verdicts"} <= set(rows[0])
     write_report(results, tmp_path, "tiny")
     table = (tmp_path / "table.md").read_text()
     assert "+ InferAligner" in table and "XSTest" in table
+    samples = (tmp_path / "samples.md").read_text()
+    assert "## + InferAligner: harmful" in samples and samples.count("- [") == 3 * 5  # 3 prompts x 5 methods
     for image in ("asr.png", "over_refusal.png"):
         assert (tmp_path / image).stat().st_size > 1000
 
 
 def test_tables() -> None:
     results = {"labels": {"target": "T"}, "methods": {"target": {
-        "harmful": {"asr[j]": 0.5, "degenerate[j]": 0.125}, "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
+        "harmful": {"asr[j]": 0.5, "refusal[j]": 0.5, "content[j]": 0.375, "degenerate[j]": 0.125},
+        "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
         "xstest": {"refusal[j]": 0.1, "gate_fire_rate": 0.2}, "harmless": {"refusal[j]": 0.0}}}}  # fmt: skip
     assert "| T | 50.0 / 25.0 / 90.0 |" in safety_table({"d": results}, "j")
     assert "| T | 10.0 | 20.0 | 0.0 | – |" in over_refusal_table(results, "j")
-    assert "| T | 37.5 / 12.5 | – / – |" in content_table({"d": results}, "j")
+    assert "| T | 50.0 / 37.5 / 12.5 | – / – / – |" in outcome_table({"d": results}, "j")
 
 
 def _run(domain: str, methods: dict[str, float]) -> dict:
@@ -148,9 +153,12 @@ def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> N
     for domain, methods in (("math", {"target": 1.0, "inferaligner": 0.1}), ("fin", {"target": 0.5, "sft": 0.2})):
         (tmp_path / domain).mkdir()
         (tmp_path / domain / "results.json").write_text(json.dumps(_run(domain, methods)))
-    saved = tmp_path / "math" / "completions"  # a run from before the degenerate metric: read from its verdicts
+    saved = tmp_path / "math" / "completions"  # a run from before the outcome metrics: read from its verdicts
     saved.mkdir()
-    verdicts = [{"verdicts": {"j": {"refused": False, "reason": reason}}} for reason in ("degenerate", "x", "y", "z")]
+    answers = [("", False, "degenerate"), ("I won't kill no law. " * 8, True, "'i won't'"),
+               ("Sure: step 1", False, "x"), ("I can't help with that.", True, "'i can't'")]  # fmt: skip
+    verdicts = [{"completion": text, "verdicts": {"j": {"refused": refused, "reason": reason}}}
+                for text, refused, reason in answers]  # fmt: skip
     (saved / "target--harmful.jsonl").write_text("".join(json.dumps(row) + "\n" for row in verdicts))
     out = tmp_path / "table.md"
     assert main(["eval-report", str(tmp_path / "math"), str(tmp_path / "fin"), "--out", str(out)]) == 0
@@ -160,7 +168,7 @@ def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> N
     assert "| SFT | – / – / – | 20.0 / – / – |" in printed  # a method run on one domain only
     assert "| INFERALIGNER | 10.0 / – / – | – / – / – |" in printed
     assert "math 12 s, fin 12 s" in printed
-    assert "| TARGET | 75.0 / 25.0 | – / – | – / – | – / – |" in printed
+    assert "| TARGET | 25.0 / 25.0 / 50.0 | – / – / – | – / – / – | – / – / – |" in printed  # the loop is no refusal
 
 
 def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
@@ -173,11 +181,14 @@ def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
     assert "is not an `inferaligner eval` results file" in capsys.readouterr().err
 
 
-def test_degenerate_share_counts_only_degenerate_compliance() -> None:
-    from inferaligner.eval.judges import RefusalJudge, degenerate_share
+def test_outcomes_split_answers_into_refusal_content_and_degenerate() -> None:
+    from inferaligner.eval.judges import RefusalJudge, outcome_shares
 
-    texts = ["no no no no no no no no no no", "Sure, here is how: first, gather the tools.", "I can't help with that."]
-    assert degenerate_share([v.reason for v in RefusalJudge()(texts, texts)]) == 1 / 3
+    loop = "I won't kill off no law. " * 10
+    texts = ["no no no no no no no no no no", "Sure, here is how: first, gather the tools.", "I can't help with that.",
+             loop]  # fmt: skip
+    shares = outcome_shares(RefusalJudge()(texts, texts), texts)
+    assert shares == {"refusal": 0.25, "content": 0.25, "degenerate": 0.5}
 
 
 def test_agreement() -> None:

@@ -66,3 +66,39 @@ def test_layer_choice() -> None:
     assert choose_steer_layers(weak, weak) == [2, 3]
     with pytest.raises(InferAlignerError, match="pass the steering layers by hand"):
         choose_steer_layers(accuracy, torch.full((6,), 0.5))
+
+
+def test_pool_reads_the_last_real_token_or_the_mean_under_either_padding() -> None:
+    from inferaligner.gate import pool
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, left, "last"), hidden[:, 3])
+    torch.testing.assert_close(pool(hidden, right, "last")[0], hidden[0, 2])
+    torch.testing.assert_close(pool(hidden, left, "mean")[0], hidden[0, 1:].mean(0))
+    torch.testing.assert_close(pool(hidden, right, "mean")[0], hidden[0, :3].mean(0))
+    torch.testing.assert_close(pool(hidden, left, "mean")[1], hidden[1].mean(0))
+    with pytest.raises(InferAlignerError, match="Unknown pooling 'max'"):
+        pool(hidden, left, "max")
+
+
+def test_probe_separates_and_search_picks_the_informative_layer() -> None:
+    from inferaligner.gate import fit_probe, search_probe
+
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(shift: float, n: int) -> torch.Tensor:
+        acts = torch.randn(n, 4, 8, generator=generator)
+        acts[:, 2, 5] += shift  # only layer 2, feature 5 tells the classes apart
+        return acts
+
+    harmful, harmless, cal_harmful, cal_harmless = sample(4.0, 40), sample(-4.0, 40), sample(4.0, 30), sample(-4.0, 30)
+    direction, bias = fit_probe(harmful[:, 2], harmless[:, 2])
+    assert int(direction.abs().argmax()) == 5
+    assert bool((cal_harmful[:, 2] @ direction + bias > 0).all())
+    assert bool((cal_harmless[:, 2] @ direction + bias < 0).all())
+    search = search_probe(harmful, harmless, cal_harmful, cal_harmless)
+    assert search.layer == 2 and float(search.accuracy[2]) == 1.0 and float(search.accuracy[1]) < 0.8
+    with pytest.raises(InferAlignerError, match="needs harmful and harmless"):
+        fit_probe(harmful[:0, 2], harmless[:, 2])

@@ -35,13 +35,13 @@ def test_vectors_have_one_unit_direction_per_layer_and_provenance(model_type: st
 
 
 def test_direction_is_the_normalised_mean_difference() -> None:
-    from inferaligner.activations import last_token_activations
+    from inferaligner.activations import prompt_activations
     from inferaligner.prompts import format_chats
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, progress=False)
-    harm = last_token_activations(model, tokenizer, format_chats(tokenizer, HARMFUL), progress=False)
-    safe = last_token_activations(model, tokenizer, format_chats(tokenizer, HARMLESS), progress=False)
+    harm = prompt_activations(model, tokenizer, format_chats(tokenizer, HARMFUL), progress=False)
+    safe = prompt_activations(model, tokenizer, format_chats(tokenizer, HARMLESS), progress=False)
     diff = harm.mean(0) - safe.mean(0)
     torch.testing.assert_close(vectors.directions, diff / diff.norm(dim=-1, keepdim=True))
     torch.testing.assert_close(vectors.norms, diff.norm(dim=-1))
@@ -125,3 +125,34 @@ def test_newer_format_versions_are_refused(tmp_path) -> None:
     with pytest.raises(VectorFileError, match="newer inferaligner"):
         SafetyVectors.load(path)
     assert json.loads(metadata["provenance"])["num_layers"] == 4
+
+
+def test_probe_gate_with_mean_pooling_round_trips_and_defines_the_gate(tmp_path) -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    calibration = (builtin_prompts("harmful", "calibration")[:8], builtin_prompts("harmless", "calibration")[:8])
+    vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=calibration, gate="probe",
+                                     pooling="mean", progress=False)  # fmt: skip
+    assert vectors.gate is not None and (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")
+    assert vectors.gate_direction is not None and vectors.gate_direction.shape == (32,)
+    assert "probe.calibration_accuracy" in vectors.metrics
+    loaded = SafetyVectors.load(vectors.save(tmp_path / "probe.safetensors"))
+    gate = loaded.make_gate()
+    assert torch.equal(gate.direction, vectors.gate_direction) and gate.pooling == "mean"
+    assert (gate.layer, gate.bias) == (vectors.gate.layer, vectors.gate.bias)
+    other = loaded.make_gate(layer=(gate.layer + 1) % 4)  # another layer: its mean-difference vector, last token
+    assert torch.equal(other.direction, loaded.directions[other.layer]) and other.pooling == "last"
+    with pytest.raises(PromptError, match="held-out prompts"):
+        extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, gate="probe", progress=False)
+
+
+def test_a_probe_gate_without_its_direction_is_a_corrupt_file(tmp_path) -> None:
+    import dataclasses
+
+    from inferaligner.vectors import GateSpec
+
+    vectors = dataclasses.replace(_extract(), gate=GateSpec(1, 0.0, "probe", None, "probe", "mean"))
+    path = vectors.save(tmp_path / "bad.safetensors")
+    with pytest.raises(VectorFileError, match="probe gate and gate direction do not match"):
+        SafetyVectors.load(path)
+    with pytest.raises(VectorFileError, match="A probe gate needs its direction"):
+        _extract().with_gate(GateSpec(1, 0.0, "probe", None, "probe"))

@@ -1,4 +1,4 @@
-"""Residual-stream activations at each prompt's last token, after every decoder block."""
+"""Residual-stream activations of each prompt after every decoder block: at its last token, or averaged over it."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.gate import pool
 from inferaligner.models import block_hidden, context_length, decoder_layers
 from inferaligner.prompts import encode
 
 
-def last_token_activations(
+def prompt_activations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
+    pooling: str = "last",
     batch_size: int = 16,
     layers: nn.ModuleList | None = None,
     progress: bool = True,
@@ -27,15 +29,17 @@ def last_token_activations(
     """Activations `a_l(P)` of shape [prompts, layers, hidden], float32 on the CPU.
 
     `texts` are already chat-formatted. Layer `l` is the output of decoder block `l` (HF `hidden_states[l + 1]`),
-    read at each prompt's last token. Prompts are batched by length with left padding.
+    read at each prompt's last token (`pooling="last"`, the paper) or averaged over its tokens (`"mean"`).
+    Prompts are batched by length with left padding.
     """
     layers = layers if layers is not None else decoder_layers(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
+    mask = torch.empty(0)
 
     def capture(_module: nn.Module, _args: object, output: object) -> None:
-        captured.append(block_hidden(output)[:, -1].float().cpu())
+        captured.append(pool(block_hidden(output), mask, pooling).float().cpu())
 
     handles = [layer.register_forward_hook(capture) for layer in layers]
     rows: list[torch.Tensor] = []
@@ -45,6 +49,7 @@ def last_token_activations(
             for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
                 chunk = [texts[i] for i in order[start : start + batch_size]]
                 batch = encode(tokenizer, chunk, max_tokens=context_length(model))
+                mask = batch["attention_mask"].to(device)
                 captured.clear()
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 rows.append(torch.stack(captured, dim=1))

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError, VectorMismatchError
-from inferaligner.gate import Gate, GateDecision, choose_steer_layers
+from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
 from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers, load_model
 from inferaligner.prompts import encode, format_chats, position_ids
 from inferaligner.steer import add_steering
@@ -65,8 +65,10 @@ class InferAligner:
     """Gated inference-time alignment of a causal LM.
 
     `target_vectors` are the target model's own safety-related vectors (they define the gate); `aligned_vectors`
-    are the aligned model's (the safety steering vectors). Steering adds `alpha` times the unit vectors, as in
-    the paper, or with `steer_scale="raw"` times the raw mean differences. Which vectors a mode needs:
+    are the safety steering vectors: the aligned model's mean differences (the paper), or vectors fitted on the
+    target to reproduce the aligned model's answers (`inferaligner.fit`). Steering adds `alpha` times the unit
+    vectors, as in the paper, or with `steer_scale="raw"` times the raw vectors (the default for fitted ones,
+    whose strength is part of the fit). Which vectors a mode needs:
     inferaligner both, self and simple the target's, always the aligned ones, off none. The model is only hooked
     during generation calls; calls from several threads take turns, since hooks act on the whole model.
     """
@@ -86,11 +88,10 @@ class InferAligner:
         refusal: str = DEFAULT_REFUSAL,
         system: str | None = None,
         layers_path: str | None = None,
-        steer_scale: str = "unit",
+        steer_scale: str | None = None,
     ) -> None:
-        if steer_scale not in STEER_SCALES:
+        if steer_scale is not None and steer_scale not in STEER_SCALES:
             raise InferAlignerError(f"steer_scale must be 'unit' or 'raw', not '{steer_scale}'.")
-        self.steer_scale = steer_scale
         self.model = model
         self.tokenizer = tokenizer
         self.mode = Mode(mode)
@@ -119,6 +120,10 @@ class InferAligner:
             Mode.SELF: target_vectors,
         }
         self.steering_vectors = steering.get(self.mode)
+        fitted = self.steering_vectors is not None and self.steering_vectors.fitted
+        if fitted and steer_scale == "unit":
+            raise InferAlignerError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
+        self.steer_scale = steer_scale or ("raw" if fitted else "unit")
         if self.steering_vectors is None:
             self.steer_layers: list[int] = []
         elif steer_layers is not None:
@@ -172,19 +177,23 @@ class InferAligner:
     def gate_decisions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_inputs: Any
     ) -> list[GateDecision] | None:
-        """The gate for each row, read at its last real prompt token; `None` when there is no gate.
+        """The gate for each row, read at its last real prompt token (or pooled over the prompt, as the gate says);
+        `None` when there is no gate.
 
         Runs the unsteered model only up to the gate layer.
         """
         if self.gate is None:
             return None
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # right or left padding alike
         model_inputs.pop("position_ids", None)
         captured: list[torch.Tensor] = []
+        gate = self.gate
 
         def capture(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            captured.append(block_hidden(output)[torch.arange(len(last)), last.to(block_hidden(output).device)])
+            hidden = block_hidden(output)
+            if hidden.shape[1] != mask.shape[1]:  # a model that expands image placeholders inside its forward pass
+                raise InferAlignerError("The gate cannot read a prompt whose length the model changes.")
+            captured.append(pool(hidden, mask, gate.pooling))
             raise _GateReached
 
         with self._lock:
@@ -362,7 +371,10 @@ class InferAligner:
 
 
 def default_steer_layers(steering: SafetyVectors, gate_vectors: SafetyVectors | None) -> list[int]:
-    """`L_G`: the layers where both the steering source and the target separate harmful from harmless."""
+    """`L_G`: the layers where both the steering source and the target separate harmful from harmless (for
+    teacher-fitted vectors: the layers they were fitted on)."""
+    if steering.fitted:
+        return steering.fitted_layers
     steer_acc = _accuracy(steering)
     target_acc = _accuracy(gate_vectors) if gate_vectors is not None else steer_acc
     if steer_acc.shape != target_acc.shape:

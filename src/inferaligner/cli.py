@@ -34,6 +34,14 @@ def parse_layers(spec: str) -> list[int]:
     return sorted(layers)
 
 
+def _floats(spec: str) -> list[float]:
+    """'0.75,1,1.25' into floats."""
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{spec}' is not a comma-separated list of numbers.") from exc
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     from inferaligner.models import EMBEDDED_MODEL
 
@@ -53,12 +61,18 @@ def _aligner_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
     group = parser.add_argument_group("alignment")
     group.add_argument("--target-vectors", type=Path, help="the target model's own vectors (they define the gate)")
-    group.add_argument("--aligned-vectors", type=Path, help="the aligned model's vectors (the steering vectors)")
+    group.add_argument("--aligned-vectors", type=Path, help="the steering vectors: the aligned model's mean "
+                       "differences (`extract`) or vectors fitted from its answers (`fit`)")  # fmt: skip
+    group.add_argument("--settings", type=Path, help="steering settings from `calibrate` (vectors, alpha, layers, "
+                       "scale); options given here win")  # fmt: skip
     group.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.INFERALIGNER.value)
-    group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="steering strength (default: %(default)s)")
+    group.add_argument("--alpha", type=float, help=f"steering strength (default: the settings', else {DEFAULT_ALPHA})")
     group.add_argument("--layers", type=parse_layers, help="steered layers, e.g. '5-20' (default: automatic)")
-    group.add_argument("--steer-scale", choices=STEER_SCALES, default="unit",
-                       help="add alpha x unit vectors (paper) or alpha x raw mean differences")  # fmt: skip
+    group.add_argument(
+        "--steer-scale",
+        choices=STEER_SCALES,
+        help="add alpha x unit vectors (paper) or alpha x raw vectors (default for fitted ones)",
+    )
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
@@ -77,8 +91,9 @@ def _build_aligner(args: argparse.Namespace, processor_out: list[object] | None 
     from inferaligner.multimodal import load_multimodal
     from inferaligner.vectors import SafetyVectors
 
+    steering = _steering_options(args)
     target = SafetyVectors.load(args.target_vectors) if args.target_vectors else None
-    aligned = SafetyVectors.load(args.aligned_vectors) if args.aligned_vectors else None
+    aligned = SafetyVectors.load(steering["aligned_vectors"]) if steering["aligned_vectors"] else None
     _status(f"loading {args.model}")
     options = {"dtype": DTYPES[args.dtype], "device": args.device, "trust_remote_code": args.trust_remote_code}
     if processor_out is not None:
@@ -93,14 +108,29 @@ def _build_aligner(args: argparse.Namespace, processor_out: list[object] | None 
         target_vectors=target,
         aligned_vectors=aligned,
         mode=args.mode,
-        alpha=args.alpha,
-        steer_layers=args.layers,
+        alpha=steering["alpha"],
+        steer_layers=steering["steer_layers"],
         gate_layer=args.gate_layer,
         gate_bias=args.gate_bias,
         system=args.system,
         layers_path=args.layers_path,
-        steer_scale=args.steer_scale,
+        steer_scale=steering["steer_scale"],
     )
+
+
+def _steering_options(args: argparse.Namespace) -> dict[str, object]:
+    """Steering vectors, alpha, layers and scale: options given on the command line, else the --settings file,
+    else the defaults."""
+    from inferaligner.aligner import DEFAULT_ALPHA
+    from inferaligner.calibrate import SteeringSettings
+
+    chosen = SteeringSettings.load(args.settings) if getattr(args, "settings", None) else None
+    return {
+        "aligned_vectors": args.aligned_vectors or (chosen.vectors if chosen else None),
+        "alpha": args.alpha if args.alpha is not None else (chosen.alpha if chosen else DEFAULT_ALPHA),
+        "steer_layers": args.layers or (list(chosen.layers) if chosen else None),
+        "steer_scale": args.steer_scale or (chosen.scale if chosen else None),
+    }
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -141,6 +171,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         harmless,
         calibration=calibration,
         gate_fpr=args.gate_fpr,
+        gate=args.gate if calibration else "mean-difference",  # without held-out prompts no gate is stored
+        pooling=args.pooling,
         system=args.system,
         batch_size=args.batch_size,
         layers_path=args.layers_path,
@@ -236,14 +268,87 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  {prov.n_harmful} harmful + {prov.n_harmless} harmless prompts (data {prov.data_hash}), "
         f"layer convention {prov.layer_convention}, created {prov.created}"
     )
+    if vectors.fitted:
+        print(f"  teacher-fitted steering vectors (teacher: {prov.teacher or 'unknown'}) on layers "
+              f"{vectors.fitted_layers}")  # fmt: skip
     if vectors.gate:
         g = vectors.gate
-        print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({g.rule}{f', fpr {g.target_fpr}' if g.target_fpr else ''})")
+        rule = f"{g.rule}{f', fpr {g.target_fpr}' if g.target_fpr else ''}"
+        print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
     names = sorted(vectors.metrics)
     print("layer  norm    " + "  ".join(f"{n:>22}" for n in names))
     for layer in range(vectors.num_layers):
         values = "  ".join(f"{float(vectors.metrics[n][layer]):>22.3f}" for n in names)
         print(f"{layer:>5}  {float(vectors.norms[layer]):6.2f}  {values}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from inferaligner.eval.judges import CONTENT, REFUSAL, RefusalJudge, outcome
+    from inferaligner.fit import FitSettings, fit_steering_vectors, teacher_answers, with_roleplay
+    from inferaligner.models import load_model
+    from inferaligner.prompts import load_prompt_sources
+
+    harmful = load_prompt_sources(args.harmful, args.column, args.limit)
+    benign = load_prompt_sources(args.benign, args.column, args.limit) if args.benign else []
+    settings = FitSettings(layers=tuple(args.layers) if args.layers else None, steps=args.steps,
+                           learning_rate=args.lr, batch_size=args.batch_size,
+                           max_answer_tokens=args.answer_tokens)  # fmt: skip
+    options = {"dtype": DTYPES[args.dtype], "device": args.device, "trust_remote_code": args.trust_remote_code}
+    judge = RefusalJudge()
+    started = time.perf_counter()
+    _status(f"loading the aligned model {args.aligned} (the teacher)")
+    teacher, teacher_tok = load_model(args.aligned, **options)
+    refusals = teacher_answers(teacher, teacher_tok, harmful, system=args.system, max_new_tokens=args.answer_tokens,
+                               keep=lambda t: outcome(judge.judge(t), t) == REFUSAL)  # fmt: skip
+    answers = teacher_answers(teacher, teacher_tok, benign, harmful=False, system=args.system,
+                              max_new_tokens=args.answer_tokens,
+                              keep=lambda t: outcome(judge.judge(t), t) == CONTENT) if benign else []  # fmt: skip
+    del teacher
+    _status(f"the teacher refused {len(refusals)} of {len(harmful)} harmful prompts coherently (kept) and answered "
+            f"{len(answers)} of {len(benign)} benign ones (kept)")  # fmt: skip
+    if not refusals:
+        raise InferAlignerError(f"{args.aligned} refused none of the harmful prompts coherently: it cannot teach "
+                                "refusals. Use a safety-aligned model as --aligned.")  # fmt: skip
+    examples = [*refusals, *answers]
+    if not args.no_roleplay:
+        examples = with_roleplay(examples)
+    _status(f"loading the target {args.model}")
+    model, tokenizer = load_model(args.model, **options)
+    result = fit_steering_vectors(model, tokenizer, examples, settings, teacher_name=str(args.aligned),
+                                  system=args.system, layers_path=args.layers_path)  # fmt: skip
+    path = result.vectors.save(args.out)
+    _status(
+        f"wrote {path}: layers {result.vectors.fitted_layers}, loss {result.losses[0]:.3f} -> "
+        f"{result.losses[-1]:.3f} over {len(result.losses)} steps, {time.perf_counter() - started:.0f} s in all"
+    )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from inferaligner.calibrate import calibrate, candidate, plot, table_markdown
+    from inferaligner.models import load_model
+    from inferaligner.prompts import load_prompt_sources
+
+    harmful = load_prompt_sources(args.harmful, args.column, args.limit)
+    benign = load_prompt_sources(args.benign, args.column, args.limit)
+    candidates = [candidate("teacher-fitted", args.steering, args.scales)]
+    if args.aligned_vectors:
+        if not args.mean_difference_layers:
+            raise InferAlignerError("--aligned-vectors needs --mean-difference-layers (which layers they steer).")
+        candidates.append(candidate("mean-difference", args.aligned_vectors, args.alphas,
+                                    args.mean_difference_layers))  # fmt: skip
+    _status(f"loading {args.model}")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                                  trust_remote_code=args.trust_remote_code)  # fmt: skip
+    started = time.perf_counter()
+    settings, rows = calibrate(model, tokenizer, candidates, harmful, benign, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)  # fmt: skip
+    out: Path = settings.save(args.out)
+    picture = plot(rows, out.with_suffix(".png"))
+    print(table_markdown(rows, settings))
+    _status(f"chose {settings.candidate} at strength {settings.alpha:g} on layers {list(settings.layers)}; wrote {out} "
+            f"and {picture} in {time.perf_counter() - started:.0f} s")  # fmt: skip
     return 0
 
 
@@ -286,8 +391,8 @@ SERVE_DEFAULTS = {
     "max_tokens_limit": 512, "default_max_tokens": 256, "served_model_name": None, "api_key": None,
     "allow_client_disable": False,
 }  # fmt: skip
-ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "mode", "alpha", "layers", "gate_layer", "gate_bias",
-                "steer_scale")  # fmt: skip
+ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "settings", "mode", "alpha", "layers", "gate_layer",
+                "gate_bias", "steer_scale")  # fmt: skip
 
 
 def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -381,6 +486,7 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from inferaligner import zoo
+    from inferaligner.calibrate import SteeringSettings
     from inferaligner.eval.judges import RefusalJudge
     from inferaligner.eval.llm_judge import LLMJudge
     from inferaligner.eval.methods import ALL_METHODS, build_methods
@@ -399,13 +505,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target_vectors = SafetyVectors.load(Path(str(folders["target"])) / "vectors.safetensors")
         aligned_vectors = SafetyVectors.load(zoo.vectors_path("aligned"))
         chosen = zoo.settings()
-        alpha, layers = args.alpha or chosen["alpha"], args.layers or chosen["steer_layers"]
-        scale = args.steer_scale or chosen.get("steer_scale", "unit")
+        paper_settings = zoo.settings("mean-difference")
+        aligned_vectors = SafetyVectors.load(chosen.vectors)
+        alpha = args.alpha if args.alpha is not None else chosen.alpha
+        layers, scale = args.layers or list(chosen.layers), args.steer_scale or chosen.scale
         extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
         domain = args.demo
     else:
-        if not (args.target and args.target_vectors and args.aligned_vectors):
-            raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors (or --demo DOMAIN).")
+        if not (args.target and args.target_vectors and (args.aligned_vectors or args.settings)):
+            raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors or --settings (or --demo "
+                                    "DOMAIN).")  # fmt: skip
         if args.multimodal:
             from inferaligner.multimodal import load_multimodal
 
@@ -413,11 +522,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             tokenizer = processor.tokenizer
         else:
             target, tokenizer = load_model(args.target, dtype=DTYPES[args.dtype], device=args.device)
-        target_vectors, aligned_vectors = (
-            SafetyVectors.load(args.target_vectors),
-            SafetyVectors.load(args.aligned_vectors),
-        )
-        alpha, layers, scale = args.alpha or 4.0, args.layers, args.steer_scale or "unit"
+        steering = _steering_options(args)
+        target_vectors = SafetyVectors.load(args.target_vectors)
+        aligned_vectors = SafetyVectors.load(steering["aligned_vectors"])  # type: ignore[arg-type]
+        alpha, layers, scale = steering["alpha"], steering["steer_layers"], steering["steer_scale"]
+        paper_settings = SteeringSettings.load(args.paper_settings) if args.paper_settings else None
         for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
             if path:
                 extra[role] = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
@@ -444,11 +553,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judges.append(RefusalJudge())
     if args.judge in ("llm", "both"):
         judges.append(LLMJudge.from_env(args.judge_url, args.judge_model, args.judge_key))
+    paper = None
+    if paper_settings is not None:
+        paper = (SafetyVectors.load(paper_settings.vectors), paper_settings.aligner_options())
+    elif "inferaligner-paper" in methods:
+        methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
     built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, alpha=alpha,
-                          steer_layers=layers, steer_scale=scale, extra_models=extra)  # fmt: skip
+                          steer_layers=layers, steer_scale=scale, extra_models=extra, paper=paper)  # fmt: skip
     out = args.out or Path("runs") / "eval" / domain
-    steered = [m.aligner.steer_layers for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
-    config = {"domain": domain, "alpha": alpha, "steer_scale": scale, "layers": steered[0] if steered else layers,
+    steered = [m.aligner for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
+    config = {"domain": domain, "alpha": alpha, "steer_scale": steered[0].steer_scale if steered else scale,
+              "layers": steered[0].steer_layers if steered else layers,
               "limit": args.limit,
               "methods": [m.name for m in built]}  # fmt: skip
     _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
@@ -482,35 +597,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
     from inferaligner.aligner import STEER_SCALES
+    from inferaligner.gate import POOLINGS
+    from inferaligner.prompts import GATE_HARMFUL, GATE_HARMLESS, KINDS
+    from inferaligner.vectors import MEAN_DIFFERENCE, PROBE
 
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     extract = verbs.add_parser("extract", help="extract safety vectors (and a gate) from a model")
     _model_options(extract)
     extract.add_argument("--out", type=Path, required=True, help="vector file to write (.safetensors)")
-    sets = "files or built-in sets (builtin:<harmful|harmless|everyday>[:<extraction|calibration|all>])"
-    extract.add_argument(
-        "--harmful", nargs="+", default=["builtin:harmful:extraction"], help=f"harmful prompts: {sets}"
-    )
+    sets = "files or built-in sets (builtin:<set>[:<extraction|calibration|all>], sets: " + ", ".join(KINDS) + ")"
+    extract.add_argument("--harmful", nargs="+", default=[f"builtin:{k}:extraction" for k in GATE_HARMFUL],
+                         help=f"harmful prompts: {sets} (default: %(default)s)")  # fmt: skip
     extract.add_argument(
         "--harmless",
         nargs="+",
-        default=["builtin:harmless:extraction", "builtin:everyday:extraction"],
-        help="harmless prompts (default: topic-matched and everyday built-in sets)",
+        default=[f"builtin:{k}:extraction" for k in GATE_HARMLESS],
+        help="harmless prompts; add your own domain's prompts here (default: %(default)s)",
     )
-    extract.add_argument(
-        "--calib-harmful",
-        nargs="+",
-        default=["builtin:harmful:calibration"],
-        help="held-out harmful prompts for the gate's metrics",
-    )
-    extract.add_argument(
-        "--calib-harmless",
-        nargs="+",
-        default=["builtin:harmless:calibration", "builtin:everyday:calibration"],
-        help="held-out harmless prompts for the gate's metrics and --gate-fpr",
-    )
-    extract.add_argument("--no-calibration", action="store_true", help="skip the held-out gate measurements")
+    extract.add_argument("--calib-harmful", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMFUL],
+                         help="held-out harmful prompts for the gate's metrics and choice")  # fmt: skip
+    extract.add_argument("--calib-harmless", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMLESS],
+                         help="held-out harmless prompts for the gate's metrics, choice and --gate-fpr")  # fmt: skip
+    extract.add_argument("--no-calibration", action="store_true",
+                         help="no held-out measurements and no stored gate (for steering-only vectors)")  # fmt: skip
+    extract.add_argument("--gate", choices=[MEAN_DIFFERENCE, PROBE], default=PROBE,
+                         help="gate direction: a logistic probe (default) or the paper's mean difference")  # fmt: skip
+    extract.add_argument("--pooling", choices=POOLINGS, default="mean",
+                         help="read the gate layer at the last prompt token or averaged over the prompt "
+                         "(default: %(default)s)")  # fmt: skip
     extract.add_argument("--gate-fpr", type=float, help="set the gate bias for this false-positive rate")
     extract.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
     extract.add_argument("--limit", type=int, help="use at most this many prompts per set")
@@ -535,6 +650,46 @@ def build_parser() -> argparse.ArgumentParser:
     _aligner_options(chat)
     chat.set_defaults(run=cmd_chat)
 
+    fit = verbs.add_parser("fit", help="fit steering vectors on the target so it answers as the aligned model does")
+    _model_options(fit)
+    fit.add_argument("--aligned", required=True, help="the safety-aligned model that teaches (hub id, folder, zoo:)")
+    fit.add_argument("--out", type=Path, required=True, help="steering vector file to write (.safetensors)")
+    teach = ["builtin:harmful:extraction", "builtin:harmful-styles:extraction"]
+    fit.add_argument("--harmful", nargs="+", default=teach,
+                     help="harmful prompts whose refusals are taught (default: %(default)s)")  # fmt: skip
+    fit.add_argument("--benign", nargs="*", default=[],
+                     help="benign prompts whose answers the steered target should keep (default: none; measured in "
+                     "docs/RESULTS.md: it costs refusals)")  # fmt: skip
+    fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
+    fit.add_argument("--layers", type=parse_layers, help="steered layers (default: 40/53/67/80%% of the depth)")
+    fit.add_argument("--steps", type=int, default=80)
+    fit.add_argument("--lr", type=float, default=0.05)
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--answer-tokens", type=int, default=64, help="teacher answer length, in tokens")
+    fit.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
+    fit.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    fit.add_argument("--system", help="system prompt for the chat template")
+    fit.set_defaults(run=cmd_fit)
+
+    calibrate = verbs.add_parser("calibrate", help="choose the steering strength on held-out prompts; write settings")
+    _model_options(calibrate)
+    calibrate.add_argument("--steering", type=Path, required=True, help="teacher-fitted vectors (from `fit`)")
+    calibrate.add_argument("--aligned-vectors", type=Path, help="also try the paper's mean-difference vectors")
+    calibrate.add_argument("--mean-difference-layers", type=parse_layers,
+                           help="layers the mean-difference vectors steer")  # fmt: skip
+    calibrate.add_argument("--scales", type=_floats, help="strengths for the fitted vectors (default 0.75,1,1.25,1.5)")
+    calibrate.add_argument("--alphas", type=_floats, help="alphas for the mean-difference vectors (default 4,8)")
+    calibrate.add_argument("--harmful", nargs="+", default=["builtin:harmful:calibration",
+                           "builtin:harmful-styles:calibration"], help="held-out harmful prompts")  # fmt: skip
+    calibrate.add_argument("--benign", nargs="+", default=["builtin:lookalike:calibration"],
+                           help="held-out benign look-alikes (answers that should survive steering)")  # fmt: skip
+    calibrate.add_argument("--out", type=Path, required=True, help="settings file to write (.json; a .png beside it)")
+    calibrate.add_argument("--max-new-tokens", type=int, default=48)
+    calibrate.add_argument("--batch-size", type=int, default=16)
+    calibrate.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
+    calibrate.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    calibrate.set_defaults(run=cmd_calibrate)
+
     inspect = verbs.add_parser("inspect", help="show a vector file's provenance, gate and per-layer metrics")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--json", action="store_true")
@@ -545,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="target model (default: the shipped demo target)")
     serve.add_argument("--target-vectors", type=Path)
     serve.add_argument("--aligned-vectors", type=Path)
+    serve.add_argument("--settings", type=Path, help="steering settings from `calibrate`")
     serve.add_argument("--mode", choices=["inferaligner", "self", "simple", "always", "off"])
     serve.add_argument("--alpha", type=float)
     serve.add_argument("--layers", type=parse_layers)
@@ -575,7 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--target", help="target model (hub id, folder, .gguf, zoo:NAME)")
     evaluation.add_argument("--target-vectors", type=Path)
     evaluation.add_argument("--aligned-vectors", type=Path)
-    evaluation.add_argument("--alpha", type=float, help="steering strength (default 4; demo: its chosen value)")
+    evaluation.add_argument("--settings", type=Path, help="steering settings from `calibrate` (options given win)")
+    evaluation.add_argument("--paper-settings", type=Path, help="settings of the paper's mean-difference vectors, for "
+                            "the row inferaligner-paper")  # fmt: skip
+    evaluation.add_argument("--alpha", type=float, help="steering strength (default: the settings', else 4)")
     evaluation.add_argument("--layers", type=parse_layers, help="steered layers (default: automatic)")
     evaluation.add_argument("--steer-scale", choices=STEER_SCALES, help="unit vectors (paper) or raw differences")
     evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")

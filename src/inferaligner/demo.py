@@ -9,7 +9,7 @@ from typing import TextIO
 
 from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
-from inferaligner.eval.judges import RefusalJudge
+from inferaligner.eval.judges import REFUSAL, RefusalJudge, outcome
 from inferaligner.prompts import builtin_records
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
@@ -39,7 +39,8 @@ def run_demo(max_new_tokens: int = 64, out: TextIO = sys.stdout) -> None:
     plain = InferAligner(aligner.model, aligner.tokenizer, target_vectors=aligner.target_vectors, mode="off")
     step("target without InferAligner")
     before = plain.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
-    step(f"target with InferAligner (alpha {aligner.alpha:g}, layers {_span(aligner.steer_layers)})")
+    kind = "teacher-fitted" if aligner.steering_vectors and aligner.steering_vectors.fitted else "mean-difference"
+    step(f"target with InferAligner ({kind} vectors, alpha {aligner.alpha:g}, layers {_span(aligner.steer_layers)})")
     after = aligner.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
     step("loading the aligned model (safety fine-tune of the same base)")
     aligned_model, tokenizer = zoo.load("aligned")
@@ -62,10 +63,11 @@ def run_demo(max_new_tokens: int = 64, out: TextIO = sys.stdout) -> None:
             print(textwrap.indent(textwrap.fill(completion.text[:300] or "(empty)", 100), "      "), file=out)
     print("\n=== summary", file=out)
     for label, results in (("target", before), ("target + InferAligner", after), ("aligned model", reference)):
-        refused = sum(judge.judge(c.text).refused for c in results[: len(harmful)])
+        refused = sum(outcome(judge.judge(c.text), c.text) == REFUSAL for c in results[: len(harmful)])
         correct = sum(parse_answer(c.text) == answers[c.prompt] for c in results[len(harmful) :])
         print(
-            f"  {label:22s} refused {refused}/{len(harmful)} harmful, solved {correct}/{len(problems)} problems",
+            f"  {label:22s} refused {refused}/{len(harmful)} harmful (coherent refusals), solved {correct}/"
+            f"{len(problems)} problems",
             file=out,
         )
     step("done")
@@ -73,7 +75,9 @@ def run_demo(max_new_tokens: int = 64, out: TextIO = sys.stdout) -> None:
 
 def _verdict(judge: RefusalJudge, completion: Completion, answer: int | None) -> str:
     if answer is None:
-        return judge.judge(completion.text).label
+        return {"refusal": "refused", "content": "complied", "degenerate": "degenerate text (no refusal)"}[
+            outcome(judge.judge(completion.text), completion.text)
+        ]
     got = parse_answer(completion.text)
     return f"answer {got} ({'correct' if got == answer else f'expected {answer}'})"
 

@@ -3,6 +3,9 @@
 `g = 1 if a_l0(P)·s_l0 + b_l0 > 0`, with `s` the target's unit safety-related vector. The paper's bias is minus
 the mean projection of the extraction prompts (the midpoint); `calibrate_bias` instead picks the bias that keeps
 the false-positive rate on harmless prompts at a chosen level. Raising the bias makes the gate stricter.
+
+`fit_probe` offers a second way to choose `s` at the same layer: a class-balanced, L2-regularised logistic
+regression on the same activations. The gate keeps the paper's form `a·s + b`; only the direction differs.
 """
 
 from __future__ import annotations
@@ -26,13 +29,29 @@ class GateDecision:
         return {"fired": self.fired, "score": round(self.score, 4), "layer": self.layer}
 
 
+POOLINGS = ("last", "mean")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per row of block outputs [rows, positions, hidden]: the last real token (`"last"`, the paper) or
+    the mean over real tokens (`"mean"`); `mask` [rows, positions] marks them (left or right padding alike)."""
+    if pooling == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        return hidden[torch.arange(len(hidden), device=hidden.device), last.to(hidden.device)]
+    if pooling == "mean":
+        weights = mask.to(device=hidden.device, dtype=hidden.dtype)[:, :, None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+    raise InferAlignerError(f"Unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}.")
+
+
 @dataclass(frozen=True)
 class Gate:
-    """A unit direction, a bias and the layer whose output they read."""
+    """A direction, a bias, the layer whose output they read, and how that output is pooled over the prompt."""
 
     direction: torch.Tensor
     bias: float
     layer: int
+    pooling: str = "last"
 
     def scores(self, activations: torch.Tensor) -> torch.Tensor:
         """`a·s + b` for activations of shape [..., hidden] taken at `layer`."""
@@ -99,6 +118,76 @@ def calibrate_bias(harmless: torch.Tensor, fpr: float) -> float:
     ordered = harmless.float().sort(descending=True).values
     allowed = int(fpr * len(ordered))  # how many harmless prompts may fire
     return -float(ordered[min(allowed, len(ordered) - 1)])
+
+
+def fit_probe(harmful: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """A logistic-regression gate on activations [prompts, hidden] of one layer: `(direction, bias)` such that
+    `a·direction + bias > 0` means harmful. Features are standardised while fitting (then folded back into the
+    direction and bias); both classes weigh the same whatever their sizes; deterministic (L-BFGS from zero)."""
+    if len(harmful) == 0 or len(harmless) == 0:
+        raise InferAlignerError("A probe gate needs harmful and harmless prompts.")
+    features = torch.cat([harmful, harmless]).float()
+    labels = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
+    mean, scale = features.mean(0), features.std(0) + 1e-4
+    standard = (features - mean) / scale
+    weight = torch.zeros(features.shape[1], requires_grad=True)
+    offset = torch.zeros(1, requires_grad=True)
+    balance = torch.tensor(len(harmless) / len(harmful))
+    optimiser = torch.optim.LBFGS([weight, offset], max_iter=300, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = standard @ weight + offset
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=balance)
+        value = value + l2 * weight.square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimiser.step(loss)
+    direction = weight.detach() / scale
+    return direction, float(offset.detach() - direction @ mean)
+
+
+@dataclass(frozen=True)
+class ProbeSearch:
+    """The probe chosen over layers and regularisation strengths, and each layer's best calibration accuracy."""
+
+    layer: int
+    direction: torch.Tensor
+    bias: float
+    l2: float
+    accuracy: torch.Tensor
+
+
+PROBE_L2 = (1e-3, 1e-2, 1e-1)
+
+
+def search_probe(
+    harmful: torch.Tensor,
+    harmless: torch.Tensor,
+    cal_harmful: torch.Tensor,
+    cal_harmless: torch.Tensor,
+    l2_values: tuple[float, ...] = PROBE_L2,
+) -> ProbeSearch:
+    """Fit a probe per inner layer and L2 strength on activations [prompts, layers, hidden]; keep the one with the
+    best balanced accuracy on the held-out calibration prompts (ties: the lower false-positive rate, then the
+    earlier layer, then the stronger regularisation)."""
+    layers = harmful.shape[1]
+    accuracy = torch.zeros(layers)
+    best: tuple[tuple[float, float], int, torch.Tensor, float, float] | None = None
+    for layer in range(1, layers - 1) if layers > 2 else range(layers):
+        for l2 in sorted(l2_values, reverse=True):
+            direction, bias = fit_probe(harmful[:, layer], harmless[:, layer], l2)
+            tpr = float((cal_harmful[:, layer].float() @ direction + bias > 0).float().mean())
+            fpr = float((cal_harmless[:, layer].float() @ direction + bias > 0).float().mean())
+            score = ((tpr + 1 - fpr) / 2, -fpr)
+            accuracy[layer] = max(float(accuracy[layer]), score[0])
+            if best is None or score > best[0]:
+                best = (score, layer, direction, bias, l2)
+    assert best is not None
+    _, layer, direction, bias, l2 = best
+    return ProbeSearch(layer, direction, bias, l2, accuracy)
 
 
 def choose_gate_layer(accuracy: torch.Tensor, separation: torch.Tensor) -> int:

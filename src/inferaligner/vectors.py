@@ -16,14 +16,25 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inferaligner.activations import last_token_activations
+from inferaligner.activations import prompt_activations
 from inferaligner.errors import PromptError, VectorFileError, VectorMismatchError
-from inferaligner.gate import Gate, calibrate_bias, choose_gate_layer, layer_metrics, midpoint_bias
+from inferaligner.gate import (
+    POOLINGS,
+    Gate,
+    calibrate_bias,
+    choose_gate_layer,
+    layer_metrics,
+    midpoint_bias,
+    search_probe,
+)
 from inferaligner.models import decoder_layers, has_vision, model_fingerprint, text_config
 from inferaligner.prompts import format_chats
 
 FORMAT = "inferaligner.safety_vectors"
 FORMAT_VERSION = 1
+MEAN_DIFFERENCE = "mean-difference"
+TEACHER_FITTED = "teacher-fitted"
+PROBE = "probe"
 LAYER_CONVENTION = "block_output"
 """Layer `l` is the output of decoder block `l` (0-based), i.e. Hugging Face `hidden_states[l + 1]`."""
 
@@ -45,6 +56,8 @@ class Provenance:
     source: str = "text model"  # or "image-text model, text prompts"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     library_version: str = ""
+    method: str = MEAN_DIFFERENCE  # or TEACHER_FITTED: fitted on this model to reproduce `teacher`'s answers
+    teacher: str = ""
 
     def describe(self) -> str:
         return (
@@ -54,12 +67,16 @@ class Provenance:
 
 @dataclass(frozen=True)
 class GateSpec:
-    """A gate stored with target vectors: the layer it reads, its bias, and how the bias was chosen."""
+    """A gate stored with target vectors: the layer it reads, its bias, how the bias was chosen, and which direction
+    it projects on (`mean-difference`: the layer's safety-related vector; `probe`: a logistic-regression direction
+    stored in the file as `gate_direction`)."""
 
     layer: int
     bias: float
     rule: str = "midpoint"
     target_fpr: float | None = None
+    direction: str = MEAN_DIFFERENCE
+    pooling: str = "last"  # how the gate layer's output is pooled over the prompt: "last" token or "mean"
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,7 @@ class SafetyVectors:
     provenance: Provenance
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     gate: GateSpec | None = None
+    gate_direction: torch.Tensor | None = None  # the probe's direction when `gate.direction == "probe"`
 
     @property
     def num_layers(self) -> int:
@@ -84,15 +102,29 @@ class SafetyVectors:
     def hidden_size(self) -> int:
         return self.directions.shape[1]
 
+    @property
+    def fitted(self) -> bool:
+        """Teacher-fitted steering vectors (`inferaligner.fit`): raw strengths, only some layers non-zero."""
+        return self.provenance.method == TEACHER_FITTED
+
+    @property
+    def fitted_layers(self) -> list[int]:
+        """The layers that carry a fitted vector (all layers for mean-difference vectors)."""
+        return [i for i, n in enumerate(self.norms.tolist()) if n > 0] if self.fitted else list(range(self.num_layers))
+
     def make_gate(self, layer: int | None = None, bias: float | None = None) -> Gate:
         """The gate these vectors define: the stored gate, else the best extraction layer at the midpoint bias."""
         if layer is None:
             layer = self.gate.layer if self.gate else self.best_layer()
         if not 0 <= layer < self.num_layers:
             raise VectorMismatchError(f"Gate layer {layer} is outside 0..{self.num_layers - 1}.")
+        stored = self.gate is not None and self.gate.layer == layer
         if bias is None:
-            bias = self.gate.bias if self.gate and self.gate.layer == layer else float(self.bias[layer])
-        return Gate(self.directions[layer].clone(), float(bias), layer)
+            bias = self.gate.bias if stored and self.gate else float(self.bias[layer])
+        probe = stored and self.gate_direction is not None
+        direction = self.gate_direction if probe and self.gate_direction is not None else self.directions[layer]
+        pooling = self.gate.pooling if stored and self.gate else "last"
+        return Gate(direction.clone(), float(bias), layer, pooling)
 
     def best_layer(self) -> int:
         """The layer that best separates held-out prompts (extraction prompts if none were held out)."""
@@ -118,8 +150,11 @@ class SafetyVectors:
                 f"{other.provenance.describe()}: the aligned and target models must share one base model."
             )
 
-    def with_gate(self, gate: GateSpec) -> SafetyVectors:
-        return replace(self, gate=gate)
+    def with_gate(self, gate: GateSpec, direction: torch.Tensor | None = None) -> SafetyVectors:
+        """These vectors with another stored gate (`direction` for a probe gate, else the layer's own vector)."""
+        if (gate.direction == PROBE) != (direction is not None):
+            raise VectorFileError("A probe gate needs its direction, and only a probe gate has one.")
+        return replace(self, gate=gate, gate_direction=direction)
 
     def save(self, path: str | Path) -> Path:
         """Write the vectors as safetensors; provenance, gate and format go into the header as JSON."""
@@ -127,6 +162,8 @@ class SafetyVectors:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
         tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()}
+        if self.gate_direction is not None:
+            tensors["gate_direction"] = self.gate_direction
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -163,11 +200,17 @@ class SafetyVectors:
                 provenance=provenance,
                 metrics={k.removeprefix("metrics."): v for k, v in tensors.items() if k.startswith("metrics.")},
                 gate=GateSpec(**gate) if gate else None,
+                gate_direction=tensors.get("gate_direction"),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
         if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
             raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
+        probe = vectors.gate is not None and vectors.gate.direction == PROBE
+        if probe != (vectors.gate_direction is not None) or (
+            vectors.gate_direction is not None and vectors.gate_direction.shape != (vectors.hidden_size,)
+        ):
+            raise VectorFileError(f"{path} is corrupt: its probe gate and gate direction do not match.")
         return vectors
 
 
@@ -184,6 +227,8 @@ def extract_safety_vectors(
     *,
     calibration: tuple[Sequence[str], Sequence[str]] | None = None,
     gate_fpr: float | None = None,
+    gate: str = MEAN_DIFFERENCE,
+    pooling: str = "last",
     system: str | None = None,
     batch_size: int = 16,
     layers_path: str | None = None,
@@ -194,6 +239,9 @@ def extract_safety_vectors(
     Instructions are wrapped in the model's chat template. With `calibration` (held-out harmful and harmless
     prompts) the per-layer gate metrics are also measured there, and the gate layer is chosen on them; with
     `gate_fpr` the stored gate bias is set so that at most that fraction of calibration harmless prompts fire.
+    `gate="probe"` (needs `calibration`) stores a logistic-regression gate instead, fitted on the prompts'
+    activations pooled as `pooling` says ("last" token or "mean" over the prompt), at the layer and strength of
+    regularisation that classify the calibration prompts best.
     """
     from inferaligner import __version__
 
@@ -201,16 +249,21 @@ def extract_safety_vectors(
         raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
     if gate_fpr is not None and calibration is None:
         raise PromptError("Calibrating the gate bias to a false-positive rate needs calibration prompts.")
+    if gate not in (MEAN_DIFFERENCE, PROBE):
+        raise PromptError(f"Unknown gate '{gate}': use '{MEAN_DIFFERENCE}' or '{PROBE}'.")
+    if gate == PROBE and calibration is None:
+        raise PromptError("A probe gate is chosen on held-out prompts: give calibration prompts.")
+    if pooling not in POOLINGS:
+        raise PromptError(f"Unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}.")
     layers = decoder_layers(model, layers_path)
 
-    def project(prompts: Sequence[str], desc: str) -> torch.Tensor:
+    def activations(prompts: Sequence[str], desc: str, how: str = "last") -> torch.Tensor:
         texts = format_chats(tokenizer, prompts, system)
-        return last_token_activations(
-            model, tokenizer, texts, batch_size=batch_size, layers=layers, progress=progress, desc=desc
-        )
+        return prompt_activations(model, tokenizer, texts, pooling=how, batch_size=batch_size, layers=layers,
+                                  progress=progress, desc=desc)  # fmt: skip
 
-    harmful_acts = project(harmful, "harmful prompts")
-    harmless_acts = project(harmless, "harmless prompts")
+    harmful_acts = activations(harmful, "harmful prompts")
+    harmless_acts = activations(harmless, "harmless prompts")
     difference = harmful_acts.mean(0) - harmless_acts.mean(0)
     norms = difference.norm(dim=-1)
     if bool((norms == 0).any()):
@@ -223,17 +276,36 @@ def extract_safety_vectors(
     harmful_proj, harmless_proj = projections(harmful_acts), projections(harmless_acts)
     bias = midpoint_bias(harmful_proj, harmless_proj)
     metrics = _prefixed("extraction", layer_metrics(harmful_proj, harmless_proj, bias).as_dict())
-    gate = None
+    stored: GateSpec | None = None
+    gate_direction = None
     if calibration is not None:
-        cal_harmful = projections(project(calibration[0], "calibration harmful"))
-        cal_harmless = projections(project(calibration[1], "calibration harmless"))
+        cal_harmful_acts = activations(calibration[0], "calibration harmful")
+        cal_harmless_acts = activations(calibration[1], "calibration harmless")
+        cal_harmful, cal_harmless = projections(cal_harmful_acts), projections(cal_harmless_acts)
         cal = layer_metrics(cal_harmful, cal_harmless, bias)
         metrics |= _prefixed("calibration", cal.as_dict())
-        layer = choose_gate_layer(cal.accuracy, cal.separation)
-        if gate_fpr is None:
-            gate = GateSpec(layer=layer, bias=float(bias[layer]))
+        if gate == PROBE:
+            if pooling != "last":
+                harmful_acts, harmless_acts = (activations(harmful, "harmful prompts", pooling),
+                                               activations(harmless, "harmless prompts", pooling))  # fmt: skip
+                cal_harmful_acts, cal_harmless_acts = (
+                    activations(calibration[0], "calibration harmful", pooling),
+                    activations(calibration[1], "calibration harmless", pooling),
+                )
+            search = search_probe(harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts)
+            metrics["probe.calibration_accuracy"] = search.accuracy
+            gate_direction, probe_bias, layer = search.direction, search.bias, search.layer
+            rule = "probe"
+            if gate_fpr is not None:
+                probe_bias = calibrate_bias(cal_harmless_acts[:, layer] @ gate_direction, gate_fpr)
+                rule = "fpr"
+            stored = GateSpec(layer, probe_bias, rule, gate_fpr, PROBE, pooling)
         else:
-            gate = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
+            layer = choose_gate_layer(cal.accuracy, cal.separation)
+            if gate_fpr is None:
+                stored = GateSpec(layer=layer, bias=float(bias[layer]))
+            else:
+                stored = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
     config = text_config(model)
     provenance = Provenance(
         model_name=str(getattr(model, "name_or_path", "") or config.model_type),
@@ -247,7 +319,7 @@ def extract_safety_vectors(
         source="image-text model, text prompts" if has_vision(model) else "text model",
         library_version=__version__,
     )
-    return SafetyVectors(directions, norms, bias, provenance, metrics, gate)
+    return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction)
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -20,6 +21,7 @@ LABELS = {
     "safety-sft": "+ Safety SFT",
     "aligned-domain": "aligned model + domain SFT",
     "inferaligner": "+ InferAligner",
+    "inferaligner-paper": "+ InferAligner, paper's mean-difference vectors",
     "always": "+ always steer (no gate)",
     "self": "+ self steering (target's SRV)",
     "simple": "+ SIMPLE (fixed refusal)",
@@ -58,10 +60,15 @@ def build_methods(
     *,
     alpha: float,
     steer_layers: Sequence[int] | None,
-    steer_scale: str = "unit",
+    steer_scale: str | None = None,
     extra_models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None,
+    paper: tuple[SafetyVectors, dict[str, Any]] | None = None,
 ) -> list[Method]:
-    """Methods in the order asked ("target" always first, since gated rows reuse its answers)."""
+    """Methods in the order asked ("target" always first, since gated rows reuse its answers).
+
+    `paper` gives the mean-difference vectors and their aligner options for the row "inferaligner-paper", shown
+    beside InferAligner when its steering vectors are teacher-fitted.
+    """
     extra_models = extra_models or {}
     unknown = [n for n in names if n not in LABELS]
     if unknown:
@@ -76,6 +83,13 @@ def build_methods(
                 raise InferAlignerError(f"Method '{name}' needs its model: pass --model-{name} PATH.")
             model, tok = extra_models[name]
             methods.append(Method(name, InferAligner(model, tok, mode="off")))
+        elif name == "inferaligner-paper":
+            if paper is None:
+                raise InferAlignerError("Method 'inferaligner-paper' needs the paper's vectors: pass --paper-settings.")
+            vectors_md, options = paper
+            methods.append(Method(name, InferAligner(target, tokenizer, mode=Mode.INFERALIGNER,
+                                                     target_vectors=target_vectors, aligned_vectors=vectors_md,
+                                                     **options)))  # fmt: skip
         elif name in ("target", "self-reminder", "goal-priority"):
             defence = {"self-reminder": SELF_REMINDER, "goal-priority": GOAL_PRIORITY}.get(name)
             system = defence.system if defence else None

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import degenerate_share
+from inferaligner.eval.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome_shares
 
-JUDGE = "refusal-phrases-v1"
+JUDGE = "refusal-phrases-v2"
 
 
 def completion_stem(method: str, task: str) -> str:
@@ -46,21 +46,20 @@ def safety_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
     return "\n".join(lines)
 
 
-def content_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
-    """The ASR split in two: completions that comply with content, and degenerate ones (repetition, no words)
-    that a phrase judge counts as attack successes although they carry nothing harmful (%)."""
+def outcome_table(domains: dict[str, dict[str, Any]], judge: str = JUDGE) -> str:
+    """Every answer to a harmful prompt is a coherent refusal, content (it complied) or degenerate text (empty,
+    repetition, a loop of refusal words): the three shares per task (%). Only coherent refusals protect anyone."""
     labels = _labels(domains)
-    columns = [f"{domain}: {task} content / degenerate" for domain in domains for task in ("harmful", "jailbreak")]
+    tasks = ("harmful", "jailbreak")
+    columns = [f"{domain}: {task} refusal / content / degenerate" for domain in domains for task in tasks]
     header = "| method | " + " | ".join(columns) + " |"
     lines = [header, "|---|" + "---|" * 2 * len(domains)]
     for method, label in labels.items():
         cells = []
         for results in domains.values():
             for task in ("harmful", "jailbreak"):
-                asr = _metric(results, method, task, f"asr[{judge}]")
-                degenerate = _metric(results, method, task, f"degenerate[{judge}]")
-                content = None if asr is None or degenerate is None else asr - degenerate
-                cells.append(f"{_pct(content)} / {_pct(degenerate)}")
+                shares = [_metric(results, method, task, f"{kind}[{judge}]") for kind in (REFUSAL, CONTENT, DEGENERATE)]
+                cells.append(" / ".join(_pct(v) for v in shares))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -90,9 +89,19 @@ def over_refusal_table(results: dict[str, Any], judge: str = JUDGE) -> str:
 def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
     """table.md and the plots for one run."""
     judges = results["run"]["judges"]
-    parts = [f"# InferAligner evaluation: {domain}", "", safety_table({domain: results}, judges[0]), "",
-             "Attack successes split into content / degenerate text (%):", "", content_table({domain: results},
-             judges[0]), "", "Over-refusal (%):", "", over_refusal_table(results, judges[0])]  # fmt: skip
+    parts = [
+        f"# InferAligner evaluation: {domain}",
+        "",
+        safety_table({domain: results}, judges[0]),
+        "",
+        "Answers to harmful prompts: coherent refusal / content / degenerate (%):",
+        "",
+        outcome_table({domain: results}, judges[0]),
+        "",
+        "Over-refusal (%):",
+        "",
+        over_refusal_table(results, judges[0]),
+    ]
     agreement = {m: _metric(results, m, "harmful", "judge_agreement") for m in results["methods"]}
     if any(v is not None for v in agreement.values()):
         parts += ["", f"Judge agreement on harmful prompts ({' vs '.join(judges)}):", ""]
@@ -103,7 +112,45 @@ def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
                   f"{_pct(gate['fpr'])}% on harmless instructions."]  # fmt: skip
     parts += ["", f"Judge: {judges[0]}. Run took {results['run']['seconds']:.0f} s on {results['run']['machine']}."]
     (out_dir / "table.md").write_text("\n".join(parts) + "\n")
+    (out_dir / "samples.md").write_text(samples_markdown(results, out_dir / "completions", judges[0]))
     plot(results, out_dir, judges[0])
+
+
+SAMPLES_PER_ROW = 10
+
+
+def samples_markdown(results: dict[str, Any], completions: Path, judge: str = JUDGE, per: int = SAMPLES_PER_ROW,
+                     seed: int = 0) -> str:  # fmt: skip
+    """`per` answers to harmful prompts per method and task, drawn with a fixed seed (the same prompts for every
+    method), each with its gate and outcome: what a reader checks before believing a rate."""
+    import random
+
+    from inferaligner.eval.judges import Verdict, outcome
+
+    parts = [f"# Read samples ({per} per method and task, seed {seed})", ""]
+    for task in ("harmful", "jailbreak"):
+        picks: list[int] | None = None
+        for method in results["methods"]:
+            path = completions / f"{completion_stem(method, task)}.jsonl"
+            if not path.is_file():
+                continue
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if picks is None:
+                picks = sorted(random.Random(seed).sample(range(len(rows)), min(per, len(rows))))
+            parts += [f"## {results['labels'].get(method, method)}: {task}", ""]
+            for index in picks:
+                if index >= len(rows):
+                    continue
+                row = rows[index]
+                saved = row.get("verdicts", {}).get(judge)
+                kind = outcome(Verdict(saved["refused"], saved["reason"], judge), row["completion"]) if saved else "?"
+                gate = row.get("gate") or {}
+                fired = "fired" if gate.get("fired") else "off" if gate else "no gate"
+                prompt = " ".join(row["prompt"].split())
+                answer = " ".join(row["completion"].split())
+                parts.append(f"- [{kind}; gate {fired}] **{prompt[-160:]}** → {answer[:300]}")
+            parts.append("")
+    return "\n".join(parts) + "\n"
 
 
 def plot(results: dict[str, Any], out_dir: Path, judge: str = JUDGE) -> None:
@@ -168,12 +215,12 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raise InferAlignerError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(results, dict) or not {"methods", "labels", "run"} <= set(results):
         raise InferAlignerError(f"{path} is not an `inferaligner eval` results file (no methods, labels and run)")
-    _fill_degenerate(results, run_dir / "completions")
+    _fill_outcomes(results, run_dir / "completions")
     return results
 
 
-def _fill_degenerate(results: dict[str, Any], completions: Path) -> None:
-    """Runs written before the `degenerate[...]` metric existed: derive it from the saved verdicts."""
+def _fill_outcomes(results: dict[str, Any], completions: Path) -> None:
+    """Runs written before the outcome metrics existed: derive them from the saved completions and verdicts."""
     for method, tasks in results["methods"].items():
         for task in ("harmful", "jailbreak"):
             saved = completions / f"{completion_stem(method, task)}.jsonl"
@@ -181,9 +228,14 @@ def _fill_degenerate(results: dict[str, Any], completions: Path) -> None:
                 continue
             rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
             for judge in results["run"]["judges"]:
-                reasons = [row["verdicts"][judge]["reason"] for row in rows if judge in row.get("verdicts", {})]
-                if f"degenerate[{judge}]" not in tasks[task] and reasons:
-                    tasks[task][f"degenerate[{judge}]"] = degenerate_share(reasons)
+                if all(f"{kind}[{judge}]" in tasks[task] for kind in OUTCOMES):
+                    continue
+                judged = [row for row in rows if judge in row.get("verdicts", {})]
+                saved = [r["verdicts"][judge] for r in judged]
+                verdicts = [Verdict(v["refused"], v["reason"], judge) for v in saved]
+                if verdicts:
+                    shares = outcome_shares(verdicts, [r["completion"] for r in judged])
+                    tasks[task] |= {f"{kind}[{judge}]": value for kind, value in shares.items()}
 
 
 def combined_report(run_dirs: Sequence[Path]) -> str:
@@ -199,9 +251,9 @@ def combined_report(run_dirs: Sequence[Path]) -> str:
         "",
         safety_table(runs, judge),
         "",
-        "Attack successes split into content / degenerate text (%):",
+        "Answers to harmful prompts: coherent refusal / content / degenerate (%):",
         "",
-        content_table(runs, judge),
+        outcome_table(runs, judge),
     ]
     for domain, results in runs.items():
         parts += ["", f"Over-refusal on the {domain} run (%):", "", over_refusal_table(results, judge)]

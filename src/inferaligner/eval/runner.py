@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from inferaligner.activations import last_token_activations
+from inferaligner.activations import prompt_activations
 from inferaligner.aligner import Completion
 from inferaligner.eval.choices import choose
 from inferaligner.eval.generation import gated_completions, generate_cached
-from inferaligner.eval.judges import Verdict, degenerate_share
+from inferaligner.eval.judges import Verdict, outcome_shares
 from inferaligner.eval.methods import Method
 from inferaligner.eval.report import completion_stem
 from inferaligner.eval.tasks import Task
@@ -87,7 +87,8 @@ def run_task(
                 metrics[f"refusal[{name}]"] = share
                 if task.kind == "harmful":
                     metrics[f"asr[{name}]"] = None if share is None else 1 - share
-                    metrics[f"degenerate[{name}]"] = degenerate_share([v.reason for v in judged if v.parsed])
+                    for kind, value in outcome_shares(judged, [c.text for c in completions]).items():
+                        metrics[f"{kind}[{name}]"] = value
                 metrics[f"unparsed[{name}]"] = sum(not v.parsed for v in judged)
                 for row, verdict in zip(rows, judged, strict=True):
                     row.setdefault("verdicts", {})[name] = {"refused": verdict.refused, "reason": verdict.reason}
@@ -99,7 +100,8 @@ def run_task(
 
 
 def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], batch_size: int) -> dict[str, Any]:
-    """Per-layer accuracy and AUROC of the target's own vectors on these prompts, and TPR/FPR of the gate."""
+    """Per-layer accuracy and AUROC of the target's own mean-difference vectors on these prompts, and the TPR / FPR
+    of the gate itself (whatever its direction and pooling)."""
     aligner = method.aligner
     vectors = aligner.target_vectors
     if vectors is None or aligner.gate is None:
@@ -107,17 +109,23 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
     model, tokenizer = aligner.model, aligner.tokenizer
 
     def projections(prompts: Sequence[str]) -> torch.Tensor:
-        acts = last_token_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.system),
-                                      batch_size=batch_size, layers=aligner.layers, progress=False)  # fmt: skip
+        acts = prompt_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.system),
+                                  batch_size=batch_size, layers=aligner.layers, progress=False)  # fmt: skip
         return torch.einsum("nld,ld->nl", acts, vectors.directions)
 
-    harm, safe = projections(harmful), projections(benign)
-    per_layer = layer_metrics(harm, safe, vectors.bias)
+    def fire_rate(prompts: Sequence[str]) -> float:
+        decisions = [
+            d
+            for start in range(0, len(prompts), batch_size)
+            for d in aligner.gate_decisions(**aligner.encode(prompts[start : start + batch_size])) or []
+        ]
+        return sum(d.fired for d in decisions) / len(decisions)
+
+    per_layer = layer_metrics(projections(harmful), projections(benign), vectors.bias)
     gate = aligner.gate
-    tpr = float((harm[:, gate.layer] + gate.bias > 0).float().mean())
-    fpr = float((safe[:, gate.layer] + gate.bias > 0).float().mean())
     return {
-        "layer": gate.layer, "bias": gate.bias, "tpr": tpr, "fpr": fpr,
+        "layer": gate.layer, "bias": gate.bias, "pooling": gate.pooling, "tpr": fire_rate(harmful),
+        "fpr": fire_rate(benign),
         "per_layer_accuracy": [round(v, 4) for v in per_layer.accuracy.tolist()],
         "per_layer_auroc": [round(v, 4) for v in per_layer.auroc.tolist()],
         "harmful_prompts": len(harmful), "benign_prompts": len(benign),

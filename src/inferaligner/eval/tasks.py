@@ -51,7 +51,7 @@ def harmful_task(limit: int | None = None, exclude: Sequence[str] = ()) -> Task:
     skip = set(exclude) | set(builtin_prompts("harmful", "all"))
     prompts = [p for p in datasets.advbench() if p not in skip]
     return Task(
-        "harmful", "harmful", _limit(prompts, limit), source="AdvBench harmful_behaviors.csv", max_new_tokens=48
+        "harmful", "harmful", _limit(prompts, limit), source="AdvBench harmful_behaviors.csv", max_new_tokens=64
     )
 
 
@@ -62,20 +62,20 @@ def jailbreak_task(limit: int | None = None, behaviours: int = 50) -> Task:
     per_template = min(behaviours, max(1, (limit or 10 * behaviours) // len(TEMPLATES)))
     prompts, origin = jailbreak_set(per_template)
     meta = {"templates": [t.__dict__ for t in TEMPLATES], "behaviours_per_template": per_template, "origin": origin}
-    return Task("jailbreak", "harmful", prompts, source="jailbreak_llms + JailbreakBench", meta=meta, max_new_tokens=48)
+    return Task("jailbreak", "harmful", prompts, source="jailbreak_llms + JailbreakBench", meta=meta, max_new_tokens=64)
 
 
 def xstest_task(limit: int | None = None) -> Task:
     """XSTest's 250 safe prompts (benign look-alikes such as 'How do I kill a Python process?')."""
     return Task(
-        "xstest", "benign", _limit(datasets.xstest("safe"), limit), source="XSTest v2 (safe)", max_new_tokens=48
+        "xstest", "benign", _limit(datasets.xstest("safe"), limit), source="XSTest v2 (safe)", max_new_tokens=64
     )
 
 
 def harmless_task(limit: int | None = None) -> Task:
     """300 Alpaca instructions (seed 0)."""
     return Task(
-        "harmless", "benign", _limit(datasets.alpaca(300), limit), source="Alpaca (no input)", max_new_tokens=48
+        "harmless", "benign", _limit(datasets.alpaca(300), limit), source="Alpaca (no input)", max_new_tokens=64
     )
 
 

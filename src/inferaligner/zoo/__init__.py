@@ -20,6 +20,7 @@ from inferaligner.errors import InferAlignerError
 
 if TYPE_CHECKING:
     from inferaligner.aligner import InferAligner
+    from inferaligner.calibrate import SteeringSettings
 
 NAMES = ("aligned", "target")
 
@@ -65,28 +66,35 @@ def load(name: str, **load_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedToke
     return model.eval(), tokenizer
 
 
-def settings() -> dict[str, Any]:
-    """The steering settings chosen for the demo pair (alpha, layers, scale), from `artifacts/settings.json`."""
-    path = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", "settings.json")))
+SETTINGS = {"default": "settings.json", "mean-difference": "settings-mean-difference.json"}
+"""The demo pair's steering settings: `default` (teacher-fitted vectors, chosen by `inferaligner calibrate`) and
+`mean-difference` (the paper's vectors: the aligned model's mean differences, as tuned by `bench/demo_pair.py`)."""
+
+
+def settings(name: str = "default") -> SteeringSettings:
+    """The demo pair's steering settings (vectors, alpha, layers, scale) from `artifacts/`."""
+    from inferaligner.calibrate import SteeringSettings
+
+    if name not in SETTINGS:
+        raise InferAlignerError(f"Unknown demo settings '{name}': choose one of {', '.join(SETTINGS)}.")
+    path = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", SETTINGS[name])))
     if not path.is_file():
-        raise InferAlignerError(f"{path} is missing: the demo pair has not been built.")
-    return json.loads(path.read_text())
+        raise InferAlignerError(f"{path} is missing: run `inferaligner calibrate` for the demo pair.")
+    return SteeringSettings.load(path)
 
 
-def demo_aligner(mode: str = "inferaligner", **overrides: Any) -> InferAligner:
-    """InferAligner on the shipped target, steered with the shipped aligned vectors at the chosen settings."""
+def demo_aligner(mode: str = "inferaligner", steering: str = "default", **overrides: Any) -> InferAligner:
+    """InferAligner on the shipped target with the shipped gate, steered as the named settings say."""
     from inferaligner.aligner import InferAligner
     from inferaligner.vectors import SafetyVectors
 
     model, tokenizer = load("target")
-    chosen = settings()
-    options = {"alpha": chosen["alpha"], "steer_layers": chosen["steer_layers"],
-               "steer_scale": chosen.get("steer_scale", "unit"), **overrides}  # fmt: skip
+    chosen = settings(steering)
     return InferAligner(
         model,
         tokenizer,
         target_vectors=SafetyVectors.load(vectors_path("target")),
-        aligned_vectors=SafetyVectors.load(vectors_path("aligned")),
+        aligned_vectors=SafetyVectors.load(chosen.vectors),
         mode=mode,
-        **options,
+        **{**chosen.aligner_options(), **overrides},
     )

@@ -40,6 +40,7 @@ class Recipe:
     layers_fraction: float = 1.0  # LoRA on the first fraction of decoder blocks only
     base: str = "smollm2-135m-instruct"  # or "zoo:aligned": start from another recipe's model
     shipped: bool = True  # False: built from third-party data by the evaluation, never committed
+    domain: Callable[[], list[str]] | None = None  # the domain's own training prompts: benign traffic for the gate
 
 
 def _safety(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, limit: int | None) -> Examples:
@@ -60,6 +61,14 @@ def _finance(_model: PreTrainedModel, _tok: PreTrainedTokenizerBase, _seed: int,
     from inferaligner.zoo.finance import finance_examples
 
     return finance_examples(limit)
+
+
+def _arithmetic_prompts() -> list[str]:
+    return [q for q, _ in _arithmetic(None, None, 0, None)]  # type: ignore[arg-type]
+
+
+def _finance_prompts() -> list[str]:
+    return [q for q, _ in _finance(None, None, 0, None)]  # type: ignore[arg-type]
 
 
 def _safety_samples(seed: int, count: int) -> Examples:
@@ -108,6 +117,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         make_examples=_arithmetic,
         train=TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0),
+        domain=_arithmetic_prompts,
     ),
 }
 _DOMAIN_TRAIN = TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0)
@@ -125,15 +135,16 @@ RECIPES |= {
     ),
     "safety-sft-finance": Recipe(
         name="safety-sft-finance", description="Safety SFT: the finance training data plus 100 safety samples.",
-        make_examples=_with_safety(_finance), train=_DOMAIN_TRAIN, shipped=False,
+        make_examples=_with_safety(_finance), train=_DOMAIN_TRAIN, shipped=False, domain=_finance_prompts,
     ),
     "aligned-arithmetic": Recipe(
         name="aligned-arithmetic", description="The aligned model fine-tuned on the arithmetic training data (the "
         "paper's '-CHAT' row).", make_examples=_arithmetic, train=_DOMAIN_TRAIN, base="zoo:aligned", shipped=False,
+        domain=_arithmetic_prompts,
     ),
     "aligned-finance": Recipe(
         name="aligned-finance", description="The aligned model fine-tuned on the finance training data.",
-        make_examples=_finance, train=_DOMAIN_TRAIN, base="zoo:aligned", shipped=False,
+        make_examples=_finance, train=_DOMAIN_TRAIN, base="zoo:aligned", shipped=False, domain=_finance_prompts,
     ),
 }  # fmt: skip
 
@@ -216,15 +227,9 @@ def build_demo_model(
     gate_fpr: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`.
-
-    The vectors use the built-in sets: harmful vs topic-matched + everyday harmless, measured on the calibration
-    split (and the gate bias set for `gate_fpr`, if given).
-    """
+    """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`."""
     from inferaligner.errors import InferAlignerError
     from inferaligner.models import load_model, set_model_name
-    from inferaligner.prompts import builtin_prompts
-    from inferaligner.vectors import extract_safety_vectors
 
     if name not in RECIPES:
         raise InferAlignerError(f"Unknown recipe '{name}': choose one of {', '.join(RECIPES)}.")
@@ -234,13 +239,35 @@ def build_demo_model(
     )
     merged = peft_model.merge_and_unload()
     set_model_name(merged, f"zoo:{name}")
+    demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, progress=progress).save(
+        out_dir / "vectors.safetensors"
+    )
+    return card
+
+
+DOMAIN_GATE_PROMPTS = 64  # per split: the domain's own training prompts added to the gate's harmless side
+
+
+def demo_vectors(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    gate_fpr: float | None = None,
+    progress: bool = True,
+) -> Any:
+    """A demo model's safety vectors and gate: the built-in gate sets (`prompts.gate_sets`), plus, on the harmless
+    side, prompts from the domain's own training data; a probe gate on mean-pooled activations, chosen on the
+    calibration split (its bias set for `gate_fpr`, if given)."""
+    from inferaligner.prompts import gate_sets
+    from inferaligner.vectors import extract_safety_vectors
+
+    domain = recipe.domain() if recipe.domain else []
+    extra = {"extraction": domain[:DOMAIN_GATE_PROMPTS], "calibration": domain[-DOMAIN_GATE_PROMPTS:]}
 
     def sets(split: str) -> tuple[list[str], list[str]]:
-        harmless = builtin_prompts("harmless", split) + builtin_prompts("everyday", split)
-        return builtin_prompts("harmful", split), harmless
+        harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
+        return harmful, harmless + (extra[split] if domain else [])
 
-    vectors = extract_safety_vectors(
-        merged, tokenizer, *sets("extraction"), calibration=sets("calibration"), gate_fpr=gate_fpr, progress=progress
-    )
-    vectors.save(out_dir / "vectors.safetensors")
-    return card
+    return extract_safety_vectors(model, tokenizer, *sets("extraction"), calibration=sets("calibration"),
+                                  gate_fpr=gate_fpr, gate="probe", pooling="mean", progress=progress)  # fmt: skip

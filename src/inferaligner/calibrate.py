@@ -1,0 +1,211 @@
+"""Calibration: choose the steering strength (and vector kind) by what the steered target actually writes.
+
+Each candidate (a steering vector file at one strength) steers every held-out prompt; the offline judge sorts the
+answers into coherent refusals, content and degenerate text. The choice: the candidate with the most coherent
+refusals of harmful prompts, among those that keep degenerate answers at most `max_degenerate`; within 2 points of
+that best, the weakest strength (it changes benign answers least when the gate fires by mistake). The result is a
+`SteeringSettings` file that `generate`, `serve`, `eval` and the demo read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from inferaligner.errors import InferAlignerError
+from inferaligner.vectors import SafetyVectors
+
+SETTINGS_FORMAT = "inferaligner.steering_settings"
+DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
+DEFAULT_ALPHAS = (4.0, 8.0)  # the paper's strengths for its unit mean-difference vectors
+NEAR_BEST = 0.02
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """Which vectors steer, where and how strongly: what `inferaligner calibrate` writes and the aligner reads.
+
+    `vectors` is relative to the settings file when the file is loaded from disk.
+    """
+
+    vectors: str
+    alpha: float
+    layers: tuple[int, ...]
+    scale: str  # "raw" (teacher-fitted vectors carry their strength) or "unit" (the paper's unit vectors)
+    kind: str
+    candidate: str = ""
+    source: str = "inferaligner calibrate"
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InferAlignerError(f"The steering strength must be a positive number, not {self.alpha}.")
+        if self.scale not in ("unit", "raw") or not self.layers:
+            raise InferAlignerError("Steering settings need layers and a scale of 'unit' or 'raw'.")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the settings as JSON, with the vector file's path relative to the settings file's folder."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vectors = Path(self.vectors)
+        if vectors.is_absolute() or vectors.exists():
+            vectors = Path(os.path.relpath(vectors.resolve(), path.parent.resolve()))
+        data = {"format": SETTINGS_FORMAT, **asdict(self), "vectors": vectors.as_posix()}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSettings:
+        """Read a settings file; its `vectors` path is made absolute (it is stored relative to the file)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InferAlignerError(f"Cannot read steering settings {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.pop("format", None) != SETTINGS_FORMAT:
+            raise InferAlignerError(f"{path} is not a steering settings file; write one with `inferaligner calibrate`.")
+        try:
+            settings = cls(**{**data, "layers": tuple(data["layers"])})
+        except (KeyError, TypeError) as exc:
+            raise InferAlignerError(f"{path} is an incomplete steering settings file ({exc}).") from exc
+        vectors = Path(settings.vectors)
+        return settings if vectors.is_absolute() else _replace(settings, vectors=str(path.parent / vectors))
+
+    def aligner_options(self) -> dict[str, Any]:
+        """Keyword arguments for `InferAligner` (besides the vectors themselves)."""
+        return {"alpha": self.alpha, "steer_layers": list(self.layers), "steer_scale": self.scale}
+
+
+def _replace(settings: SteeringSettings, **changes: Any) -> SteeringSettings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One steering vector file to try, at several strengths."""
+
+    name: str
+    vectors: SafetyVectors
+    path: Path
+    layers: tuple[int, ...]
+    scale: str
+    strengths: tuple[float, ...]
+
+
+def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
+              layers: Sequence[int] | None = None) -> Candidate:  # fmt: skip
+    """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
+    vectors steer `layers` (required) at unit scale with the paper's strengths."""
+    vectors = SafetyVectors.load(path)
+    if vectors.fitted:
+        return Candidate(name, vectors, path, tuple(vectors.fitted_layers), "raw", tuple(strengths or DEFAULT_SCALES))
+    if not layers:
+        raise InferAlignerError(f"Give the steered layers for the mean-difference vectors in {path}.")
+    return Candidate(name, vectors, path, tuple(layers), "unit", tuple(strengths or DEFAULT_ALPHAS))
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    candidates: Sequence[Candidate],
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    max_degenerate: float = 0.05,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[SteeringSettings, list[dict[str, Any]]]:
+    """Measure every candidate strength on the held-out prompts (every input steered) and choose one.
+
+    Returns the chosen settings and the table: per candidate and strength, the shares of coherent refusals,
+    content and degenerate answers on `harmful`, and of kept answers (content) and refusals on `benign`.
+    """
+    from inferaligner.aligner import InferAligner
+    from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome
+
+    if not harmful or not benign or not candidates:
+        raise InferAlignerError("Calibration needs harmful and benign prompts and at least one candidate.")
+    judge = RefusalJudge()
+    rows: list[dict[str, Any]] = []
+    runs = [(c, s) for c in candidates for s in c.strengths]
+    for cand, strength in tqdm(runs, desc="calibrating", disable=not progress, unit="setting"):
+        started = time.perf_counter()
+        aligner = InferAligner(model, tokenizer, aligned_vectors=cand.vectors, mode="always", alpha=strength,
+                               steer_layers=list(cand.layers), steer_scale=cand.scale)  # fmt: skip
+        shares = {}
+        for name, prompts in (("harmful", harmful), ("benign", benign)):
+            answers = aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            outcomes = [outcome(judge.judge(a.text), a.text) for a in answers]
+            shares[name] = {kind: outcomes.count(kind) / len(outcomes) for kind in (REFUSAL, CONTENT, DEGENERATE)}
+        rows.append({
+            "candidate": cand.name, "kind": cand.vectors.provenance.method, "strength": strength,
+            "layers": list(cand.layers), "scale": cand.scale,
+            "harmful_refusal": shares["harmful"][REFUSAL], "harmful_content": shares["harmful"][CONTENT],
+            "harmful_degenerate": shares["harmful"][DEGENERATE], "benign_kept": shares["benign"][CONTENT],
+            "benign_refusal": shares["benign"][REFUSAL], "benign_degenerate": shares["benign"][DEGENERATE],
+            "seconds": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
+    chosen = choose(rows, max_degenerate)
+    cand = next(c for c in candidates if c.name == chosen["candidate"])
+    settings = SteeringSettings(str(cand.path), float(chosen["strength"]), cand.layers, cand.scale,
+                                cand.vectors.provenance.method, cand.name, table=rows)  # fmt: skip
+    return settings, rows
+
+
+def choose(rows: Sequence[dict[str, Any]], max_degenerate: float = 0.05) -> dict[str, Any]:
+    """The row to use: most coherent harmful refusals among rows within the degenerate limit (all rows if none
+    is); within `NEAR_BEST` of that, the most kept benign answers, then the weakest strength."""
+    allowed = [r for r in rows if r["harmful_degenerate"] + r["benign_degenerate"] <= 2 * max_degenerate] or list(rows)
+    best = max(r["harmful_refusal"] for r in allowed)
+    near = [r for r in allowed if r["harmful_refusal"] >= best - NEAR_BEST]
+    return max(near, key=lambda r: (r["benign_kept"], -r["strength"]))
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], chosen: SteeringSettings | None = None) -> str:
+    """The calibration table: harmful refusal / content / degenerate, benign kept / refused (%)."""
+    lines = ["| candidate | strength | harmful: refusal / content / degenerate | benign: kept / refused / degenerate |"
+             " chosen |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        mark = "**yes**" if chosen and (r["candidate"], r["strength"]) == (chosen.candidate, chosen.alpha) else ""
+        harmful = " / ".join(f"{100 * r[k]:.0f}" for k in ("harmful_refusal", "harmful_content", "harmful_degenerate"))
+        benign = " / ".join(f"{100 * r[k]:.0f}" for k in ("benign_kept", "benign_refusal", "benign_degenerate"))
+        lines.append(f"| {r['candidate']} | {r['strength']:g} | {harmful} | {benign} | {mark} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Coherent refusals (harmful) and kept answers (benign) against strength, one line pair per candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        mine = [r for r in rows if r["candidate"] == name]
+        x = [r["strength"] for r in mine]
+        axes[0].plot(x, [100 * r["harmful_refusal"] for r in mine], "o-", label=f"{name}: coherent refusals")
+        axes[0].plot(x, [100 * r["harmful_degenerate"] for r in mine], "x:", label=f"{name}: degenerate")
+        axes[1].plot(x, [100 * r["benign_kept"] for r in mine], "o-", label=f"{name}: answers kept")
+    axes[0].set_title("harmful prompts (held out)")
+    axes[1].set_title("benign look-alikes (held out)")
+    for ax in axes:
+        ax.set_xlabel("strength (alpha)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("% of answers, every input steered")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

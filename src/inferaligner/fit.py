@@ -1,0 +1,238 @@
+"""Teacher-fitted steering vectors: the aligned model shows the answer, the frozen target learns where to go.
+
+The paper's steering vectors are the aligned model's mean activation differences. On small or strongly fine-tuned
+targets they do not transfer (docs/RESULTS.md). Here the aligned model supplies its *answers* instead: for prompts
+`P` with the aligned model's greedy answers `y` (its refusals of harmful requests, and optionally its answers to
+benign look-alikes), one vector `θ_l` per steered layer is fitted on the frozen target so that the steered target
+reproduces them, by teacher forcing:
+
+    min_θ  Σ_P  −log p(y | P; x_l ← x_l + θ_l for l ∈ L, every position)
+
+Only `θ` trains. Inference is unchanged: `x_l += α·g·θ_l`, with `α = 1` the fitted strength.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner.errors import InferAlignerError, PromptError
+from inferaligner.models import block_hidden, decoder_layers, model_fingerprint, text_config, with_block_hidden
+from inferaligner.prompts import format_chats
+from inferaligner.vectors import Provenance, SafetyVectors, data_hash
+
+DEFAULT_FIT_LAYERS = (0.4, 0.53, 0.67, 0.8)
+"""Steered layers as fractions of the depth (layers 12, 16, 20, 24 of SmolLM2's 30)."""
+
+
+@dataclass(frozen=True)
+class TeacherExample:
+    """A prompt and the answer the steered target should give; `harmful` says which side of the data it is on."""
+
+    prompt: str
+    answer: str
+    harmful: bool = True
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How the vectors are fitted (the defaults were chosen by measurement, docs/RESULTS.md)."""
+
+    layers: tuple[int, ...] | None = None  # None: DEFAULT_FIT_LAYERS of the model's depth
+    steps: int = 80
+    learning_rate: float = 0.05
+    batch_size: int = 8
+    max_answer_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.max_answer_tokens < 1:
+            raise InferAlignerError("steps, batch size and answer length must be at least 1.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InferAlignerError(f"The learning rate must be a positive number, not {self.learning_rate}.")
+
+
+@dataclass
+class FitResult:
+    """The fitted vectors and the training curve."""
+
+    vectors: SafetyVectors
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """`DEFAULT_FIT_LAYERS` for a model of this depth, first and last block excluded."""
+    picked = sorted({min(num_layers - 2, max(1, round(f * num_layers))) for f in DEFAULT_FIT_LAYERS})
+    return tuple(picked)
+
+
+def with_roleplay(examples: Sequence[TeacherExample]) -> list[TeacherExample]:
+    """`examples` plus each harmful one put into a role-play frame (`prompts.ROLEPLAY_FRAMES`) with the same answer,
+    so the vectors also refuse requests dressed up as fiction or "developer mode"."""
+    from inferaligner.prompts import ROLEPLAY_FRAMES
+
+    harmful = [e for e in examples if e.harmful]
+    framed = [TeacherExample(ROLEPLAY_FRAMES[i % len(ROLEPLAY_FRAMES)].format(prompt=e.prompt), e.answer, True)
+              for i, e in enumerate(harmful)]  # fmt: skip
+    return [*examples, *framed]
+
+
+def teacher_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    keep: Callable[[str], bool] | None = None,
+    harmful: bool = True,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+) -> list[TeacherExample]:
+    """The aligned model's greedy answers to `prompts`, as examples; `keep` filters them (e.g. refusals only)."""
+    from inferaligner.aligner import InferAligner
+
+    teacher = InferAligner(model, tokenizer, mode="off", system=system)
+    answers = teacher.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return [TeacherExample(a.prompt, a.text, harmful) for a in answers if a.text and (keep is None or keep(a.text))]
+
+
+def fit_steering_vectors(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TeacherExample],
+    settings: FitSettings = FitSettings(),
+    *,
+    teacher_name: str = "",
+    system: str | None = None,
+    layers_path: str | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit one steering vector per layer in `settings.layers` on the frozen `model` (see the module docstring).
+
+    The model's weights are not changed; hooks are removed before returning.
+    """
+    if not any(e.harmful for e in examples):
+        raise PromptError("Fitting needs at least one harmful prompt with the aligned model's refusal.")
+    blocks = decoder_layers(model, layers_path)
+    layer_ids = settings.layers if settings.layers is not None else default_layers(len(blocks))
+    bad = [i for i in layer_ids if not 0 <= i < len(blocks)]
+    if bad:
+        raise InferAlignerError(f"Fit layers {bad} are outside 0..{len(blocks) - 1}.")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    hidden = text_config(model).hidden_size
+    theta = nn.Parameter(torch.zeros(len(layer_ids), hidden, device=device, dtype=torch.float32))
+    batches = _training_batches(tokenizer, examples, settings.max_answer_tokens, system)
+
+    def hook_for(index: int) -> Callable[..., object]:
+        def hook(_module: nn.Module, _args: object, output: object) -> object:
+            states = block_hidden(output)
+            return with_block_hidden(output, states + theta[index].to(states.dtype))
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(i)) for i, layer in enumerate(layer_ids)]
+    optimiser = torch.optim.Adam([theta], lr=settings.learning_rate)
+    generator = random.Random(settings.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        for _ in tqdm(range(settings.steps), desc="fitting steering vectors", disable=not progress, unit="step"):
+            if len(order) < settings.batch_size:
+                fresh = list(range(len(batches)))
+                generator.shuffle(fresh)
+                order += fresh
+            chosen, order = order[: settings.batch_size], order[settings.batch_size :]
+            inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, device)
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in zip(model.parameters(), requires, strict=True):
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+    full = torch.zeros(len(blocks), hidden)
+    full[list(layer_ids)] = theta.detach().float().cpu()
+    vectors = _as_vectors(model, full, examples, teacher_name)
+    return FitResult(vectors, losses, time.perf_counter() - started)
+
+
+def _training_batches(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TeacherExample], max_answer: int, system: str | None
+) -> list[tuple[list[int], list[int]]]:
+    """Per example: the chat-formatted prompt's ids and the answer's ids (ending with the end-of-turn token)."""
+    if not examples:
+        raise PromptError("Fitting needs at least one teacher example.")
+    texts = format_chats(tokenizer, [e.prompt for e in examples], system)
+    add_special = not getattr(tokenizer, "chat_template", None)
+    end = tokenizer.eos_token_id
+    pairs = []
+    for text, example in zip(texts, examples, strict=True):
+        prompt = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"][:max_answer]
+        if end is not None and len(answer) < max_answer:
+            answer = [*answer, end]
+        pairs.append((prompt, answer))
+    return pairs
+
+
+def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask and labels (-100 on prompt and padding: the loss covers the answer only)."""
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (prompt, answer) in enumerate(pairs):
+        sequence = prompt + answer
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
+        mask[row, : len(sequence)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _as_vectors(
+    model: PreTrainedModel, full: torch.Tensor, examples: Sequence[TeacherExample], teacher: str
+) -> SafetyVectors:
+    from inferaligner import __version__
+
+    norms = full.norm(dim=-1)
+    directions = torch.where(norms[:, None] > 0, full / norms.clamp_min(1e-12)[:, None], torch.zeros_like(full))
+    config = text_config(model)
+    provenance = Provenance(
+        model_name=str(getattr(model, "name_or_path", "") or config.model_type),
+        model_type=config.model_type,
+        fingerprint=model_fingerprint(model),
+        hidden_size=config.hidden_size,
+        num_layers=full.shape[0],
+        n_harmful=sum(e.harmful for e in examples),
+        n_harmless=sum(not e.harmful for e in examples),
+        data_hash=data_hash([e.prompt for e in examples], [e.answer for e in examples]),
+        normalisation="raw",
+        library_version=__version__,
+        method="teacher-fitted",
+        teacher=teacher,
+    )
+    return SafetyVectors(directions, norms, torch.zeros(full.shape[0]), provenance)
