@@ -14,7 +14,7 @@ from inferaligner.vectors import SafetyVectors
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
+    tiny_model("llama", context=2048).save_pretrained(folder)  # room for the long role-play frames
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
@@ -159,7 +159,7 @@ def test_bad_inputs_give_one_line_errors(model_dir, vector_file, tmp_path, capsy
         "--mode",
         "self",
     ]
-    assert "context" in _error([*base, "--max-new-tokens", "1000", "hi"], capsys)
+    assert "context" in _error([*base, "--max-new-tokens", "3000", "hi"], capsys)
     assert "needs the aligned model's vectors" in _error([*base[:-2], "inferaligner", "hi"], capsys)
     assert "Give prompts" in _error(base, capsys)
 

@@ -34,6 +34,32 @@ def test_builtin_sets_have_fixed_splits_and_categories(kind: str) -> None:
     assert len(builtin_prompts(kind, "calibration")) == 96
 
 
+@pytest.mark.parametrize("kind, size", [("harmful-styles", 92), ("lookalike", 80)])
+def test_style_and_lookalike_sets_are_split_and_distinct(kind: str, size: int) -> None:
+    records = builtin_records(kind)
+    assert len(records) == size and len({r.prompt for r in records}) == size
+    splits = Counter(r.split for r in records)
+    assert abs(splits["extraction"] - splits["calibration"]) <= 2 and len({r.category for r in records}) >= 7
+    others = {p for k in ("harmful", "harmless", "everyday") for p in builtin_prompts(k, "all")}  # type: ignore[arg-type]
+    assert not {r.prompt for r in records} & others
+
+
+def test_roleplay_sets_frame_their_base_set_and_keep_its_splits() -> None:
+    from inferaligner.prompts import OVERRIDE_FRAMES, ROLEPLAY_FRAMES, gate_sets
+
+    harmful, everyday = builtin_records("harmful-roleplay"), builtin_records("everyday-roleplay")
+    for framed, base in ((harmful, builtin_records("harmful")), (everyday, builtin_records("everyday"))):
+        assert [r.split for r in framed] == [r.split for r in base]
+        assert all(b.prompt in f.prompt and f.prompt != b.prompt for f, b in zip(framed, base, strict=True))
+    overrides = [ROLEPLAY_FRAMES[i].split("{prompt}")[0] for i in OVERRIDE_FRAMES]
+    assert any(r.prompt.startswith(tuple(overrides)) for r in harmful)
+    assert not any(r.prompt.startswith(tuple(overrides)) for r in everyday)  # rule-breaking frames are attacks
+    harmful_side, harmless_side = gate_sets("calibration")
+    assert builtin_prompts("harmful-styles", "calibration")[0] in harmful_side
+    assert builtin_prompts("lookalike", "calibration")[0] in harmless_side
+    assert not set(harmful_side) & set(harmless_side)
+
+
 def test_harmless_set_matches_harmful_topics() -> None:
     harmful = Counter(r.category for r in builtin_records("harmful"))
     harmless = Counter(r.category for r in builtin_records("harmless"))

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_artifacts_are_small_and_carry_cards() -> None:
-    total = sum(p.stat().st_size for name in zoo.NAMES for p in zoo.artifact_dir(name).iterdir())
+    total = sum(p.stat().st_size for p in zoo.artifact_dir("target").parent.rglob("*") if p.is_file())
     assert total <= 15 * 1024 * 1024
     for name in zoo.NAMES:
         card = zoo.card(name)
@@ -22,7 +22,14 @@ def test_artifacts_are_small_and_carry_cards() -> None:
         vectors = SafetyVectors.load(zoo.vectors_path(name))
         assert vectors.provenance.model_name == f"zoo:{name}" and vectors.gate is not None
     settings = zoo.settings()
-    assert settings["alpha"] > 0 and settings["steer_layers"]
+    assert settings.kind == "teacher-fitted" and settings.alpha > 0 and settings.layers and settings.table
+    steering = SafetyVectors.load(settings.vectors)
+    assert steering.fitted and steering.fitted_layers == list(settings.layers)
+    assert steering.provenance.teacher == "zoo:aligned" and steering.provenance.model_name == "zoo:target"
+    paper = zoo.settings("mean-difference")
+    assert paper.kind == "mean-difference" and SafetyVectors.load(paper.vectors).provenance.model_name == "zoo:aligned"
+    gate = SafetyVectors.load(zoo.vectors_path("target")).gate
+    assert gate is not None and (gate.direction, gate.pooling) == ("probe", "mean")
 
 
 @pytest.fixture(scope="module")
@@ -45,5 +52,8 @@ def test_demo_aligner_steers_only_the_harmful_request(target) -> None:
     steered = aligner.complete(prompts, max_new_tokens=32)
     plain = InferAligner(aligner.model, aligner.tokenizer, mode="off").complete(prompts, max_new_tokens=32)
     assert steered[0].gate.fired and steered[0].text != plain[0].text
+    from inferaligner.eval.judges import RefusalJudge, outcome
+
+    assert outcome(RefusalJudge().judge(steered[0].text), steered[0].text) == "refusal", steered[0].text
     assert not steered[1].gate.fired and steered[1].text == plain[1].text
     assert "The answer is" in steered[1].text, steered[1].text  # the domain's format, untouched

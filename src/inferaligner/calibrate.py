@@ -103,15 +103,15 @@ class Candidate:
 
 
 def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
-              layers: Sequence[int] | None = None) -> Candidate:  # fmt: skip
+              layers: Sequence[int] | None = None, scale: str = "unit") -> Candidate:  # fmt: skip
     """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
-    vectors steer `layers` (required) at unit scale with the paper's strengths."""
+    vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default."""
     vectors = SafetyVectors.load(path)
     if vectors.fitted:
         return Candidate(name, vectors, path, tuple(vectors.fitted_layers), "raw", tuple(strengths or DEFAULT_SCALES))
     if not layers:
         raise InferAlignerError(f"Give the steered layers for the mean-difference vectors in {path}.")
-    return Candidate(name, vectors, path, tuple(layers), "unit", tuple(strengths or DEFAULT_ALPHAS))
+    return Candidate(name, vectors, path, tuple(layers), scale, tuple(strengths or DEFAULT_ALPHAS))
 
 
 def calibrate(

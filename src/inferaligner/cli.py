@@ -284,7 +284,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from inferaligner.eval.judges import CONTENT, REFUSAL, RefusalJudge, outcome
+    from inferaligner.eval.judges import CONTENT, RefusalJudge, is_coherent_refusal, outcome
     from inferaligner.fit import FitSettings, fit_steering_vectors, teacher_answers, with_roleplay
     from inferaligner.models import load_model
     from inferaligner.prompts import load_prompt_sources
@@ -300,7 +300,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _status(f"loading the aligned model {args.aligned} (the teacher)")
     teacher, teacher_tok = load_model(args.aligned, **options)
     refusals = teacher_answers(teacher, teacher_tok, harmful, system=args.system, max_new_tokens=args.answer_tokens,
-                               keep=lambda t: outcome(judge.judge(t), t) == REFUSAL)  # fmt: skip
+                               keep=is_coherent_refusal)  # fmt: skip
     answers = teacher_answers(teacher, teacher_tok, benign, harmful=False, system=args.system,
                               max_new_tokens=args.answer_tokens,
                               keep=lambda t: outcome(judge.judge(t), t) == CONTENT) if benign else []  # fmt: skip
@@ -337,7 +337,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not args.mean_difference_layers:
             raise InferAlignerError("--aligned-vectors needs --mean-difference-layers (which layers they steer).")
         candidates.append(candidate("mean-difference", args.aligned_vectors, args.alphas,
-                                    args.mean_difference_layers))  # fmt: skip
+                                    args.mean_difference_layers, args.mean_difference_scale))  # fmt: skip
     _status(f"loading {args.model}")
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
                                   trust_remote_code=args.trust_remote_code)  # fmt: skip
@@ -677,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--aligned-vectors", type=Path, help="also try the paper's mean-difference vectors")
     calibrate.add_argument("--mean-difference-layers", type=parse_layers,
                            help="layers the mean-difference vectors steer")  # fmt: skip
+    calibrate.add_argument("--mean-difference-scale", choices=STEER_SCALES, default="unit",
+                           help="unit vectors (the paper) or raw differences")  # fmt: skip
     calibrate.add_argument("--scales", type=_floats, help="strengths for the fitted vectors (default 0.75,1,1.25,1.5)")
     calibrate.add_argument("--alphas", type=_floats, help="alphas for the mean-difference vectors (default 4,8)")
     calibrate.add_argument("--harmful", nargs="+", default=["builtin:harmful:calibration",

@@ -126,6 +126,11 @@ def outcome(verdict: Verdict, text: str) -> str:
     return REFUSAL if verdict.refused else CONTENT
 
 
+def is_coherent_refusal(text: str) -> bool:
+    """The offline judge's coherent refusal: a refusal phrase, no compliance after it, and no loop."""
+    return outcome(RefusalJudge().judge(text), text) == REFUSAL
+
+
 def outcome_shares(verdicts: Sequence[Verdict], texts: Sequence[str]) -> dict[str, float | None]:
     """Share of each outcome among the completions a judge could decide."""
     decided = [outcome(v, t) for v, t in zip(verdicts, texts, strict=True) if v.parsed]

@@ -1,0 +1,90 @@
+"""Which gate generalizes: the paper's mean-difference direction or a logistic probe, at the last prompt token or
+averaged over the prompt, on the demo target.
+
+Every gate is built and chosen exactly as `inferaligner extract` does (the built-in gate sets plus 64 of the
+domain's training prompts per split; the layer chosen on the calibration split), then measured on sets it was not
+built from: AdvBench (520), the jailbreak set (500), XSTest safe and unsafe prompts, 300 Alpaca instructions and
+the 300 held-out arithmetic problems. No evaluation set is used to build or choose anything.
+
+    python bench/gate_pooling.py            # about 15 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from inferaligner import zoo
+from inferaligner.activations import prompt_activations
+from inferaligner.eval import datasets, tasks
+from inferaligner.eval.jailbreak import jailbreak_set
+from inferaligner.gate import choose_gate_layer, layer_metrics, midpoint_bias, search_probe
+from inferaligner.prompts import format_chats, gate_sets
+from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gate_pooling.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model, tokenizer = zoo.load("target")
+    domain = RECIPES["target"].domain() if RECIPES["target"].domain else []
+    build = {}
+    for split, extra in (("extraction", domain[:DOMAIN_GATE_PROMPTS]), ("calibration", domain[-DOMAIN_GATE_PROMPTS:])):
+        harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
+        build[split] = (harmful, harmless + extra)
+    unseen = {
+        "AdvBench": datasets.advbench(),
+        "jailbreak": jailbreak_set(50)[0],
+        "XSTest unsafe": datasets.xstest("unsafe"),
+        "XSTest safe": datasets.xstest("safe"),
+        "Alpaca": datasets.alpaca(300),
+        "arithmetic": tasks.arithmetic_task().prompts,
+    }
+    rows = []
+    for pooling in ("last", "mean"):
+
+        def acts(prompts: list[str], pooling: str = pooling) -> torch.Tensor:
+            texts = format_chats(tokenizer, prompts)
+            return prompt_activations(model, tokenizer, texts, pooling=pooling, batch_size=8, progress=False)
+
+        (harm, safe), (cal_harm, cal_safe) = (
+            (acts(h), acts(s)) for h, s in (build["extraction"], build["calibration"])
+        )
+        measured = {name: acts(prompts) for name, prompts in unseen.items()}
+        diff = harm.mean(0) - safe.mean(0)
+        directions = diff / diff.norm(dim=-1, keepdim=True)
+
+        def project(a: torch.Tensor, d: torch.Tensor = directions) -> torch.Tensor:
+            return torch.einsum("nld,ld->nl", a, d)
+
+        bias = midpoint_bias(project(harm), project(safe))
+        cal = layer_metrics(project(cal_harm), project(cal_safe), bias)
+        layer = choose_gate_layer(cal.accuracy, cal.separation)
+        gates = {"mean-difference": (layer, directions[layer], float(bias[layer]), float(cal.accuracy[layer]))}
+        search = search_probe(harm, safe, cal_harm, cal_safe)
+        gates["probe"] = (search.layer, search.direction, search.bias, float(search.accuracy[search.layer]))
+        for kind, (layer, direction, b, accuracy) in gates.items():
+            fire = {name: float((a[:, layer] @ direction + b > 0).float().mean()) for name, a in measured.items()}
+            rows.append({"pooling": pooling, "direction": kind, "layer": layer, "calibration_accuracy": accuracy,
+                         "fire_rate": fire})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - started, 1),
+        "sizes": {name: len(p) for name, p in unseen.items()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
