@@ -100,3 +100,17 @@ def test_recipe_runs_a_few_steps_on_a_tiny_model(name: str, tmp_path) -> None:
     assert weights and all(w.dtype == torch.float16 for w in weights.values())
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
     assert isinstance(reloaded, PeftModel)
+
+
+def test_demo_vectors_add_the_domain_prompts_and_store_a_probe_gate() -> None:
+    from tiny import tiny_model, tiny_tokenizer
+
+    from inferaligner.prompts import gate_sets
+    from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES, demo_vectors
+
+    model = tiny_model("llama", context=2048)
+    vectors = demo_vectors(RECIPES["target"], model, tiny_tokenizer(), progress=False)
+    harmful, harmless = gate_sets("extraction")
+    assert vectors.provenance.n_harmful == len(harmful)
+    assert vectors.provenance.n_harmless == len(harmless) + DOMAIN_GATE_PROMPTS  # the arithmetic problems
+    assert vectors.gate is not None and (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")

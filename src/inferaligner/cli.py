@@ -365,6 +365,20 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_vectors(args: argparse.Namespace) -> int:
+    from inferaligner import zoo
+    from inferaligner.zoo.recipes import RECIPES, demo_vectors
+
+    started = time.perf_counter()
+    model, tokenizer = zoo.load(args.name)
+    vectors = demo_vectors(RECIPES[args.name], model, tokenizer, gate_fpr=args.gate_fpr)
+    path = vectors.save(args.out or zoo.vectors_path(args.name))
+    gate = vectors.gate
+    where = f"gate layer {gate.layer} ({gate.direction}, {gate.pooling} pooling)" if gate else "no gate"
+    _status(f"wrote {path} ({where}) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def cmd_zoo_list(_args: argparse.Namespace) -> int:
     from inferaligner import zoo
     from inferaligner.zoo.recipes import RECIPES
@@ -780,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-steps", type=int, help="stop after this many training steps (quick runs)")
     build.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
     build.set_defaults(run=cmd_zoo_build)
+    vectors = zoo_verbs.add_parser("vectors", help="re-extract a demo model's vectors and gate (no retraining)")
+    vectors.add_argument("name", choices=["aligned", "target"])
+    vectors.add_argument("--out", type=Path, help="vector file to write (default: the shipped one)")
+    vectors.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
+    vectors.set_defaults(run=cmd_zoo_vectors)
     return parser
 
 
