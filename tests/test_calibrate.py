@@ -69,3 +69,5 @@ def test_calibrate_measures_each_strength_and_writes_a_usable_choice(tmp_path) -
     with pytest.raises(InferAlignerError, match="steered layers"):
         candidate("mean-difference", mean_difference)
     assert candidate("mean-difference", mean_difference, layers=[2]).strengths == (4.0, 8.0)
+    with pytest.raises(InferAlignerError, match=r"positive numbers, not \[nan, -1.0\]"):
+        candidate("teacher-fitted", path, [1.0, float("nan"), -1.0])

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +77,11 @@ class SteeringSettings:
         except (KeyError, TypeError) as exc:
             raise InferAlignerError(f"{path} is an incomplete steering settings file ({exc}).") from exc
         vectors = Path(settings.vectors)
-        return settings if vectors.is_absolute() else _replace(settings, vectors=str(path.parent / vectors))
+        return settings if vectors.is_absolute() else replace(settings, vectors=str(path.parent / vectors))
 
     def aligner_options(self) -> dict[str, Any]:
         """Keyword arguments for `InferAligner` (besides the vectors themselves)."""
         return {"alpha": self.alpha, "steer_layers": list(self.layers), "steer_scale": self.scale}
-
-
-def _replace(settings: SteeringSettings, **changes: Any) -> SteeringSettings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
 
 
 @dataclass(frozen=True)
@@ -106,6 +100,9 @@ def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
               layers: Sequence[int] | None = None, scale: str = "unit") -> Candidate:  # fmt: skip
     """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
     vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default."""
+    bad = [s for s in strengths or () if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise InferAlignerError(f"Steering strengths must be positive numbers, not {bad}.")
     vectors = SafetyVectors.load(path)
     if vectors.fitted:
         return Candidate(name, vectors, path, tuple(vectors.fitted_layers), "raw", tuple(strengths or DEFAULT_SCALES))
@@ -132,7 +129,7 @@ def calibrate(
     content and degenerate answers on `harmful`, and of kept answers (content) and refusals on `benign`.
     """
     from inferaligner.aligner import InferAligner
-    from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome
+    from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
 
     if not harmful or not benign or not candidates:
         raise InferAlignerError("Calibration needs harmful and benign prompts and at least one candidate.")
@@ -145,9 +142,8 @@ def calibrate(
                                steer_layers=list(cand.layers), steer_scale=cand.scale)  # fmt: skip
         shares = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):
-            answers = aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            outcomes = [outcome(judge.judge(a.text), a.text) for a in answers]
-            shares[name] = {kind: outcomes.count(kind) / len(outcomes) for kind in (REFUSAL, CONTENT, DEGENERATE)}
+            texts = [a.text for a in aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+            shares[name] = outcome_shares(judge(prompts, texts), texts)
         rows.append({
             "candidate": cand.name, "kind": cand.vectors.provenance.method, "strength": strength,
             "layers": list(cand.layers), "scale": cand.scale,

@@ -26,9 +26,9 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError, PromptError
-from inferaligner.models import block_hidden, decoder_layers, model_fingerprint, text_config, with_block_hidden
+from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
 from inferaligner.prompts import format_chats
-from inferaligner.vectors import Provenance, SafetyVectors, data_hash
+from inferaligner.vectors import TEACHER_FITTED, Provenance, SafetyVectors, data_hash
 
 DEFAULT_FIT_LAYERS = (0.4, 0.53, 0.67, 0.8)
 """Steered layers as fractions of the depth (layers 12, 16, 20, 24 of SmolLM2's 30)."""
@@ -216,23 +216,11 @@ def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: tor
 def _as_vectors(
     model: PreTrainedModel, full: torch.Tensor, examples: Sequence[TeacherExample], teacher: str
 ) -> SafetyVectors:
-    from inferaligner import __version__
-
     norms = full.norm(dim=-1)
     directions = torch.where(norms[:, None] > 0, full / norms.clamp_min(1e-12)[:, None], torch.zeros_like(full))
-    config = text_config(model)
-    provenance = Provenance(
-        model_name=str(getattr(model, "name_or_path", "") or config.model_type),
-        model_type=config.model_type,
-        fingerprint=model_fingerprint(model),
-        hidden_size=config.hidden_size,
-        num_layers=full.shape[0],
-        n_harmful=sum(e.harmful for e in examples),
-        n_harmless=sum(not e.harmful for e in examples),
-        data_hash=data_hash([e.prompt for e in examples], [e.answer for e in examples]),
-        normalisation="raw",
-        library_version=__version__,
-        method="teacher-fitted",
-        teacher=teacher,
-    )
+    provenance = Provenance.of(
+        model, full.shape[0], sum(e.harmful for e in examples), sum(not e.harmful for e in examples),
+        data_hash([e.prompt for e in examples], [e.answer for e in examples]),
+        normalisation="raw", method=TEACHER_FITTED, teacher=teacher,
+    )  # fmt: skip
     return SafetyVectors(directions, norms, torch.zeros(full.shape[0]), provenance)

@@ -59,6 +59,27 @@ class Provenance:
     method: str = MEAN_DIFFERENCE  # or TEACHER_FITTED: fitted on this model to reproduce `teacher`'s answers
     teacher: str = ""
 
+    @classmethod
+    def of(cls, model: PreTrainedModel, num_layers: int, n_harmful: int, n_harmless: int, data: str,
+           **extra: str) -> Provenance:  # fmt: skip
+        """The provenance of vectors taken from `model` (name, type, fingerprint, shape, source, library version)."""
+        from inferaligner import __version__
+
+        config = text_config(model)
+        return cls(
+            model_name=str(getattr(model, "name_or_path", "") or config.model_type),
+            model_type=config.model_type,
+            fingerprint=model_fingerprint(model),
+            hidden_size=config.hidden_size,
+            num_layers=num_layers,
+            n_harmful=n_harmful,
+            n_harmless=n_harmless,
+            data_hash=data,
+            source="image-text model, text prompts" if has_vision(model) else "text model",
+            library_version=__version__,
+            **extra,
+        )
+
     def describe(self) -> str:
         return (
             f"{self.model_name} ({self.model_type}, {self.num_layers} layers x {self.hidden_size}, {self.fingerprint})"
@@ -118,13 +139,12 @@ class SafetyVectors:
             layer = self.gate.layer if self.gate else self.best_layer()
         if not 0 <= layer < self.num_layers:
             raise VectorMismatchError(f"Gate layer {layer} is outside 0..{self.num_layers - 1}.")
-        stored = self.gate is not None and self.gate.layer == layer
+        stored = self.gate if self.gate is not None and self.gate.layer == layer else None
         if bias is None:
-            bias = self.gate.bias if stored and self.gate else float(self.bias[layer])
-        probe = stored and self.gate_direction is not None
-        direction = self.gate_direction if probe and self.gate_direction is not None else self.directions[layer]
-        pooling = self.gate.pooling if stored and self.gate else "last"
-        return Gate(direction.clone(), float(bias), layer, pooling)
+            bias = stored.bias if stored else float(self.bias[layer])
+        probe = self.gate_direction if stored and self.gate_direction is not None else None
+        direction = probe if probe is not None else self.directions[layer]
+        return Gate(direction.clone(), float(bias), layer, stored.pooling if stored else "last")
 
     def best_layer(self) -> int:
         """The layer that best separates held-out prompts (extraction prompts if none were held out)."""
@@ -243,8 +263,6 @@ def extract_safety_vectors(
     activations pooled as `pooling` says ("last" token or "mean" over the prompt), at the layer and strength of
     regularisation that classify the calibration prompts best.
     """
-    from inferaligner import __version__
-
     if not harmful or not harmless:
         raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
     if gate_fpr is not None and calibration is None:
@@ -306,19 +324,7 @@ def extract_safety_vectors(
                 stored = GateSpec(layer=layer, bias=float(bias[layer]))
             else:
                 stored = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
-    config = text_config(model)
-    provenance = Provenance(
-        model_name=str(getattr(model, "name_or_path", "") or config.model_type),
-        model_type=config.model_type,
-        fingerprint=model_fingerprint(model),
-        hidden_size=config.hidden_size,
-        num_layers=len(layers),
-        n_harmful=len(harmful),
-        n_harmless=len(harmless),
-        data_hash=data_hash(harmful, harmless),
-        source="image-text model, text prompts" if has_vision(model) else "text model",
-        library_version=__version__,
-    )
+    provenance = Provenance.of(model, len(layers), len(harmful), len(harmless), data_hash(harmful, harmless))
     return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction)
 
 

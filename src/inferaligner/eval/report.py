@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome_shares
+from inferaligner.eval.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome, outcome_shares
 
 JUDGE = "refusal-phrases-v2"
 
@@ -125,8 +125,6 @@ def samples_markdown(results: dict[str, Any], completions: Path, judge: str = JU
     method), each with its gate and outcome: what a reader checks before believing a rate."""
     import random
 
-    from inferaligner.eval.judges import Verdict, outcome
-
     parts = [f"# Read samples ({per} per method and task, seed {seed})", ""]
     for task in ("harmful", "jailbreak"):
         picks: list[int] | None = None
@@ -142,8 +140,8 @@ def samples_markdown(results: dict[str, Any], completions: Path, judge: str = JU
                 if index >= len(rows):
                     continue
                 row = rows[index]
-                saved = row.get("verdicts", {}).get(judge)
-                kind = outcome(Verdict(saved["refused"], saved["reason"], judge), row["completion"]) if saved else "?"
+                verdict = _saved_verdict(row, judge)
+                kind = outcome(verdict, row["completion"]) if verdict else "?"
                 gate = row.get("gate") or {}
                 fired = "fired" if gate.get("fired") else "off" if gate else "no gate"
                 prompt = " ".join(row["prompt"].split())
@@ -219,6 +217,12 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     return results
 
 
+def _saved_verdict(row: dict[str, Any], judge: str) -> Verdict | None:
+    """One judge's verdict as a completions file saved it, or None where that judge did not judge the row."""
+    saved = row.get("verdicts", {}).get(judge)
+    return Verdict(saved["refused"], saved["reason"], judge) if saved else None
+
+
 def _fill_outcomes(results: dict[str, Any], completions: Path) -> None:
     """Runs written before the outcome metrics existed: derive them from the saved completions and verdicts."""
     for method, tasks in results["methods"].items():
@@ -230,11 +234,9 @@ def _fill_outcomes(results: dict[str, Any], completions: Path) -> None:
             for judge in results["run"]["judges"]:
                 if all(f"{kind}[{judge}]" in tasks[task] for kind in OUTCOMES):
                     continue
-                judged = [row for row in rows if judge in row.get("verdicts", {})]
-                saved = [r["verdicts"][judge] for r in judged]
-                verdicts = [Verdict(v["refused"], v["reason"], judge) for v in saved]
-                if verdicts:
-                    shares = outcome_shares(verdicts, [r["completion"] for r in judged])
+                judged = [(row, verdict) for row in rows if (verdict := _saved_verdict(row, judge))]
+                if judged:
+                    shares = outcome_shares([v for _, v in judged], [row["completion"] for row, _ in judged])
                     tasks[task] |= {f"{kind}[{judge}]": value for kind, value in shares.items()}
 
 

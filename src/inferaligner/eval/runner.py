@@ -14,7 +14,7 @@ import torch
 from inferaligner.activations import prompt_activations
 from inferaligner.aligner import Completion
 from inferaligner.eval.choices import choose
-from inferaligner.eval.generation import gated_completions, generate_cached
+from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
 from inferaligner.eval.judges import Verdict, outcome_shares
 from inferaligner.eval.methods import Method
 from inferaligner.eval.report import completion_stem
@@ -114,11 +114,7 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
         return torch.einsum("nld,ld->nl", acts, vectors.directions)
 
     def fire_rate(prompts: Sequence[str]) -> float:
-        decisions = [
-            d
-            for start in range(0, len(prompts), batch_size)
-            for d in aligner.gate_decisions(**aligner.encode(prompts[start : start + batch_size])) or []
-        ]
+        decisions = gate_all(aligner, prompts, batch_size)
         return sum(d.fired for d in decisions) / len(decisions)
 
     per_layer = layer_metrics(projections(harmful), projections(benign), vectors.bias)
