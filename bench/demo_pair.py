@@ -96,7 +96,8 @@ def main() -> None:
 
     def gated(ia: InferAligner, name: str, count: int | None = None) -> list[Completion]:
         prompts, base = sets[name][:count], target_runs[name][:count]
-        tag = f"{name}-{ia.mode.value}-{ia.steer_scale}-{ia.alpha:g}-{ia.steer_layers[0]}-{ia.steer_layers[-1]}"
+        how = ia.describe()
+        tag = f"{name}-{how['mode']}-{how['scale']}-{how['alpha']:g}-{how['layers'][0]}-{how['layers'][-1]}"
         return gated_completions(ia, prompts, base, cache / f"ia-{tag}.jsonl", desc=tag, **gen)
 
     # 1. Layer sets at a middle alpha, then the alpha sweep on the best set (gated), and without the gate.
@@ -166,7 +167,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     plot(sweep, layer_rows, gate_scores, ia.gate.layer, args.plots)
     if args.save_settings and not args.quick:
-        from inferaligner.calibrate import SteeringSettings
+        from inferaligner.settings import SteeringSettings
 
         path = Path(str(zoo.artifact_dir("target").parent / zoo.SETTINGS["mean-difference"]))
         SteeringSettings(

@@ -20,7 +20,7 @@ import torch
 
 from inferaligner.activations import prompt_activations
 from inferaligner.gate import choose_gate_layer, layer_metrics, midpoint_bias
-from inferaligner.models import load_model
+from inferaligner.loading import load_model
 from inferaligner.prompts import builtin_prompts, format_chats
 
 

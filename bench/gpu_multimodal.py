@@ -112,10 +112,11 @@ def main() -> None:
 
     torch.nn.Module.register_forward_hook = record  # type: ignore[method-assign]
     try:
-        steered, decisions = aligner.generate(**batch, **gen, return_gates=True)
+        steered, plan = aligner.generate(**batch, **gen, return_plan=True)
     finally:
         torch.nn.Module.register_forward_hook = original  # type: ignore[method-assign]
         spy.remove()
+    decisions = [row.gate for row in plan]
     rows = [(d.fired, torch.equal(steered[i], plain[i])) for i, d in enumerate(decisions)]
     repeat = model.generate(**batch, **gen)
     aligner.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias - 1e9)

@@ -45,7 +45,8 @@ def correctness(dtype: torch.dtype) -> dict[str, object]:
     aligner.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias - (scores[3] + scores[4]) / 2)
     gen = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     plain = model.generate(**batch, **gen)
-    steered, decisions = aligner.generate(**batch, **gen, return_gates=True)
+    steered, plan = aligner.generate(**batch, **gen, return_plan=True)
+    decisions = [row.gate for row in plan]
     rows = [(d.fired, torch.equal(steered[i], plain[i])) for i, d in enumerate(decisions)]
     ok = all(same != fired for fired, same in rows) and any(f for f, _ in rows) and not all(f for f, _ in rows)
     hooks = sum(len(layer._forward_hooks) for layer in aligner.layers)

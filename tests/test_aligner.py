@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from inferaligner.aligner import DEFAULT_REFUSAL, InferAligner, Mode
-from inferaligner.errors import InferAlignerError, PromptTooLongError, VectorMismatchError
+from inferaligner.aligner import InferAligner
+from inferaligner.errors import InferAlignerError, PromptTooLongError, VectorFileError, VectorMismatchError
 from inferaligner.prompts import builtin_prompts
+from inferaligner.settings import DEFAULT_REFUSAL, Mode, SettingsError
 from inferaligner.vectors import extract_safety_vectors
 
 PROMPTS = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("harmless", "calibration")[:4]
@@ -56,8 +57,8 @@ def test_mixed_batch_unfired_rows_are_token_identical(model_type: str) -> None:
     batch = _batch(aligner)
     assert bool((batch["attention_mask"] == 0).any()), "the batch must be left padded"
     plain = _plain(aligner, batch, do_sample=False)
-    steered, decisions = aligner.generate(**batch, **GEN, do_sample=False, return_gates=True)
-    fired = [d.fired for d in decisions]
+    steered, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    fired = [row.gate.fired for row in plan]
     assert 0 < sum(fired) < len(fired)
     for row, row_fired in enumerate(fired):
         if row_fired:
@@ -73,9 +74,9 @@ def test_mixed_batch_with_sampling_under_a_fixed_seed() -> None:
     torch.manual_seed(123)
     plain = _plain(aligner, batch, **sampling)
     torch.manual_seed(123)
-    steered, decisions = aligner.generate(**batch, **GEN, **sampling, return_gates=True)
-    for row, decision in enumerate(decisions):
-        assert torch.equal(steered[row], plain[row]) != decision.fired
+    steered, plan = aligner.generate(**batch, **GEN, **sampling, return_plan=True)
+    for row, planned in enumerate(plan):
+        assert torch.equal(steered[row], plain[row]) != planned.gate.fired
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -138,25 +139,25 @@ def test_beam_search_keeps_rows_apart() -> None:
     aligner = make_aligner("llama")
     batch = _batch(aligner)
     plain = _plain(aligner, batch, num_beams=2, do_sample=False)
-    steered, decisions = aligner.generate(**batch, **GEN, num_beams=2, do_sample=False, return_gates=True)
-    for row, decision in enumerate(decisions):
-        assert torch.equal(steered[row], plain[row]) != decision.fired
+    steered, plan = aligner.generate(**batch, **GEN, num_beams=2, do_sample=False, return_plan=True)
+    for row, planned in enumerate(plan):
+        assert torch.equal(steered[row], plain[row]) != planned.gate.fired
 
 
 def test_stream_yields_the_same_text_as_complete() -> None:
     aligner = make_aligner("llama")
     for prompt in PROMPTS[:2] + PROMPTS[-2:]:
-        gate, pieces = aligner.stream(prompt, **GEN)
+        row, pieces = aligner.stream(prompt, **GEN)
         completion = aligner.complete([prompt], **GEN)[0]
-        assert gate == completion.gate
+        assert row.gate == completion.gate and row.intervened == completion.intervened
         assert "".join(pieces).strip() == completion.text
 
 
 def test_stream_in_simple_mode_streams_the_refusal() -> None:
     aligner = make_aligner("llama", mode="simple")
     aligner.gate = dataclasses.replace(aligner.gate, bias=1e6)
-    gate, pieces = aligner.stream(PROMPTS[0], max_new_tokens=200)
-    assert gate.fired and "".join(pieces).strip() == DEFAULT_REFUSAL
+    row, pieces = aligner.stream(PROMPTS[0], max_new_tokens=200)
+    assert row.gate.fired and row.intervened and "".join(pieces).strip() == DEFAULT_REFUSAL
 
 
 def test_mode_requirements_and_mismatches() -> None:
@@ -170,7 +171,7 @@ def test_mode_requirements_and_mismatches() -> None:
     other = extract_safety_vectors(tiny_model("llama", layers=6), tokenizer, harmful, harmless, progress=False)
     with pytest.raises(VectorMismatchError, match=r"aligned vectors come from .*6 layers"):
         InferAligner(model, tokenizer, target_vectors=target_vectors, aligned_vectors=other, steer_layers=[1])
-    with pytest.raises(ValueError, match="sideways"):
+    with pytest.raises(SettingsError, match=r"mode must be one of .*'sideways'"):
         InferAligner(model, tokenizer, mode="sideways")
     InferAligner(model, tokenizer, mode="off").complete(["hello"], max_new_tokens=2)
 
@@ -189,5 +190,51 @@ def test_raw_scale_steers_with_the_unnormalised_differences() -> None:
     vectors = raw.steering_vectors
     torch.testing.assert_close(raw.steer_directions, vectors.directions * vectors.norms[:, None])
     torch.testing.assert_close(unit.steer_directions, vectors.directions)
-    with pytest.raises(InferAlignerError, match="'unit' or 'raw'"):
+    with pytest.raises(SettingsError, match="steer_scale must be one of 'unit', 'raw'"):
         make_aligner("llama", steer_scale="huge")
+
+
+def _vectors_with(vectors, **tensors):
+    return dataclasses.replace(vectors, **tensors)
+
+
+def test_bad_settings_and_tensors_fail_when_the_aligner_is_built() -> None:
+    base = make_aligner("llama")
+    model, tokenizer, target, aligned = base.model, base.tokenizer, base.target_vectors, base.aligned_vectors
+    with pytest.raises(SettingsError, match=r"steer_layers \[100, 200\] are outside this model's layers 0..3"):
+        InferAligner(model, tokenizer, target_vectors=target, aligned_vectors=aligned, steer_layers=[1, 100, 200])
+    with pytest.raises(VectorMismatchError, match="Gate layer 9 is outside"):
+        InferAligner(model, tokenizer, target_vectors=target, aligned_vectors=aligned, gate_layer=9)
+    with pytest.raises(SettingsError, match="gate_bias must be a finite number"):
+        InferAligner(model, tokenizer, target_vectors=target, aligned_vectors=aligned, gate_bias=float("nan"))
+    with pytest.raises(SettingsError, match="alpha must be a finite number"):
+        InferAligner(model, tokenizer, target_vectors=target, aligned_vectors=aligned, alpha=float("inf"))
+    broken = target.directions.clone()
+    broken[2, 0] = float("nan")
+    with pytest.raises(VectorFileError, match="non-finite values in directions"):
+        InferAligner(model, tokenizer, target_vectors=_vectors_with(target, directions=broken), aligned_vectors=aligned)
+    with pytest.raises(VectorFileError, match=r"aligned vectors .* non-finite values in norms"):
+        InferAligner(model, tokenizer, target_vectors=target,
+                     aligned_vectors=_vectors_with(aligned, norms=aligned.norms * float("inf")))  # fmt: skip
+    with pytest.raises(SettingsError, match="there is no gate"):
+        InferAligner(model, tokenizer, mode="off", gate_layer=1)
+
+
+def test_a_gate_score_that_is_not_finite_fires_and_is_logged(caplog) -> None:
+    aligner = make_aligner("llama")
+    decisions = aligner.gate.decide(torch.full((2, 32), float("nan")))
+    assert [d.fired for d in decisions] == [True, True]
+    assert decisions[0].as_dict()["score"] is None and "treated as fired" in caplog.text
+
+
+def test_steered_context_hooks_only_inside_and_variants_share_the_lock() -> None:
+    aligner = make_aligner("llama")
+    plan = aligner.decide(**_batch(aligner))
+    assert plan.steers
+    with aligner.steered(plan):
+        assert sum(len(layer._forward_hooks) for layer in aligner.layers) == len(aligner.steer_layers)
+    assert all(not layer._forward_hooks for layer in aligner.layers)
+    off = aligner.variant(mode="off")
+    assert off._lock is aligner._lock and off.settings.mode is Mode.OFF and off.settings.alpha == 8.0
+    with off.steered(off.decide(**_batch(aligner))):
+        assert all(not layer._forward_hooks for layer in aligner.layers)

@@ -7,9 +7,10 @@ import json
 import pytest
 from tiny import tiny_model, tiny_tokenizer
 
-from inferaligner.calibrate import SteeringSettings, calibrate, candidate, choose, table_markdown
+from inferaligner.calibrate import calibrate, candidate, choose, table_markdown
 from inferaligner.errors import InferAlignerError
 from inferaligner.fit import FitSettings, TeacherExample, fit_steering_vectors
+from inferaligner.settings import SteeringSettings
 from inferaligner.vectors import extract_safety_vectors
 
 
@@ -32,7 +33,7 @@ def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:
     path = settings.save(tmp_path / "sub" / "settings.json")
     loaded = SteeringSettings.load(path)
     assert loaded.vectors == str(tmp_path / "sub" / "steering.safetensors") and loaded.layers == (12, 16)
-    assert loaded.aligner_options() == {"alpha": 1.25, "steer_layers": [12, 16], "steer_scale": "raw"}
+    assert loaded.overrides() == {"alpha": 1.25, "steer_layers": (12, 16), "steer_scale": "raw"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -40,7 +41,7 @@ def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:
     ('{"alpha": 1}', "is not a steering settings file"),
     ('{"format": "inferaligner.steering_settings", "alpha": 1}', "incomplete steering settings"),
     ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": NaN, "layers": [1], "scale": "raw",'
-     ' "kind": "k"}', "positive number"),
+     ' "kind": "k"}', "alpha must be a finite number"),
 ])  # fmt: skip
 def test_bad_settings_files_are_clear_errors(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "s.json"

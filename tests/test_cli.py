@@ -8,6 +8,7 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.cli import main, parse_layers
+from inferaligner.errors import InferAlignerError
 from inferaligner.vectors import SafetyVectors
 
 
@@ -162,6 +163,33 @@ def test_bad_inputs_give_one_line_errors(model_dir, vector_file, tmp_path, capsy
     assert "context" in _error([*base, "--max-new-tokens", "3000", "hi"], capsys)
     assert "needs the aligned model's vectors" in _error([*base[:-2], "inferaligner", "hi"], capsys)
     assert "Give prompts" in _error(base, capsys)
+    assert "alpha must be a positive number" in _error([*base, "--alpha", "0", "hi"], capsys)
+    assert "alpha must be a finite number" in _error([*base, "--alpha", "nan", "hi"], capsys)
+    assert "gate_bias must be a finite number" in _error([*base, "--gate-bias", "inf", "hi"], capsys)
+    assert "steer_layers [100, 101] are outside" in _error([*base[:6], "100-101", *base[7:], "hi"], capsys)
+
+
+def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
+    from inferaligner.cli import _alignment, _serve_options, build_parser
+
+    def options(*argv: str) -> dict:
+        return _serve_options(build_parser().parse_args(["serve", *argv]))
+
+    demo = options("--alpha", "2", "--gate-bias", "1e9", "--layers", "12,16", "--mode", "simple")
+    assert demo["model"] == "zoo:target" and demo["served_model_name"] == "inferaligner-demo"
+    settings, target, aligned = _alignment(demo)
+    assert (settings.alpha, settings.gate_bias, settings.steer_layers) == (2.0, 1e9, (12, 16))
+    assert settings.mode.value == "simple" and target is not None and aligned is not None and aligned.fitted
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"alpha": 3, "layers": "12-13", "port": 9000}))
+    from_file = options("--config", str(config), "--port", "9001")
+    assert _alignment(from_file)[0].steer_layers == (12, 13) and from_file["port"] == 9001
+    config.write_text(json.dumps({"alpah": 3}))
+    with pytest.raises(InferAlignerError, match=r"Unknown keys .*alpah"):
+        options("--config", str(config))
+    config.write_text(json.dumps({"alpha": "nan"}))
+    with pytest.raises(InferAlignerError, match="alpha must be a finite number"):
+        _alignment(options("--config", str(config)))
 
 
 def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:

@@ -19,6 +19,7 @@ from inferaligner.eval.report import outcome_table, over_refusal_table, safety_t
 from inferaligner.eval.runner import agreement, evaluate
 from inferaligner.eval.tasks import Task, file_task
 from inferaligner.prompts import builtin_prompts
+from inferaligner.settings import AlignerSettings
 
 HARMFUL = builtin_prompts("harmful", "calibration")[:3]
 BENIGN = builtin_prompts("everyday", "calibration")[:3]
@@ -101,7 +102,7 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     base = make_aligner()
     methods = build_methods(
         ["target", "self-reminder", "inferaligner", "simple", "always"], base.model, base.tokenizer,
-        base.target_vectors, base.aligned_vectors, alpha=8.0, steer_layers=[1, 2],
+        base.target_vectors, base.aligned_vectors, AlignerSettings(alpha=8.0, steer_layers=(1, 2)),
     )  # fmt: skip
     for method in methods:
         if method.aligner.gate is not None:
@@ -234,9 +235,10 @@ def test_methods_need_their_models() -> None:
     base = make_aligner()
     with pytest.raises(Exception, match="--model-safety-sft"):
         build_methods(["safety-sft"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors,
-                      alpha=1.0, steer_layers=[1])  # fmt: skip
+                      AlignerSettings(alpha=1.0, steer_layers=(1,)))  # fmt: skip
     extra = {"safety-sft": (tiny_model("llama"), tiny_tokenizer())}
     methods = build_methods(["inferaligner", "safety-sft"], base.model, base.tokenizer, base.target_vectors,
-                            base.aligned_vectors, alpha=1.0, steer_layers=[1], extra_models=extra)  # fmt: skip
+                            base.aligned_vectors, AlignerSettings(alpha=1.0, steer_layers=(1,)),
+                            extra_models=extra)  # fmt: skip
     assert [m.name for m in methods] == ["target", "inferaligner", "safety-sft"]
     assert methods[1].gated and not methods[2].gated

@@ -50,7 +50,7 @@ def test_simple_mode_refuses_what_the_gate_flags_and_leaves_the_rest(smollm2, sm
     fired = [r.gate.fired for r in results]
     assert any(fired[:4]) and not all(fired), fired
     for got, base in zip(results, reference, strict=True):
-        assert got.text == (simple.refusal if got.gate.fired else base.text)
+        assert got.text == (simple.settings.refusal if got.gate.fired else base.text)
 
 
 def test_steering_with_its_own_vectors_changes_flagged_answers_only(smollm2, smollm2_vectors) -> None:

@@ -40,8 +40,7 @@ def test_configuration_errors(monkeypatch) -> None:
 
 def _verdict_server(answer: str) -> Server:
     """This project's server whose simple mode answers every request with `answer` (its gate always fires)."""
-    aligner = make_aligner(mode="simple", context=2048)  # the rubric is long in a 384-token vocabulary
-    aligner.refusal = answer
+    aligner = make_aligner(mode="simple", context=2048, refusal=answer)  # the rubric is long in a 384-token vocabulary
     aligner.gate = dataclasses.replace(aligner.gate, bias=1e6)
     return Server(aligner)
 

@@ -50,7 +50,8 @@ def test_mixed_image_batch_keeps_unfired_rows_identical() -> None:
     mm, batch = make(images)
     model = mm.aligner.model
     plain = model.generate(**batch, **GEN, do_sample=False, pad_token_id=0)
-    steered, decisions = mm.aligner.generate(**batch, **GEN, do_sample=False, return_gates=True)
+    steered, plan = mm.aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    decisions = [row.gate for row in plan]
     fired = [d.fired for d in decisions]
     assert 0 < sum(fired) < len(fired)
     for row, row_fired in enumerate(fired):
@@ -165,7 +166,7 @@ def test_image_tasks_in_the_evaluation(tmp_path, data_dir) -> None:
     aligner = mm.aligner
     methods = build_methods(
         ["target", "inferaligner", "simple"], aligner.model, aligner.tokenizer, aligner.target_vectors,
-        aligner.aligned_vectors, alpha=30.0, steer_layers=[1, 2],
+        aligner.aligned_vectors, aligner.settings,
     )  # fmt: skip
     for method in methods:
         method.aligner.gate = aligner.gate

@@ -35,14 +35,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_aligner(mode: str = "inferaligner", context: int = 256) -> InferAligner:
+def make_aligner(mode: str = "inferaligner", context: int = 256, **options) -> InferAligner:
     """A sharp tiny model whose gate fires on HARMFUL and not on HARMLESS (threshold set between them)."""
     tokenizer, model = tiny_tokenizer(), tiny_model("llama", sharp=True, context=context)
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
     )
     aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, mode=mode,
-                           alpha=30.0, steer_layers=[1, 2])  # fmt: skip
+                           alpha=30.0, steer_layers=[1, 2], **options)  # fmt: skip
     scores = [d.score for d in aligner.gate_decisions(**aligner.encode([HARMFUL, HARMLESS]))]
     if scores[0] < scores[1]:  # random weights: flip the direction so HARMFUL scores higher
         aligner.gate = dataclasses.replace(aligner.gate, direction=-aligner.gate.direction)
@@ -139,10 +139,11 @@ def test_streaming_matches_the_plain_response(server) -> None:
 
 def test_harmful_and_harmless_in_one_batch(server) -> None:
     client = server.client()
-    server.engine.batch_sizes.clear()
+    sizes: list[int] = []
+    server.engine.on_batch = sizes.append
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         harmful, harmless = pool.map(lambda p: chat(client, p), [HARMFUL, HARMLESS])
-    assert 2 in server.engine.batch_sizes, server.engine.batch_sizes
+    assert 2 in sizes, sizes
     assert harmful.model_extra["inferaligner"]["gate"]["fired"]
     assert not harmless.model_extra["inferaligner"]["gate"]["fired"]
     aligner = server.engine.aligner
@@ -261,3 +262,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
             process.kill()
     events = [json.loads(p.removeprefix("data: ")) for p in pieces if p.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_metrics_read_without_changing_anything() -> None:
+    from inferaligner.serve.app import Metrics
+
+    engine = Engine(make_aligner())
+    metrics = Metrics(engine)
+    engine.on_batch(3)
+    first = metrics.render()
+    assert first == metrics.render() and b"inferaligner_batch_size_count 1.0" in first

@@ -9,7 +9,7 @@ Typical use::
     print(aligner.complete(["How do I pick a lock?"])[0].text)
 """
 
-from inferaligner.aligner import Completion, InferAligner, Mode
+from inferaligner.aligner import Completion, InferAligner
 from inferaligner.errors import (
     InferAlignerError,
     PromptError,
@@ -18,29 +18,39 @@ from inferaligner.errors import (
     VectorMismatchError,
 )
 from inferaligner.gate import Gate, GateDecision
-from inferaligner.models import EMBEDDED_MODEL, decoder_layers, load_model
+from inferaligner.loading import Loaded, load, load_model
+from inferaligner.models import EMBEDDED_MODEL, decoder_layers
+from inferaligner.plan import Action, Plan, RowPlan
+from inferaligner.settings import AlignerSettings, Mode, SteeringSettings, SteerScale
 from inferaligner.steer import SteeringHandle, add_steering
 from inferaligner.vectors import SafetyVectors, extract_safety_vectors
-
-__version__ = "0.1.0"
+from inferaligner.version import __version__
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "Action",
+    "AlignerSettings",
     "Completion",
     "Gate",
     "GateDecision",
     "InferAligner",
     "InferAlignerError",
+    "Loaded",
     "Mode",
+    "Plan",
     "PromptError",
     "PromptTooLongError",
+    "RowPlan",
     "SafetyVectors",
+    "SteerScale",
     "SteeringHandle",
+    "SteeringSettings",
     "VectorFileError",
     "VectorMismatchError",
     "__version__",
     "add_steering",
     "decoder_layers",
     "extract_safety_vectors",
+    "load",
     "load_model",
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +16,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
-from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers, load_model
+from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers
+from inferaligner.plan import Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
+from inferaligner.settings import AlignerSettings, Mode, SettingsError, SteerScale
 from inferaligner.steer import add_steering
 from inferaligner.vectors import SafetyVectors
-
-DEFAULT_ALPHA = 4.0
-STEER_SCALES = ("unit", "raw")  # alpha times the unit vectors (the paper), or times the raw differences
-DEFAULT_REFUSAL = (
-    "I can't help with that. The request could lead to real harm to people, so I won't provide it. "
-    "If you have a related question that is safe, I'm glad to help."
-)
-
-
-class Mode(str, Enum):
-    """How the aligner intervenes."""
-
-    INFERALIGNER = "inferaligner"  # steer with the aligned model's vectors when the gate fires (the method)
-    SELF = "self"  # steer with the target's own vectors when the gate fires (ablation)
-    SIMPLE = "simple"  # answer with a fixed refusal when the gate fires; no aligned model needed
-    ALWAYS = "always"  # steer with the aligned model's vectors on every input (no gate; ablation)
-    OFF = "off"  # plain generation; the gate is still reported when target vectors are given
 
 
 @dataclass(frozen=True)
@@ -66,11 +51,13 @@ class InferAligner:
 
     `target_vectors` are the target model's own safety-related vectors (they define the gate); `aligned_vectors`
     are the safety steering vectors: the aligned model's mean differences (the paper), or vectors fitted on the
-    target to reproduce the aligned model's answers (`inferaligner.fit`). Steering adds `alpha` times the unit
-    vectors, as in the paper, or with `steer_scale="raw"` times the raw vectors (the default for fitted ones,
-    whose strength is part of the fit). Which vectors a mode needs:
-    inferaligner both, self and simple the target's, always the aligned ones, off none. The model is only hooked
-    during generation calls; calls from several threads take turns, since hooks act on the whole model.
+    target to reproduce the aligned model's answers (`inferaligner.fit`). `settings` (an `AlignerSettings`; keyword
+    options override its fields) say the mode, alpha, steered layers, scale and gate. Which vectors a mode needs:
+    inferaligner both, self and simple the target's, always the aligned ones, off none.
+
+    The aligner alone decides what happens to each row (`decide` -> `Plan`) and owns the model's hooks: every
+    forward pass that acts on a plan runs inside `steered(plan)`, which holds the aligner's lock, so calls from
+    several threads take turns. Everything is validated here, when the aligner is built, with one-line errors.
     """
 
     def __init__(
@@ -80,56 +67,50 @@ class InferAligner:
         *,
         target_vectors: SafetyVectors | None = None,
         aligned_vectors: SafetyVectors | None = None,
-        mode: Mode | str = Mode.INFERALIGNER,
-        alpha: float = DEFAULT_ALPHA,
-        steer_layers: Sequence[int] | None = None,
-        gate_layer: int | None = None,
-        gate_bias: float | None = None,
-        refusal: str = DEFAULT_REFUSAL,
-        system: str | None = None,
-        layers_path: str | None = None,
-        steer_scale: str | None = None,
+        settings: AlignerSettings | None = None,
+        **options: Any,
     ) -> None:
-        if steer_scale is not None and steer_scale not in STEER_SCALES:
-            raise InferAlignerError(f"steer_scale must be 'unit' or 'raw', not '{steer_scale}'.")
+        self.settings = (settings or AlignerSettings()).merged(**options)
+        mode = self.settings.mode
         self.model = model
         self.tokenizer = tokenizer
-        self.mode = Mode(mode)
-        self.alpha = float(alpha)
-        self.refusal = refusal
-        self.system = system
-        self.layers = decoder_layers(model, layers_path)
+        self.layers = decoder_layers(model, self.settings.layers_path)
         self._lock = threading.RLock()
-        needs_target = self.mode in (Mode.INFERALIGNER, Mode.SELF, Mode.SIMPLE)
-        needs_aligned = self.mode in (Mode.INFERALIGNER, Mode.ALWAYS)
+        needs_target = mode.gated
+        needs_aligned = mode in (Mode.INFERALIGNER, Mode.ALWAYS)
         if needs_target and target_vectors is None:
-            raise InferAlignerError(f"Mode '{self.mode.value}' needs the target's own vectors (--target-vectors).")
+            raise InferAlignerError(f"Mode '{mode.value}' needs the target's own vectors (--target-vectors).")
         if needs_aligned and aligned_vectors is None:
-            raise InferAlignerError(f"Mode '{self.mode.value}' needs the aligned model's vectors (--aligned-vectors).")
+            raise InferAlignerError(f"Mode '{mode.value}' needs the aligned model's vectors (--aligned-vectors).")
         for vectors, role in ((target_vectors, "target vectors"), (aligned_vectors, "aligned vectors")):
             if vectors is not None:
                 vectors.check_fits(model, role)
+                vectors.check_finite(role)
         if target_vectors is not None and aligned_vectors is not None:
             aligned_vectors.check_compatible(target_vectors, ("aligned", "target"))
         self.target_vectors = target_vectors
         self.aligned_vectors = aligned_vectors
-        self.gate: Gate | None = target_vectors.make_gate(gate_layer, gate_bias) if target_vectors else None
-        steering = {
-            Mode.INFERALIGNER: aligned_vectors,
-            Mode.ALWAYS: aligned_vectors,
-            Mode.SELF: target_vectors,
-        }
-        self.steering_vectors = steering.get(self.mode)
+        self.gate: Gate | None = (
+            target_vectors.make_gate(self.settings.gate_layer, self.settings.gate_bias) if target_vectors else None
+        )
+        if self.gate is None and self.settings.gate_layer is not None:
+            raise SettingsError("gate_layer was given but there is no gate: give the target's vectors.")
+        steering = {Mode.INFERALIGNER: aligned_vectors, Mode.ALWAYS: aligned_vectors, Mode.SELF: target_vectors}
+        self.steering_vectors = steering.get(mode)
         fitted = self.steering_vectors is not None and self.steering_vectors.fitted
-        if fitted and steer_scale == "unit":
-            raise InferAlignerError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
-        self.steer_scale = steer_scale or ("raw" if fitted else "unit")
+        if fitted and self.settings.steer_scale is SteerScale.UNIT:
+            raise SettingsError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
+        self.steer_scale = self.settings.steer_scale or (SteerScale.RAW if fitted else SteerScale.UNIT)
         if self.steering_vectors is None:
             self.steer_layers: list[int] = []
-        elif steer_layers is not None:
-            self.steer_layers = sorted(set(steer_layers))
+        elif self.settings.steer_layers is not None:
+            self.steer_layers = list(self.settings.steer_layers)
         else:
             self.steer_layers = default_steer_layers(self.steering_vectors, target_vectors)
+        outside = [i for i in self.steer_layers if i >= len(self.layers)]
+        if outside:
+            raise SettingsError(f"steer_layers {outside} are outside this model's layers 0..{len(self.layers) - 1}.")
+        self._directions = self._steer_directions()
 
     @classmethod
     def from_pretrained(
@@ -141,36 +122,66 @@ class InferAligner:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         trust_remote_code: bool = False,
-        **kwargs: Any,
+        **options: Any,
     ) -> InferAligner:
-        """Load the target model and the vector files, then build the aligner (other options as in `__init__`)."""
-        model, tokenizer = load_model(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        """Load the target model (any name `inferaligner.loading.load` takes) and the vector files, then build the
+        aligner (`settings` and options as in `__init__`)."""
+        from inferaligner.loading import load
+
+        loaded = load(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         return cls(
-            model,
-            tokenizer,
+            loaded.model,
+            loaded.tokenizer,
             target_vectors=SafetyVectors.load(target_vectors) if target_vectors else None,
             aligned_vectors=SafetyVectors.load(aligned_vectors) if aligned_vectors else None,
-            **kwargs,
+            **options,
         )
+
+    def variant(self, **options: Any) -> InferAligner:
+        """An aligner on the same model and vectors with some settings changed (e.g. `mode="off"` for the plain
+        target); it shares this one's lock, since both hook the same model."""
+        other = type(self)(self.model, self.tokenizer, target_vectors=self.target_vectors,
+                           aligned_vectors=self.aligned_vectors, settings=self.settings.merged(**options))  # fmt: skip
+        other._lock = self._lock
+        return other
+
+    def _steer_directions(self) -> torch.Tensor | None:
+        """What is added per layer (times alpha): the unit vectors (the paper), or at raw scale the unnormalised
+        vectors, whose size follows each layer's own activation scale (fitted vectors: the fitted size)."""
+        vectors = self.steering_vectors
+        if vectors is None:
+            return None
+        return vectors.directions * vectors.norms[:, None] if self.steer_scale is SteerScale.RAW else vectors.directions
 
     @property
     def steer_directions(self) -> torch.Tensor | None:
-        """What is added per layer (times alpha): the unit vectors (the paper), or with `steer_scale="raw"` the
-        unnormalised harmful-minus-harmless differences, whose size follows each layer's own activation scale."""
-        if self.steering_vectors is None:
-            return None
-        vectors = self.steering_vectors
-        return vectors.directions * vectors.norms[:, None] if self.steer_scale == "raw" else vectors.directions
+        """The per-layer vectors that steering adds (times alpha), at the resolved scale; `None` if nothing steers."""
+        return self._directions
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def describe(self) -> dict[str, Any]:
+        """What this aligner does, resolved (layers and scale as used, the gate as read): for logs, caches, reports."""
+        gate = self.gate
+        return {
+            "model": getattr(self.model, "name_or_path", ""),
+            "mode": self.settings.mode.value,
+            "alpha": self.settings.alpha if self.steering_vectors is not None else None,
+            "scale": self.steer_scale.value,
+            "layers": self.steer_layers,
+            "vectors": "teacher-fitted" if self.steering_vectors is not None and self.steering_vectors.fitted
+            else ("mean-difference" if self.steering_vectors is not None else None),
+            "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
+            "system": self.settings.system,
+        }  # fmt: skip
+
     def encode(self, prompts: Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Chat-format and tokenize user instructions into a left-padded batch (`input_ids`, `attention_mask`)
         on the model's device, ready for `generate`; raises `PromptTooLongError` if a prompt plus
         `max_new_tokens` would not fit the context."""
-        texts = format_chats(self.tokenizer, prompts, self.system)
+        texts = format_chats(self.tokenizer, prompts, self.settings.system)
         batch = encode(self.tokenizer, texts, max_tokens=context_length(self.model), reserve=max_new_tokens)
         return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
 
@@ -216,35 +227,51 @@ class InferAligner:
                 **model_inputs,
             )
 
-    def row_gates(self, decisions: list[GateDecision] | None, rows: int) -> torch.Tensor:
-        """The per-row steering gate for this mode: 1.0 where the row is steered, else 0.0."""
-        if self.mode is Mode.ALWAYS:
-            return torch.ones(rows)
-        if self.mode in (Mode.OFF, Mode.SIMPLE) or decisions is None:
-            return torch.zeros(rows)
-        return torch.tensor([1.0 if d.fired else 0.0 for d in decisions])
+    def plan(self, decisions: Sequence[GateDecision] | None, rows: int, allowed: Sequence[bool] | None = None) -> Plan:
+        """What this aligner does to each row, given the gate's decisions (see `inferaligner.plan.make_plan`).
+        `allowed` marks the rows InferAligner may act on (default: all)."""
+        return make_plan(self.settings.mode, decisions, rows, self.settings.refusal, allowed)
 
-    def intervened(self, decisions: list[GateDecision] | None, rows: int) -> list[bool]:
-        """Per row, whether InferAligner changed the answer (steered it, or in simple mode replaced it)."""
-        if self.mode is Mode.SIMPLE:
-            return [bool(d.fired) for d in decisions] if decisions else [False] * rows
-        return [bool(g) for g in self.row_gates(decisions, rows)]
+    def decide(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        allowed: Sequence[bool] | None = None,
+        **model_inputs: Any,
+    ) -> Plan:
+        """Read the gate on these prompts (when the mode has one) and plan every row."""
+        decisions = self.gate_decisions(input_ids, attention_mask, **model_inputs)
+        return self.plan(decisions, len(input_ids), allowed)
+
+    @contextmanager
+    def steered(self, plan: Plan, repeat: int = 1) -> Iterator[None]:
+        """The model as `plan` wants it, for any forward pass or `generate` call inside the block: steering hooks on
+        the steered rows (each row repeated `repeat` times in the batch), none when no row is steered. Holds the
+        aligner's lock, since hooks act on the whole model."""
+        with self._lock:
+            if plan.steers and self._directions is not None:
+                gates = plan.steer_gates(repeat)
+                with add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, gates):
+                    yield
+            else:
+                yield
 
     def generate(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        return_gates: bool = False,
-        gates: list[GateDecision] | None = None,
+        plan: Plan | None = None,
         allowed: Sequence[bool] | None = None,
+        return_plan: bool = False,
         **generate_kwargs: Any,
     ) -> Any:
-        """`model.generate` with InferAligner applied: a drop-in, rows gated independently.
+        """`model.generate` with InferAligner applied: a drop-in, rows planned independently.
 
-        Returns what `model.generate` returns, or `(output, gate decisions)` with `return_gates=True`.
-        `gates` passes decisions already made by `gate_decisions` for these rows, to skip the gate pass.
-        `allowed` marks the rows InferAligner may act on (default: all); the others are generated plainly.
+        Returns what `model.generate` returns, or `(output, plan)` with `return_plan=True`. `plan` passes a plan
+        already made by `decide` for these rows, to skip the gate pass; `allowed` marks the rows InferAligner may
+        act on (default: all), when no plan is given.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -252,61 +279,64 @@ class InferAligner:
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         extra = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         with self._lock:
-            decisions = gates if gates is not None else self.gate_decisions(input_ids, attention_mask, **extra)
-            allow = torch.tensor([bool(a) for a in allowed] if allowed is not None else [True] * len(input_ids))
-            output = self._generate(input_ids, attention_mask, decisions, allow, generate_kwargs)
-        return (output, decisions) if return_gates else output
+            if plan is None:
+                plan = self.decide(input_ids, attention_mask, allowed=allowed, **extra)
+            elif len(plan) != len(input_ids):
+                raise InferAlignerError(f"A plan for {len(plan)} rows was given for a batch of {len(input_ids)}.")
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
+            if plan.refuses:
+                output = self._refuse(inputs, plan)
+            else:
+                with self.steered(plan):
+                    output = self.model.generate(**inputs)
+        return (output, plan) if return_plan else output
 
-    def _generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        decisions: list[GateDecision] | None,
-        allowed: torch.Tensor,
-        generate_kwargs: dict[str, Any],
-    ) -> Any:
-        row_gates = self.row_gates(decisions, len(input_ids)) * allowed
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
-        refuse = [bool(d.fired and a) for d, a in zip(decisions or [], allowed.tolist(), strict=False)]
-        if self.mode is Mode.SIMPLE and any(refuse):
-            return self._refuse(inputs, refuse)
-        directions = self.steer_directions
-        if bool(row_gates.any()) and directions is not None:
-            with add_steering(self.layers, directions, self.steer_layers, self.alpha, row_gates):
-                return self.model.generate(**inputs)
-        return self.model.generate(**inputs)
-
-    def _refuse(self, inputs: dict[str, Any], fired: list[bool]) -> Any:
-        """SIMPLE mode: fired rows get the fixed refusal; the others are generated as usual (same batch)."""
+    def _refuse(self, inputs: dict[str, Any], plan: Plan) -> Any:
+        """Refused rows get their fixed answer; the others are generated as the plan says (same batch)."""
         input_ids = inputs["input_ids"]
         streamer = inputs.pop("streamer", None)
-        refusal = self.tokenizer(self.refusal, add_special_tokens=False)["input_ids"]
-        if self.tokenizer.eos_token_id is not None:
-            refusal = [*refusal, self.tokenizer.eos_token_id]
-        refusal = refusal[: inputs.get("max_new_tokens") or len(refusal)]
-        if all(fired):
+        answers = {row: self._answer_ids(r.answer, inputs) for row, r in enumerate(plan) if r.answer is not None}
+        if len(answers) == len(plan):
             output: Any = input_ids
             new = input_ids.new_empty((len(input_ids), 0))
             if streamer is not None:
                 streamer.put(input_ids.cpu())
-                streamer.put(torch.tensor(refusal))
+                streamer.put(torch.tensor(answers[0]))
                 streamer.end()
         else:
-            output = self.model.generate(**inputs, streamer=streamer)
+            with self.steered(plan):
+                output = self.model.generate(**inputs, streamer=streamer)
             new = _sequences(output)[:, input_ids.shape[1] :]
-        width = max(new.shape[1], len(refusal))
+        width = max(new.shape[1], *(len(a) for a in answers.values()))
         pad = inputs.get("pad_token_id", self.tokenizer.pad_token_id)
         rows = new.new_full((len(input_ids), width), pad)
         rows[:, : new.shape[1]] = new
-        for row, row_fired in enumerate(fired):
-            if row_fired:
-                rows[row] = pad
-                rows[row, : len(refusal)] = torch.tensor(refusal)
+        for row, answer in answers.items():
+            rows[row] = pad
+            rows[row, : len(answer)] = torch.tensor(answer)
         sequences = torch.cat([input_ids, rows], dim=1)
         if isinstance(output, torch.Tensor):
             return sequences
         output.sequences = sequences
         return output
+
+    def _answer_ids(self, answer: str, inputs: dict[str, Any]) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return ids[: inputs.get("max_new_tokens") or len(ids)]
+
+    def answer(
+        self, prompts: Sequence[str], batch: dict[str, torch.Tensor], *, max_new_tokens: int, **generate_kwargs: Any
+    ) -> list[Completion]:
+        """Completions of one encoded batch (from `encode`, or an image-text processor) of these prompts."""
+        output, plan = self.generate(**batch, max_new_tokens=max_new_tokens, return_plan=True, **generate_kwargs)
+        new = _sequences(output)[:, batch["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [
+            Completion(prompt, text.strip(), row.gate, row.intervened)
+            for prompt, text, row in zip(prompts, texts, plan, strict=True)
+        ]
 
     def complete(
         self,
@@ -324,31 +354,19 @@ class InferAligner:
         for start in tqdm(starts, desc="generating", disable=not progress, unit="batch"):
             chunk = list(prompts[start : start + batch_size])
             batch = self.encode(chunk, max_new_tokens)
-            output, decisions = self.generate(
-                **batch, max_new_tokens=max_new_tokens, return_gates=True, **generate_kwargs
-            )
-            new = _sequences(output)[:, batch["input_ids"].shape[1] :]
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            changed = self.intervened(decisions, len(chunk))
-            for i, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
-                results.append(Completion(prompt, text.strip(), decisions[i] if decisions else None, changed[i]))
+            results += self.answer(chunk, batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return results
 
     def stream(
         self, prompt: str, *, max_new_tokens: int = 256, **generate_kwargs: Any
-    ) -> tuple[GateDecision | None, Iterator[str]]:
-        """The gate decision for `prompt` and an iterator over the answer's text pieces as they are generated."""
+    ) -> tuple[RowPlan, Iterator[str]]:
+        """The plan for `prompt` (gate decision, action) and an iterator over the answer's text pieces as they are
+        generated."""
         batch = self.encode([prompt], max_new_tokens)
-        decisions = self.gate_decisions(**batch)
+        plan = self.decide(**batch)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         generate_kwargs.setdefault("do_sample", False)
-        kwargs = {
-            **batch,
-            "max_new_tokens": max_new_tokens,
-            "streamer": streamer,
-            "gates": decisions,
-            **generate_kwargs,
-        }
+        kwargs = {**batch, "max_new_tokens": max_new_tokens, "streamer": streamer, "plan": plan, **generate_kwargs}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -367,7 +385,7 @@ class InferAligner:
             if errors:
                 raise errors[0]
 
-        return (decisions[0] if decisions else None), pieces()
+        return plan[0], pieces()
 
 
 def default_steer_layers(steering: SafetyVectors, gate_vectors: SafetyVectors | None) -> list[int]:

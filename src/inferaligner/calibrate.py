@@ -9,79 +9,24 @@ that best, the weakest strength (it changes benign answers least when the gate f
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
+from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
+from inferaligner.settings import SteeringSettings
 from inferaligner.vectors import SafetyVectors
 
-SETTINGS_FORMAT = "inferaligner.steering_settings"
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 DEFAULT_ALPHAS = (4.0, 8.0)  # the paper's strengths for its unit mean-difference vectors
 NEAR_BEST = 0.02
-
-
-@dataclass(frozen=True)
-class SteeringSettings:
-    """Which vectors steer, where and how strongly: what `inferaligner calibrate` writes and the aligner reads.
-
-    `vectors` is relative to the settings file when the file is loaded from disk.
-    """
-
-    vectors: str
-    alpha: float
-    layers: tuple[int, ...]
-    scale: str  # "raw" (teacher-fitted vectors carry their strength) or "unit" (the paper's unit vectors)
-    kind: str
-    candidate: str = ""
-    source: str = "inferaligner calibrate"
-    table: list[dict[str, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise InferAlignerError(f"The steering strength must be a positive number, not {self.alpha}.")
-        if self.scale not in ("unit", "raw") or not self.layers:
-            raise InferAlignerError("Steering settings need layers and a scale of 'unit' or 'raw'.")
-
-    def save(self, path: str | Path) -> Path:
-        """Write the settings as JSON, with the vector file's path relative to the settings file's folder."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        vectors = Path(self.vectors)
-        if vectors.is_absolute() or vectors.exists():
-            vectors = Path(os.path.relpath(vectors.resolve(), path.parent.resolve()))
-        data = {"format": SETTINGS_FORMAT, **asdict(self), "vectors": vectors.as_posix()}
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> SteeringSettings:
-        """Read a settings file; its `vectors` path is made absolute (it is stored relative to the file)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InferAlignerError(f"Cannot read steering settings {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.pop("format", None) != SETTINGS_FORMAT:
-            raise InferAlignerError(f"{path} is not a steering settings file; write one with `inferaligner calibrate`.")
-        try:
-            settings = cls(**{**data, "layers": tuple(data["layers"])})
-        except (KeyError, TypeError) as exc:
-            raise InferAlignerError(f"{path} is an incomplete steering settings file ({exc}).") from exc
-        vectors = Path(settings.vectors)
-        return settings if vectors.is_absolute() else replace(settings, vectors=str(path.parent / vectors))
-
-    def aligner_options(self) -> dict[str, Any]:
-        """Keyword arguments for `InferAligner` (besides the vectors themselves)."""
-        return {"alpha": self.alpha, "steer_layers": list(self.layers), "steer_scale": self.scale}
 
 
 @dataclass(frozen=True)
@@ -128,9 +73,6 @@ def calibrate(
     Returns the chosen settings and the table: per candidate and strength, the shares of coherent refusals,
     content and degenerate answers on `harmful`, and of kept answers (content) and refusals on `benign`.
     """
-    from inferaligner.aligner import InferAligner
-    from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
-
     if not harmful or not benign or not candidates:
         raise InferAlignerError("Calibration needs harmful and benign prompts and at least one candidate.")
     judge = RefusalJudge()

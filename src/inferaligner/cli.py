@@ -7,12 +7,19 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from inferaligner.errors import InferAlignerError
+
+if TYPE_CHECKING:
+    from inferaligner.aligner import InferAligner
+    from inferaligner.loading import Loaded
+    from inferaligner.settings import AlignerSettings
+    from inferaligner.vectors import SafetyVectors
 
 log = logging.getLogger("inferaligner")
 
@@ -42,40 +49,49 @@ def _floats(spec: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"'{spec}' is not a comma-separated list of numbers.") from exc
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _model_options(parser: argparse.ArgumentParser, default: str | None = "embedded") -> None:
+    """--model and how to load it; `default` None means the verb has its own (the demo pair for `serve`)."""
     from inferaligner.models import EMBEDDED_MODEL
 
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model", default=EMBEDDED_MODEL, help="hub id, local folder, .gguf file (default: %(default)s)"
-    )
+    if default is None:
+        group.add_argument("--model", help="target model (default: the shipped demo pair)")
+    else:
+        group.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, .gguf file or zoo:NAME "
+                           "(default: %(default)s)")  # fmt: skip
     group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     group.add_argument("--layers-path", help="dotted path of the decoder-block list, for unknown families")
     group.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
 
 
-def _aligner_options(parser: argparse.ArgumentParser) -> None:
-    from inferaligner.aligner import DEFAULT_ALPHA, STEER_SCALES, Mode
+def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> None:
+    """The aligner's options, shared by every verb that builds one. All default to None: `settings.resolve` fills
+    in the --settings file's values, then the library's defaults."""
+    from inferaligner.settings import DEFAULT_ALPHA, Mode, SteerScale
 
-    _model_options(parser)
     group = parser.add_argument_group("alignment")
     group.add_argument("--target-vectors", type=Path, help="the target model's own vectors (they define the gate)")
     group.add_argument("--aligned-vectors", type=Path, help="the steering vectors: the aligned model's mean "
                        "differences (`extract`) or vectors fitted from its answers (`fit`)")  # fmt: skip
     group.add_argument("--settings", type=Path, help="steering settings from `calibrate` (vectors, alpha, layers, "
                        "scale); options given here win")  # fmt: skip
-    group.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.INFERALIGNER.value)
+    if modes:
+        group.add_argument("--mode", choices=[m.value for m in Mode], help="default: inferaligner")
     group.add_argument("--alpha", type=float, help=f"steering strength (default: the settings', else {DEFAULT_ALPHA})")
-    group.add_argument("--layers", type=parse_layers, help="steered layers, e.g. '5-20' (default: automatic)")
-    group.add_argument(
-        "--steer-scale",
-        choices=STEER_SCALES,
-        help="add alpha x unit vectors (paper) or alpha x raw vectors (default for fitted ones)",
-    )
+    group.add_argument("--layers", dest="steer_layers", type=parse_layers,
+                       help="steered layers, e.g. '5-20' (default: the settings', else automatic)")  # fmt: skip
+    scales = [s.value for s in SteerScale]
+    group.add_argument("--steer-scale", choices=scales, help="alpha x unit vectors (paper) or alpha x raw vectors "
+                       "(default for fitted ones)")  # fmt: skip
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
+    if modes:
+        group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
+
+
+def _generation_options(parser: argparse.ArgumentParser) -> None:
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -84,53 +100,39 @@ def _aligner_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0)
 
 
-def _build_aligner(args: argparse.Namespace, processor_out: list[object] | None = None):
-    """The aligner the options describe; for an image-text model (--image) its processor goes into processor_out."""
-    from inferaligner.aligner import InferAligner
-    from inferaligner.models import load_model
-    from inferaligner.multimodal import load_multimodal
+def _alignment(options: Mapping[str, Any]) -> tuple[AlignerSettings, SafetyVectors | None, SafetyVectors | None]:
+    """The aligner's settings and vectors from options (CLI or server config): options given win over the
+    --settings file, which wins over the defaults; the steering vectors are --aligned-vectors, else the file's."""
+    from inferaligner.settings import SteeringSettings, resolve
     from inferaligner.vectors import SafetyVectors
 
-    steering = _steering_options(args)
-    target = SafetyVectors.load(args.target_vectors) if args.target_vectors else None
-    aligned = SafetyVectors.load(steering["aligned_vectors"]) if steering["aligned_vectors"] else None
-    _status(f"loading {args.model}")
-    options = {"dtype": DTYPES[args.dtype], "device": args.device, "trust_remote_code": args.trust_remote_code}
-    if processor_out is not None:
-        model, processor = load_multimodal(args.model, **options)
-        processor_out.append(processor)
-        tokenizer = processor.tokenizer
-    else:
-        model, tokenizer = load_model(args.model, **options)
-    return InferAligner(
-        model,
-        tokenizer,
-        target_vectors=target,
-        aligned_vectors=aligned,
-        mode=args.mode,
-        alpha=steering["alpha"],
-        steer_layers=steering["steer_layers"],
-        gate_layer=args.gate_layer,
-        gate_bias=args.gate_bias,
-        system=args.system,
-        layers_path=args.layers_path,
-        steer_scale=steering["steer_scale"],
-    )
+    steering = SteeringSettings.load(options["settings"]) if options.get("settings") else None
+    settings = resolve(options, steering)
+    target = SafetyVectors.load(options["target_vectors"]) if options.get("target_vectors") else None
+    aligned_path = options.get("aligned_vectors") or (steering.vectors if steering else None)
+    aligned = SafetyVectors.load(aligned_path) if aligned_path else None
+    return settings, target, aligned
 
 
-def _steering_options(args: argparse.Namespace) -> dict[str, object]:
-    """Steering vectors, alpha, layers and scale: options given on the command line, else the --settings file,
-    else the defaults."""
-    from inferaligner.aligner import DEFAULT_ALPHA
-    from inferaligner.calibrate import SteeringSettings
+def _load(options: Mapping[str, Any], name: str | None = None) -> Loaded:
+    """The model named by `name` (default: the --model option), loaded as the --dtype / --device options say."""
+    from inferaligner.loading import load
 
-    chosen = SteeringSettings.load(args.settings) if getattr(args, "settings", None) else None
-    return {
-        "aligned_vectors": args.aligned_vectors or (chosen.vectors if chosen else None),
-        "alpha": args.alpha if args.alpha is not None else (chosen.alpha if chosen else DEFAULT_ALPHA),
-        "steer_layers": args.layers or (list(chosen.layers) if chosen else None),
-        "steer_scale": args.steer_scale or (chosen.scale if chosen else None),
-    }
+    name = str(name or options["model"])
+    _status(f"loading {name}")
+    return load(name, dtype=DTYPES[options.get("dtype") or "float32"], device=options.get("device") or "cpu",
+                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
+
+
+def _build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
+    """The aligner the options describe, and the model's processor (image-text models; else None)."""
+    from inferaligner.aligner import InferAligner
+
+    settings, target, aligned = _alignment(options)
+    loaded = _load(options)
+    aligner = InferAligner(loaded.model, loaded.tokenizer, target_vectors=target, aligned_vectors=aligned,
+                           settings=settings)  # fmt: skip
+    return aligner, loaded.processor
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -147,7 +149,6 @@ def _status(message: str) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from inferaligner.models import load_model
     from inferaligner.prompts import load_prompt_sources
     from inferaligner.vectors import extract_safety_vectors
 
@@ -159,10 +160,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             load_prompt_sources(args.calib_harmful, args.column, args.limit),
             load_prompt_sources(args.calib_harmless, args.column, args.limit),
         )
-    _status(f"loading {args.model}")
-    model, tokenizer = load_model(
-        args.model, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    loaded = _load(vars(args))
+    model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     vectors = extract_safety_vectors(
         model,
@@ -196,6 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise InferAlignerError("Give prompts as arguments or with --file.")
     kwargs = _generation_kwargs(args)
+    aligner, processor = _build_aligner(vars(args))
     if args.image:
         from inferaligner.multimodal import MultimodalAligner
 
@@ -203,19 +203,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(images) != len(prompts):
             raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
                                     "(write 'none' for a prompt without an image).")  # fmt: skip
-        processor: list[object] = []
-        aligner = _build_aligner(args, processor)
-        multimodal = MultimodalAligner(aligner, processor[0], args.prompt_template)
+        if processor is None:
+            raise InferAlignerError(f"{args.model} is a text-only model and cannot take images; use an image-text "
+                                    "model.")  # fmt: skip
+        multimodal = MultimodalAligner(aligner, processor, args.prompt_template)
         completions = multimodal.complete(prompts, images, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size, **kwargs)  # fmt: skip
     else:
-        aligner = _build_aligner(args)
         completions = aligner.complete(
             prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json, **kwargs
         )
     for completion in completions:
         if args.json:
-            print(json.dumps({**completion.as_dict(), "mode": aligner.mode.value}), flush=True)
+            print(json.dumps({**completion.as_dict(), "mode": aligner.settings.mode.value}), flush=True)
         else:
             print(_gate_line(completion.gate, completion.intervened))
             print(f"> {completion.prompt}\n{completion.text}\n")
@@ -226,12 +226,12 @@ def _gate_line(gate: object, intervened: bool) -> str:
     if gate is None:
         return "[gate: none]"
     state = "FIRED" if gate.fired else "off"  # type: ignore[attr-defined]
-    action = ", answer steered" if intervened else ""
+    action = ", answer changed by InferAligner" if intervened else ""
     return f"[gate {state}: score {gate.score:+.3f} at layer {gate.layer}{action}]"  # type: ignore[attr-defined]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    aligner = _build_aligner(args)
+    aligner, _ = _build_aligner(vars(args))
     kwargs = _generation_kwargs(args)
     print("Chat with the target model under InferAligner. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -242,11 +242,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not prompt:
             break
         try:
-            gate, pieces = aligner.stream(prompt, max_new_tokens=args.max_new_tokens, **kwargs)
+            row, pieces = aligner.stream(prompt, max_new_tokens=args.max_new_tokens, **kwargs)
         except InferAlignerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
-        print(_gate_line(gate, bool(gate and gate.fired and aligner.mode.value != "off")), file=sys.stderr)
+        print(_gate_line(row.gate, row.intervened), file=sys.stderr)
         print("bot> ", end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
@@ -286,7 +286,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from inferaligner.eval.judges import CONTENT, RefusalJudge, is_coherent_refusal, outcome
     from inferaligner.fit import FitSettings, fit_steering_vectors, teacher_answers, with_roleplay
-    from inferaligner.models import load_model
     from inferaligner.prompts import load_prompt_sources
 
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
@@ -294,17 +293,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     settings = FitSettings(layers=tuple(args.layers) if args.layers else None, steps=args.steps,
                            learning_rate=args.lr, batch_size=args.batch_size,
                            max_answer_tokens=args.answer_tokens)  # fmt: skip
-    options = {"dtype": DTYPES[args.dtype], "device": args.device, "trust_remote_code": args.trust_remote_code}
     judge = RefusalJudge()
     started = time.perf_counter()
-    _status(f"loading the aligned model {args.aligned} (the teacher)")
-    teacher, teacher_tok = load_model(args.aligned, **options)
+    _status("the aligned model is the teacher")
+    loaded = _load(vars(args), args.aligned)
+    teacher, teacher_tok = loaded.model, loaded.tokenizer
     refusals = teacher_answers(teacher, teacher_tok, harmful, system=args.system, max_new_tokens=args.answer_tokens,
                                keep=is_coherent_refusal)  # fmt: skip
     answers = teacher_answers(teacher, teacher_tok, benign, harmful=False, system=args.system,
                               max_new_tokens=args.answer_tokens,
                               keep=lambda t: outcome(judge.judge(t), t) == CONTENT) if benign else []  # fmt: skip
-    del teacher
+    del teacher, loaded
     _status(f"the teacher refused {len(refusals)} of {len(harmful)} harmful prompts coherently (kept) and answered "
             f"{len(answers)} of {len(benign)} benign ones (kept)")  # fmt: skip
     if not refusals:
@@ -313,8 +312,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     examples = [*refusals, *answers]
     if not args.no_roleplay:
         examples = with_roleplay(examples)
-    _status(f"loading the target {args.model}")
-    model, tokenizer = load_model(args.model, **options)
+    target = _load(vars(args))
+    model, tokenizer = target.model, target.tokenizer
     result = fit_steering_vectors(model, tokenizer, examples, settings, teacher_name=str(args.aligned),
                                   system=args.system, layers_path=args.layers_path)  # fmt: skip
     path = result.vectors.save(args.out)
@@ -327,7 +326,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from inferaligner.calibrate import calibrate, candidate, plot, table_markdown
-    from inferaligner.models import load_model
     from inferaligner.prompts import load_prompt_sources
 
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
@@ -338,9 +336,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise InferAlignerError("--aligned-vectors needs --mean-difference-layers (which layers they steer).")
         candidates.append(candidate("mean-difference", args.aligned_vectors, args.alphas,
                                     args.mean_difference_layers, args.mean_difference_scale))  # fmt: skip
-    _status(f"loading {args.model}")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                  trust_remote_code=args.trust_remote_code)  # fmt: skip
+    loaded = _load(vars(args))
+    model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     settings, rows = calibrate(model, tokenizer, candidates, harmful, benign, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size)  # fmt: skip
@@ -402,28 +399,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 SERVE_DEFAULTS = {
     "host": "127.0.0.1", "port": 8000, "max_batch": 8, "batch_wait_ms": 10.0, "max_queue": 64,
-    "max_tokens_limit": 512, "default_max_tokens": 256, "served_model_name": None, "api_key": None,
-    "allow_client_disable": False,
+    "max_tokens_limit": 512, "default_max_tokens": 256, "allow_client_disable": False,
 }  # fmt: skip
-ALIGNER_KEYS = ("model", "target_vectors", "aligned_vectors", "settings", "mode", "alpha", "layers", "gate_layer",
-                "gate_bias", "steer_scale")  # fmt: skip
+NOT_CONFIG = {"run", "verb", "verbose", "config"}
 
 
-def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
-    """Server settings: defaults, then the --config file, then options given on the command line."""
-    settings: dict[str, object] = dict(SERVE_DEFAULTS)
+def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Server options: defaults, then the --config file (keys: the long option names, with '_' for '-'), then
+    options given on the command line. Without --model: the shipped demo pair."""
+    from inferaligner.demo import demo_sources
+
+    known = set(vars(args)) - NOT_CONFIG
+    options: dict[str, Any] = dict(SERVE_DEFAULTS)
     if args.config:
         try:
             loaded = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InferAlignerError(f"Cannot read the server config {args.config}: {exc}") from exc
-        unknown = set(loaded) - set(SERVE_DEFAULTS) - set(ALIGNER_KEYS)
+        if not isinstance(loaded, dict):
+            raise InferAlignerError(f"{args.config} must hold a JSON object of options.")
+        if "layers" in loaded:  # the option is --layers; its value is stored as steer_layers
+            layers = loaded.pop("layers")
+            loaded["steer_layers"] = parse_layers(layers) if isinstance(layers, str) else layers
+        unknown = set(loaded) - known
         if unknown:
             raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
-        settings |= loaded
-    keys = set(SERVE_DEFAULTS) | set(ALIGNER_KEYS)
-    settings |= {key: value for key, value in vars(args).items() if key in keys and value is not None}
-    return settings
+        options |= loaded
+    options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
+    if not options.get("model"):
+        demo = demo_sources()
+        if options.get("aligned_vectors") or options.get("settings"):
+            demo.pop("settings")
+        options = {**demo, **{k: v for k, v in options.items() if v is not None}}
+        options.setdefault("served_model_name", "inferaligner-demo")
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -432,34 +441,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from inferaligner import zoo
     from inferaligner.serve import Engine, ServerConfig, create_app
 
-    settings = _serve_settings(args)
+    options = _serve_options(args)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if not settings.get("model"):
-        _status("no --model given: serving the shipped demo pair (target + InferAligner)")
-        aligner = zoo.demo_aligner(mode=str(settings.get("mode") or "inferaligner"))
-        name = settings["served_model_name"] or "inferaligner-demo"
-    else:
-        merged = argparse.Namespace(**{**vars(_aligner_defaults()), **settings})
-        aligner = _build_aligner(merged)
-        name = settings["served_model_name"] or str(settings["model"])
+    aligner, _ = _build_aligner(options)
     config = ServerConfig(
-        model_name=str(name),
-        max_tokens_limit=int(settings["max_tokens_limit"]),
-        default_max_tokens=int(settings["default_max_tokens"]),
-        api_key=settings["api_key"] or os.environ.get("INFERALIGNER_API_KEY") or None,
-        allow_client_disable=bool(settings["allow_client_disable"]),
+        model_name=str(options.get("served_model_name") or options["model"]),
+        max_tokens_limit=int(options["max_tokens_limit"]),
+        default_max_tokens=int(options["default_max_tokens"]),
+        api_key=options.get("api_key") or os.environ.get("INFERALIGNER_API_KEY") or None,
+        allow_client_disable=bool(options["allow_client_disable"]),
     )
-    engine = Engine(aligner, max_batch=int(settings["max_batch"]), batch_wait_s=float(settings["batch_wait_ms"]) / 1000,
-                    max_queue=int(settings["max_queue"]))  # fmt: skip
-    _status(
-        f"serving '{config.model_name}' (mode {aligner.mode.value}) on http://{settings['host']}:{settings['port']}"
-    )
-    uvicorn.run(create_app(engine, config), host=str(settings["host"]), port=int(settings["port"]),
+    engine = Engine(aligner, max_batch=int(options["max_batch"]), batch_wait_s=float(options["batch_wait_ms"]) / 1000,
+                    max_queue=int(options["max_queue"]))  # fmt: skip
+    mode = aligner.settings.mode.value
+    _status(f"serving '{config.model_name}' (mode {mode}) on http://{options['host']}:{options['port']}")
+    uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
                 log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
     return 0
 
@@ -468,12 +468,6 @@ def _method_names() -> tuple[str, ...]:
     from inferaligner.eval.methods import ALL_METHODS
 
     return ALL_METHODS
-
-
-def _aligner_defaults() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _aligner_options(parser)
-    return parser.parse_args([])
 
 
 def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, object]:
@@ -500,52 +494,44 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from inferaligner import zoo
-    from inferaligner.calibrate import SteeringSettings
     from inferaligner.eval.judges import RefusalJudge
     from inferaligner.eval.llm_judge import LLMJudge
     from inferaligner.eval.methods import ALL_METHODS, build_methods
     from inferaligner.eval.report import write_report
     from inferaligner.eval.runner import evaluate
     from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
-    from inferaligner.models import load_model
+    from inferaligner.settings import SteeringSettings, resolve
     from inferaligner.vectors import SafetyVectors
 
     methods = args.methods.split(",") if args.methods else list(ALL_METHODS)
+    options = {key: value for key, value in vars(args).items() if value is not None}
     extra: dict[str, object] = {}
     processor = None
+    paper_file = args.paper_settings
     if args.demo:
         folders = _demo_models(args.demo, args.zoo_dir, methods)
         target, tokenizer = zoo.load(str(folders["target"]))
-        target_vectors = SafetyVectors.load(Path(str(folders["target"])) / "vectors.safetensors")
-        aligned_vectors = SafetyVectors.load(zoo.vectors_path("aligned"))
-        chosen = zoo.settings()
-        paper_settings = zoo.settings("mean-difference")
-        aligned_vectors = SafetyVectors.load(chosen.vectors)
-        alpha = args.alpha if args.alpha is not None else chosen.alpha
-        layers, scale = args.layers or list(chosen.layers), args.steer_scale or chosen.scale
+        options.setdefault("target_vectors", Path(str(folders["target"])) / "vectors.safetensors")
+        if not (args.settings or args.aligned_vectors):
+            options["settings"] = zoo.settings_path()
+        paper_file = paper_file or zoo.settings_path("mean-difference")
         extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
         domain = args.demo
     else:
         if not (args.target and args.target_vectors and (args.aligned_vectors or args.settings)):
             raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors or --settings (or --demo "
                                     "DOMAIN).")  # fmt: skip
-        if args.multimodal:
-            from inferaligner.multimodal import load_multimodal
-
-            target, processor = load_multimodal(args.target, dtype=DTYPES[args.dtype], device=args.device)
-            tokenizer = processor.tokenizer
-        else:
-            target, tokenizer = load_model(args.target, dtype=DTYPES[args.dtype], device=args.device)
-        steering = _steering_options(args)
-        target_vectors = SafetyVectors.load(args.target_vectors)
-        aligned_vectors = SafetyVectors.load(steering["aligned_vectors"])  # type: ignore[arg-type]
-        alpha, layers, scale = steering["alpha"], steering["steer_layers"], steering["steer_scale"]
-        paper_settings = SteeringSettings.load(args.paper_settings) if args.paper_settings else None
+        loaded = _load(options, args.target)
+        if args.multimodal and loaded.processor is None:
+            raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
+        target, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
         for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
             if path:
-                extra[role] = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+                other = _load(options, path)
+                extra[role] = (other.model, other.tokenizer)
         methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
         domain = args.domain or "custom"
+    settings, target_vectors, aligned_vectors = _alignment(options)
     if args.multimodal:
         from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
 
@@ -568,18 +554,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.judge in ("llm", "both"):
         judges.append(LLMJudge.from_env(args.judge_url, args.judge_model, args.judge_key))
     paper = None
-    if paper_settings is not None:
-        paper = (SafetyVectors.load(paper_settings.vectors), paper_settings.aligner_options())
+    if paper_file is not None:  # the paper's vectors with their own steering, the same gate and system prompt
+        paper_steering = SteeringSettings.load(paper_file)
+        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "layers_path")}
+        paper = (SafetyVectors.load(paper_steering.vectors), resolve(shared, paper_steering))
     elif "inferaligner-paper" in methods:
         methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
-    built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, alpha=alpha,
-                          steer_layers=layers, steer_scale=scale, extra_models=extra, paper=paper)  # fmt: skip
+    built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra,
+                          paper=paper)  # fmt: skip
     out = args.out or Path("runs") / "eval" / domain
-    steered = [m.aligner for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
-    config = {"domain": domain, "alpha": alpha, "steer_scale": steered[0].steer_scale if steered else scale,
-              "layers": steered[0].steer_layers if steered else layers,
-              "limit": args.limit,
-              "methods": [m.name for m in built]}  # fmt: skip
+    steered = [m.aligner.describe() for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
+    how = steered[0] if steered else {"alpha": settings.alpha, "scale": None, "layers": None}
+    config = {"domain": domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
+              "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
     _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
     results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
     write_report(results, out, domain)
@@ -610,9 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inference-time harmlessness for fine-tuned LLMs: gated cross-model safety steering.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
-    from inferaligner.aligner import STEER_SCALES
     from inferaligner.gate import POOLINGS
     from inferaligner.prompts import GATE_HARMFUL, GATE_HARMLESS, KINDS
+    from inferaligner.settings import SteerScale
     from inferaligner.vectors import MEAN_DIFFERENCE, PROBE
 
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -648,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(run=cmd_extract)
 
     generate = verbs.add_parser("generate", help="answer prompts with the target model under InferAligner")
-    _aligner_options(generate)
+    _model_options(generate)
+    _alignment_options(generate)
+    _generation_options(generate)
     generate.add_argument("prompt", nargs="*", help="user instructions")
     generate.add_argument("--file", help="read more prompts from a file (txt, jsonl, json, csv)")
     generate.add_argument("--column", help="column / field holding the prompt")
@@ -661,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     chat = verbs.add_parser("chat", help="chat interactively with the target model under InferAligner")
-    _aligner_options(chat)
+    _model_options(chat)
+    _alignment_options(chat)
+    _generation_options(chat)
     chat.set_defaults(run=cmd_chat)
 
     fit = verbs.add_parser("fit", help="fit steering vectors on the target so it answers as the aligned model does")
@@ -691,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--aligned-vectors", type=Path, help="also try the paper's mean-difference vectors")
     calibrate.add_argument("--mean-difference-layers", type=parse_layers,
                            help="layers the mean-difference vectors steer")  # fmt: skip
-    calibrate.add_argument("--mean-difference-scale", choices=STEER_SCALES, default="unit",
+    calibrate.add_argument("--mean-difference-scale", choices=[s.value for s in SteerScale], default="unit",
                            help="unit vectors (the paper) or raw differences")  # fmt: skip
     calibrate.add_argument("--scales", type=_floats, help="strengths for the fitted vectors (default 0.75,1,1.25,1.5)")
     calibrate.add_argument("--alphas", type=_floats, help="alphas for the mean-difference vectors (default 4,8)")
@@ -713,16 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = verbs.add_parser("serve", help="serve an OpenAI-compatible API with InferAligner (default: demo pair)")
     serve.add_argument("--config", type=Path, help="JSON file with any of the options below (options win)")
-    serve.add_argument("--model", help="target model (default: the shipped demo target)")
-    serve.add_argument("--target-vectors", type=Path)
-    serve.add_argument("--aligned-vectors", type=Path)
-    serve.add_argument("--settings", type=Path, help="steering settings from `calibrate`")
-    serve.add_argument("--mode", choices=["inferaligner", "self", "simple", "always", "off"])
-    serve.add_argument("--alpha", type=float)
-    serve.add_argument("--layers", type=parse_layers)
-    serve.add_argument("--steer-scale", choices=STEER_SCALES)
-    serve.add_argument("--gate-layer", type=int)
-    serve.add_argument("--gate-bias", type=float)
+    _model_options(serve, default=None)
+    _alignment_options(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--served-model-name", help="the model id clients send")
@@ -745,14 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     evaluation.add_argument("--demo", choices=["arithmetic", "finance"], help="the demo pair on one domain")
     evaluation.add_argument("--target", help="target model (hub id, folder, .gguf, zoo:NAME)")
-    evaluation.add_argument("--target-vectors", type=Path)
-    evaluation.add_argument("--aligned-vectors", type=Path)
-    evaluation.add_argument("--settings", type=Path, help="steering settings from `calibrate` (options given win)")
+    _alignment_options(evaluation, modes=False)
     evaluation.add_argument("--paper-settings", type=Path, help="settings of the paper's mean-difference vectors, for "
                             "the row inferaligner-paper")  # fmt: skip
-    evaluation.add_argument("--alpha", type=float, help="steering strength (default: the settings', else 4)")
-    evaluation.add_argument("--layers", type=parse_layers, help="steered layers (default: automatic)")
-    evaluation.add_argument("--steer-scale", choices=STEER_SCALES, help="unit vectors (paper) or raw differences")
     evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")
     evaluation.add_argument("--model-safety-sft", help="the domain model trained with safety data (row Safety SFT)")
     evaluation.add_argument("--model-aligned-domain", help="the aligned model fine-tuned on the domain")

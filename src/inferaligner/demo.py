@@ -5,16 +5,39 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.eval.judges import REFUSAL, RefusalJudge, outcome
 from inferaligner.prompts import builtin_records
+from inferaligner.settings import resolve
+from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 
 HARMFUL_CATEGORIES = ("weapons", "cybercrime", "fraud", "drugs")
+
+
+def demo_sources(steering: str = "default") -> dict[str, Path | str]:
+    """Where the demo pair lives: the target model's name, its vector file (the gate), the steering settings."""
+    return {"model": "zoo:target", "target_vectors": zoo.vectors_path("target"),
+            "settings": zoo.settings_path(steering)}  # fmt: skip
+
+
+def demo_aligner(steering: str = "default", **options: Any) -> InferAligner:
+    """InferAligner on the shipped target with the shipped gate, steered as the named settings say; `options`
+    (fields of `AlignerSettings`) win over the settings file."""
+    chosen = zoo.settings(steering)
+    model, tokenizer = zoo.load("target")
+    return InferAligner(
+        model,
+        tokenizer,
+        target_vectors=SafetyVectors.load(zoo.vectors_path("target")),
+        aligned_vectors=SafetyVectors.load(chosen.vectors),
+        settings=resolve(options, chosen),
+    )
 
 
 def demo_prompts() -> tuple[list[str], list[tuple[str, int]]]:
@@ -35,12 +58,12 @@ def run_demo(max_new_tokens: int = 64, out: TextIO = sys.stdout) -> None:
         print(f"[{time.perf_counter() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     step("loading the target (arithmetic fine-tune of SmolLM2-135M-Instruct) and the safety vectors")
-    aligner = zoo.demo_aligner()
-    plain = InferAligner(aligner.model, aligner.tokenizer, target_vectors=aligner.target_vectors, mode="off")
+    aligner = demo_aligner()
+    plain = aligner.variant(mode="off")
     step("target without InferAligner")
     before = plain.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
-    kind = "teacher-fitted" if aligner.steering_vectors and aligner.steering_vectors.fitted else "mean-difference"
-    step(f"target with InferAligner ({kind} vectors, alpha {aligner.alpha:g}, layers {_span(aligner.steer_layers)})")
+    how = aligner.describe()
+    step(f"target with InferAligner ({how['vectors']} vectors, alpha {how['alpha']:g}, layers {_span(how['layers'])})")
     after = aligner.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
     step("loading the aligned model (safety fine-tune of the same base)")
     aligned_model, tokenizer = zoo.load("aligned")

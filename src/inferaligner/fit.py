@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptError
 from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
-from inferaligner.prompts import format_chats
+from inferaligner.prompts import ROLEPLAY_FRAMES, format_chats
 from inferaligner.vectors import TEACHER_FITTED, Provenance, SafetyVectors, data_hash
 
 DEFAULT_FIT_LAYERS = (0.4, 0.53, 0.67, 0.8)
@@ -79,8 +80,6 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 def with_roleplay(examples: Sequence[TeacherExample]) -> list[TeacherExample]:
     """`examples` plus each harmful one put into a role-play frame (`prompts.ROLEPLAY_FRAMES`) with the same answer,
     so the vectors also refuse requests dressed up as fiction or "developer mode"."""
-    from inferaligner.prompts import ROLEPLAY_FRAMES
-
     harmful = [e for e in examples if e.harmful]
     framed = [TeacherExample(ROLEPLAY_FRAMES[i % len(ROLEPLAY_FRAMES)].format(prompt=e.prompt), e.answer, True)
               for i, e in enumerate(harmful)]  # fmt: skip
@@ -100,8 +99,6 @@ def teacher_answers(
     progress: bool = True,
 ) -> list[TeacherExample]:
     """The aligned model's greedy answers to `prompts`, as examples; `keep` filters them (e.g. refusals only)."""
-    from inferaligner.aligner import InferAligner
-
     teacher = InferAligner(model, tokenizer, mode="off", system=system)
     answers = teacher.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     return [TeacherExample(a.prompt, a.text, harmful) for a in answers if a.text and (keep is None or keep(a.text))]

@@ -10,11 +10,15 @@ regression on the same activations. The gate keeps the paper's form `a·s + b`; 
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from inferaligner.errors import InferAlignerError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class GateDecision:
     layer: int
 
     def as_dict(self) -> dict[str, object]:
-        return {"fired": self.fired, "score": round(self.score, 4), "layer": self.layer}
+        """JSON-ready; a score that is not finite (a broken model or vector) is `None`."""
+        score = round(self.score, 4) if math.isfinite(self.score) else None
+        return {"fired": self.fired, "score": score, "layer": self.layer}
 
 
 POOLINGS = ("last", "mean")
@@ -59,8 +65,15 @@ class Gate:
         return activations.float() @ direction + self.bias
 
     def decide(self, activations: torch.Tensor) -> list[GateDecision]:
-        """One decision per row of [rows, hidden] activations."""
-        return [GateDecision(bool(s > 0), float(s), self.layer) for s in self.scores(activations).tolist()]
+        """One decision per row of [rows, hidden] activations. A score that is not finite fires the gate (fail
+        closed: a broken activation must not switch the safety layer off) and is logged."""
+        decisions = []
+        for score in self.scores(activations).tolist():
+            finite = math.isfinite(score)
+            if not finite:
+                log.warning("gate score at layer %d is %s: treated as fired", self.layer, score)
+            decisions.append(GateDecision(score > 0 or not finite, float(score), self.layer))
+        return decisions
 
 
 @dataclass(frozen=True)

@@ -75,17 +75,15 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode, on `device`.
+    """Load a text-only causal LM and its tokenizer, in eval mode, on `device`.
 
-    `name_or_path` is a hub id, a local folder, a `.gguf` file (dequantised once, cached in `cache_dir()`),
-    `EMBEDDED_MODEL`, or `zoo:<name>` for a shipped demo model. `trust_remote_code` stays off unless asked for.
-    An image-text model comes back with its processor's tokenizer (see `multimodal.load_multimodal` for both).
+    `name_or_path` is a hub id, a local folder, a `.gguf` file (dequantised once, cached in `cache_dir()`) or
+    `EMBEDDED_MODEL`. `trust_remote_code` stays off unless asked for. Demo models (`zoo:NAME`) and image-text
+    models load through `inferaligner.loading.load`, which takes every kind of name.
     """
     name = str(name_or_path)
     if name.startswith("zoo:"):
-        from inferaligner import zoo
-
-        return zoo.load(name.removeprefix("zoo:"), dtype=dtype, device=device)
+        raise InferAlignerError(f"'{name}' is a demo model: load it with inferaligner.loading.load.")
     if name == EMBEDDED_MODEL:
         folder = _converted_gguf(embedded_gguf_path())
     elif name.endswith(".gguf"):
@@ -96,21 +94,23 @@ def load_model(
         folder = None
     source = str(folder) if folder else name
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise InferAlignerError(f"Cannot load model '{name}': {exc}".splitlines()[0]) from exc
-    if getattr(config, "vision_config", None) is not None:  # an image-text model: its language part is what we use
-        from inferaligner.multimodal import load_multimodal
-
-        mm_model, processor = load_multimodal(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return mm_model, processor.tokenizer
+    config = load_config(source, **kwargs)
+    if getattr(config, "vision_config", None) is not None:
+        raise InferAlignerError(f"'{name}' is an image-text model: load it with inferaligner.loading.load.")
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if folder is not None:
         set_model_name(model, EMBEDDED_MODEL if name == EMBEDDED_MODEL else Path(name).name)
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def load_config(source: str, **kwargs: Any) -> Any:
+    """A model's configuration, or a one-line error saying why it cannot be read."""
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise InferAlignerError(f"Cannot load model '{source}': {exc}".splitlines()[0]) from exc
 
 
 def set_model_name(model: PreTrainedModel, name: str) -> None:

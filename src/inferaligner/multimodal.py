@@ -39,28 +39,6 @@ def load_image(source: ImageInput) -> Image.Image:
         raise ImageError(f"Cannot read image {path}: {exc.__class__.__name__}. Give a JPEG, PNG or WebP file.") from exc
 
 
-def load_multimodal(
-    name_or_path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """An image-text model and its processor (left padding, a pad token), in eval mode."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from inferaligner.models import prepare_tokenizer
-
-    kwargs = {"trust_remote_code": trust_remote_code}
-    try:
-        processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise InferAlignerError(f"Cannot load image-text model '{name_or_path}': {exc}".splitlines()[0]) from exc
-    prepare_tokenizer(processor.tokenizer)
-    return model.to(device).eval(), processor
-
-
 class MultimodalAligner:
     """An `InferAligner` whose prompts may carry an image each, formatted by the model's processor.
 
@@ -83,8 +61,9 @@ class MultimodalAligner:
         content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
-        if self.aligner.system:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.aligner.system}]})
+        system = self.aligner.settings.system
+        if system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def encode(self, prompts: Sequence[str], images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
@@ -110,18 +89,10 @@ class MultimodalAligner:
     ) -> list[Completion]:
         """Answers to image + text prompts, gated and steered per row as for text models."""
         generate_kwargs.setdefault("do_sample", False)
-        tokenizer = self.processor.tokenizer
+        generate_kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         results: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             chunk, pictures = list(prompts[start : start + batch_size]), list(images[start : start + batch_size])
             batch = self.encode(chunk, pictures)
-            output, decisions = self.aligner.generate(
-                **batch, max_new_tokens=max_new_tokens, return_gates=True, pad_token_id=tokenizer.pad_token_id,
-                **generate_kwargs,
-            )  # fmt: skip
-            new = output[:, batch["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            changed = self.aligner.intervened(decisions, len(chunk))
-            for i, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
-                results.append(Completion(prompt, text.strip(), decisions[i] if decisions else None, changed[i]))
+            results += self.aligner.answer(chunk, batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return results

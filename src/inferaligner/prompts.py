@@ -242,6 +242,14 @@ def format_chats(
     return [format_chat(tokenizer, text, system) for text in instructions]
 
 
+def pad_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+             ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Token id lists into a left-padded batch (`input_ids`, `attention_mask`) by the tokenizer's own `pad`."""
+    batch = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, padding_side="left",
+                          return_tensors="pt")  # fmt: skip
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +30,7 @@ from inferaligner.gate import (
 )
 from inferaligner.models import decoder_layers, has_vision, model_fingerprint, text_config
 from inferaligner.prompts import format_chats
+from inferaligner.version import __version__
 
 FORMAT = "inferaligner.safety_vectors"
 FORMAT_VERSION = 1
@@ -63,8 +65,6 @@ class Provenance:
     def of(cls, model: PreTrainedModel, num_layers: int, n_harmful: int, n_harmless: int, data: str,
            **extra: str) -> Provenance:  # fmt: skip
         """The provenance of vectors taken from `model` (name, type, fingerprint, shape, source, library version)."""
-        from inferaligner import __version__
-
         config = text_config(model)
         return cls(
             model_name=str(getattr(model, "name_or_path", "") or config.model_type),
@@ -162,6 +162,18 @@ class SafetyVectors:
                 f"{shape[1]}: extract vectors from a model of the same family and size."
             )
 
+    def check_finite(self, role: str = "vectors") -> None:
+        """Raise `VectorFileError` if any stored number (directions, norms, biases, gate) is NaN or infinite."""
+        tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
+        if self.gate_direction is not None:
+            tensors["gate_direction"] = self.gate_direction
+        bad = [name for name, value in tensors.items() if not bool(torch.isfinite(value).all())]
+        if self.gate is not None and not math.isfinite(self.gate.bias):
+            bad.append("gate bias")
+        if bad:
+            raise VectorFileError(f"The {role} from {self.provenance.describe()} hold non-finite values in "
+                                  f"{', '.join(bad)}: the file is corrupt; extract it again.")  # fmt: skip
+
     def check_compatible(self, other: SafetyVectors, roles: tuple[str, str] = ("steering", "gate")) -> None:
         """Raise if two vector sets come from models of different shape (aligned and target must share a base)."""
         if (self.num_layers, self.hidden_size) != (other.num_layers, other.hidden_size):
@@ -208,7 +220,10 @@ class SafetyVectors:
             raise VectorFileError(f"{path} is not a safetensors file ({exc}); {hint}.") from exc
         if metadata.get("format") != FORMAT:
             raise VectorFileError(f"{path} is not an InferAligner vector file; create one with `inferaligner extract`.")
-        if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+        version = metadata.get("format_version", "0")
+        if not version.isdigit():
+            raise VectorFileError(f"{path} is corrupt: its format_version '{version}' is not a number.")
+        if int(version) > FORMAT_VERSION:
             raise VectorFileError(f"{path} was written by a newer inferaligner; upgrade the library to read it.")
         try:
             provenance = Provenance(**json.loads(metadata["provenance"]))

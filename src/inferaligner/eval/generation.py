@@ -20,18 +20,9 @@ from inferaligner.gate import GateDecision
 
 def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> dict[str, Any]:
     """Everything that changes a completion: model, mode, alpha, layers, gate, decoding."""
-    gate = aligner.gate
-    return {
-        "model": getattr(aligner.model, "name_or_path", ""),
-        "mode": aligner.mode.value,
-        "alpha": aligner.alpha if aligner.steering_vectors is not None else None,
-        "scale": aligner.steer_scale,
-        "layers": aligner.steer_layers,
-        "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
-        "system": aligner.system,
-        "max_new_tokens": max_new_tokens,
-        "tag": tag,
-    }
+    how = aligner.describe()
+    keep = ("model", "mode", "alpha", "scale", "layers", "gate", "system")
+    return {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
 
 
 def _key(prompt: str, settings: dict[str, Any], image: Any = None) -> str:
@@ -125,14 +116,12 @@ def gated_completions(
     cache: Path | None,
     **kwargs: Any,
 ) -> list[Completion]:
-    """Completions of a gated aligner, generating only the prompts whose gate fires.
+    """Completions of a gated aligner, generating only the prompts its plan changes.
 
-    Rows whose gate is off come out token-identical to plain generation (tests/test_aligner.py checks this for
+    Rows the plan passes come out token-identical to plain generation (tests/test_aligner.py checks this for
     mixed batches), so they are taken from `plain`, the target's own completions of the same prompts.
     """
-    decisions = gate_all(aligner, prompts, kwargs.get("batch_size", 32))
-    fired = [i for i, decision in enumerate(decisions) if decision.fired]
-    steered = dict(zip(fired, generate_cached(aligner, [prompts[i] for i in fired], cache, **kwargs), strict=True))
-    return [
-        steered.get(i) or Completion(prompt, plain[i].text, decisions[i], False) for i, prompt in enumerate(prompts)
-    ]
+    plan = aligner.plan(gate_all(aligner, prompts, kwargs.get("batch_size", 32)), len(prompts))
+    changed = [i for i, row in enumerate(plan) if row.intervened]
+    acted = dict(zip(changed, generate_cached(aligner, [prompts[i] for i in changed], cache, **kwargs), strict=True))
+    return [acted.get(i) or Completion(prompt, plain[i].text, plan[i].gate, False) for i, prompt in enumerate(prompts)]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inferaligner.aligner import InferAligner, Mode
+from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
 from inferaligner.eval.defences import GOAL_PRIORITY, SELF_REMINDER, PromptDefence
+from inferaligner.settings import AlignerSettings, Mode
 from inferaligner.vectors import SafetyVectors
 
 LABELS = {
@@ -45,7 +45,7 @@ class Method:
     @property
     def gated(self) -> bool:
         """Unfired rows are token-identical to the target's own answers, so they can be taken from its run."""
-        return self.aligner.mode in (Mode.INFERALIGNER, Mode.SELF, Mode.SIMPLE)
+        return self.aligner.settings.mode.gated
 
     def wrap(self, prompts: Sequence[str]) -> list[str]:
         return [self.defence.wrap(p) for p in prompts] if self.defence else list(prompts)
@@ -57,17 +57,16 @@ def build_methods(
     tokenizer: PreTrainedTokenizerBase,
     target_vectors: SafetyVectors,
     aligned_vectors: SafetyVectors,
+    settings: AlignerSettings,
     *,
-    alpha: float,
-    steer_layers: Sequence[int] | None,
-    steer_scale: str | None = None,
     extra_models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None,
-    paper: tuple[SafetyVectors, dict[str, Any]] | None = None,
+    paper: tuple[SafetyVectors, AlignerSettings] | None = None,
 ) -> list[Method]:
-    """Methods in the order asked ("target" always first, since gated rows reuse its answers).
+    """Methods in the order asked ("target" always first, since gated rows reuse its answers), each row's aligner
+    built from `settings` with its own mode.
 
-    `paper` gives the mean-difference vectors and their aligner options for the row "inferaligner-paper", shown
-    beside InferAligner when its steering vectors are teacher-fitted.
+    `paper` gives the mean-difference vectors and their settings for the row "inferaligner-paper", shown beside
+    InferAligner when its steering vectors are teacher-fitted.
     """
     extra_models = extra_models or {}
     unknown = [n for n in names if n not in LABELS]
@@ -75,26 +74,27 @@ def build_methods(
         raise InferAlignerError(f"Unknown methods {unknown}: choose from {', '.join(LABELS)}.")
     ordered = ["target", *[n for n in names if n != "target"]]
     vectors = {"target_vectors": target_vectors, "aligned_vectors": aligned_vectors}
-    steering = {"alpha": alpha, "steer_layers": steer_layers, "steer_scale": steer_scale}
+    modes = {"inferaligner": Mode.INFERALIGNER, "always": Mode.ALWAYS, "self": Mode.SELF, "simple": Mode.SIMPLE}
     methods = []
     for name in ordered:
         if name in EXTRA_MODELS:
             if name not in extra_models:
                 raise InferAlignerError(f"Method '{name}' needs its model: pass --model-{name} PATH.")
             model, tok = extra_models[name]
-            methods.append(Method(name, InferAligner(model, tok, mode="off")))
+            plain = AlignerSettings(mode=Mode.OFF, system=settings.system)  # another model: no vectors, no gate
+            methods.append(Method(name, InferAligner(model, tok, settings=plain)))
         elif name == "inferaligner-paper":
             if paper is None:
                 raise InferAlignerError("Method 'inferaligner-paper' needs the paper's vectors: pass --paper-settings.")
-            vectors_md, options = paper
-            methods.append(Method(name, InferAligner(target, tokenizer, mode=Mode.INFERALIGNER,
-                                                     target_vectors=target_vectors, aligned_vectors=vectors_md,
-                                                     **options)))  # fmt: skip
+            vectors_md, paper_settings = paper
+            methods.append(Method(name, InferAligner(target, tokenizer, target_vectors=target_vectors,
+                                                     aligned_vectors=vectors_md, settings=paper_settings,
+                                                     mode=Mode.INFERALIGNER)))  # fmt: skip
         elif name in ("target", "self-reminder", "goal-priority"):
             defence = {"self-reminder": SELF_REMINDER, "goal-priority": GOAL_PRIORITY}.get(name)
-            system = defence.system if defence else None
-            methods.append(Method(name, InferAligner(target, tokenizer, mode="off", system=system, **vectors), defence))
+            row = InferAligner(target, tokenizer, settings=settings, mode=Mode.OFF, **vectors)
+            methods.append(Method(name, row.variant(system=defence.system) if defence else row, defence))
         else:
-            mode = {"inferaligner": Mode.INFERALIGNER, "always": Mode.ALWAYS, "self": Mode.SELF, "simple": Mode.SIMPLE}
-            methods.append(Method(name, InferAligner(target, tokenizer, mode=mode[name], **vectors, **steering)))
+            aligner = InferAligner(target, tokenizer, settings=settings, mode=modes[name], **vectors)
+            methods.append(Method(name, aligner))
     return methods

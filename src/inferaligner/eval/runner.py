@@ -21,6 +21,7 @@ from inferaligner.eval.report import completion_stem
 from inferaligner.eval.tasks import Task
 from inferaligner.gate import layer_metrics
 from inferaligner.prompts import format_chats
+from inferaligner.version import __version__
 
 
 def judge_all(judges: Sequence[Any], prompts: Sequence[str], texts: Sequence[str]) -> dict[str, list[Verdict]]:
@@ -109,7 +110,7 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
     model, tokenizer = aligner.model, aligner.tokenizer
 
     def projections(prompts: Sequence[str]) -> torch.Tensor:
-        acts = prompt_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.system),
+        acts = prompt_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.settings.system),
                                   batch_size=batch_size, layers=aligner.layers, progress=False)  # fmt: skip
         return torch.einsum("nld,ld->nl", acts, vectors.directions)
 
@@ -164,8 +165,6 @@ def evaluate(
     benign = next((t for t in tasks if t.name == "harmless"), None)
     if target is not None and harmful is not None and benign is not None:
         results["gate_quality"] = gate_quality(target, harmful.prompts, benign.prompts, batch_size)
-    from inferaligner import __version__
-
     results["run"] = {
         "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",

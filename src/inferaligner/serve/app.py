@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferaligner.models import context_length
 from inferaligner.prompts import format_messages
-from inferaligner.serve.engine import Draining, Engine, Job, QueueFull
+from inferaligner.serve.engine import Done, Draining, Engine, Failed, Job, Planned, QueueFull, TextDelta
 from inferaligner.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("inferaligner.serve")
@@ -59,11 +59,10 @@ class Metrics:
         )
         queue = Gauge("inferaligner_queue_depth", "Requests waiting for a batch", registry=self.registry)
         queue.set_function(lambda: engine.queue_depth)
-        self.engine = engine
+        engine.on_batch = self.batch.observe
 
     def render(self) -> bytes:
-        while self.engine.batch_sizes:
-            self.batch.observe(self.engine.batch_sizes.pop())
+        """The series in Prometheus' text format (reading changes nothing)."""
         return generate_latest(self.registry)
 
 
@@ -110,7 +109,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth,
-                "in_flight": engine.in_flight, "mode": engine.aligner.mode.value}  # fmt: skip
+                "in_flight": engine.in_flight, "mode": engine.aligner.settings.mode.value}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -174,7 +173,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     def extension(job: Job) -> dict[str, Any]:
         return {"gate": job.gate.as_dict() if job.gate else None, "intervened": job.intervened,
-                "mode": engine.aligner.mode.value, "enabled": job.aligned}  # fmt: skip
+                "mode": engine.aligner.settings.mode.value, "enabled": job.aligned}  # fmt: skip
 
     def usage(job: Job) -> dict[str, int]:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
@@ -188,10 +187,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def complete(job: Job, chat: bool) -> dict[str, Any]:
         try:
             while True:
-                kind, payload = await job.events.get()
-                if kind == "error":
-                    raise APIError(500, payload, kind="server_error")
-                if kind == "done":
+                event = await job.events.get()
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message, kind="server_error")
+                if isinstance(event, Done):
                     break
         except asyncio.CancelledError:
             job.cancelled.set()
@@ -224,16 +223,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         try:
             while True:
-                kind, payload = await job.events.get()
-                if kind == "gate":
+                event = await job.events.get()
+                if isinstance(event, Planned):
                     yield chunk(None, None, first=True)
-                elif kind == "text":
-                    yield chunk(payload, None)
-                elif kind == "error":
+                elif isinstance(event, TextDelta):
+                    yield chunk(event.text, None)
+                elif isinstance(event, Failed):
                     status = "500"
-                    yield f"data: {json.dumps(APIError(500, payload, kind='server_error').body())}\n\n"
+                    yield f"data: {json.dumps(APIError(500, event.message, kind='server_error').body())}\n\n"
                     break
-                elif kind == "done":
+                elif isinstance(event, Done):
                     reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
                     yield chunk(None, reason)
                     yield "data: [DONE]\n\n"

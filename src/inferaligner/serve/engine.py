@@ -14,14 +14,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from inferaligner.aligner import InferAligner, Mode
+from inferaligner.aligner import InferAligner
 from inferaligner.gate import GateDecision
+from inferaligner.prompts import pad_rows
 
 log = logging.getLogger("inferaligner.serve")
 
@@ -32,6 +34,33 @@ class QueueFull(Exception):
 
 class Draining(Exception):
     """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The job's gate decision and action are known (`job.gate`, `job.intervened`): the first event of a job."""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Generation failed; `message` says why."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job is over (`job.finish_reason` says how): the last event of a job."""
+
+
+Event = Planned | TextDelta | Failed | Done
 
 
 @dataclass
@@ -45,7 +74,7 @@ class Job:
     stops: list[str]
     aligned: bool
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -57,9 +86,9 @@ class Job:
     def sampling(self) -> tuple[float, float]:
         return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
 
-    def emit(self, kind: str, payload: Any = None) -> None:
+    def emit(self, event: Event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
             self.cancelled.set()
 
@@ -94,7 +123,7 @@ class _RowTracker(StoppingCriteria):
             if cut >= 0:
                 text, job.finish_reason = text[:cut], "stop"
         if len(text) > len(job.text):
-            job.emit("text", text[len(job.text) :])
+            job.emit(TextDelta(text[len(job.text) :]))
             job.text = text
         if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
             job.finish_reason = "length"
@@ -110,15 +139,16 @@ class Engine:
         max_batch: int = 8,
         batch_wait_s: float = 0.01,
         max_queue: int = 64,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.aligner = aligner
         self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
+        self.on_batch = on_batch  # told the size of every batch it runs (for metrics)
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
         self._running = 0
         self._draining = False
         self._thread: threading.Thread | None = None
-        self.batch_sizes: list[int] = []  # for metrics, drained by the app
 
     @property
     def queue_depth(self) -> int:
@@ -179,52 +209,46 @@ class Engine:
                     job.finish_reason = "cancelled"
             try:
                 if live:
-                    self.batch_sizes.append(len(live))
+                    if self.on_batch is not None:
+                        self.on_batch(len(live))
                     self._run(live)
             except Exception as exc:  # reported to every request of the batch; the worker lives on
                 log.exception("batch failed")
                 for job in live:
-                    job.emit("error", f"generation failed: {exc}")
+                    job.emit(Failed(f"generation failed: {exc}"))
             finally:
                 for job in batch:
-                    job.emit("done", job.finish_reason or "stop")
+                    job.finish_reason = job.finish_reason or "stop"
+                    job.emit(Done())
                 with self._condition:
                     self._running = 0
 
     def _run(self, jobs: list[Job]) -> None:
         aligner, tokenizer = self.aligner, self.aligner.tokenizer
-        device = aligner.device
-        width = max(len(job.prompt_ids) for job in jobs)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
-        decisions = aligner.gate_decisions(input_ids, mask)
-        for row, job in enumerate(jobs):
-            job.gate = decisions[row] if decisions else None
-            acts = aligner.mode is Mode.ALWAYS or (aligner.mode is not Mode.OFF and bool(job.gate and job.gate.fired))
-            job.intervened = job.aligned and acts
-            log.info("gate %s (intervened: %s)", job.gate, job.intervened)
-            job.emit("gate", job)
-        if aligner.mode is Mode.SIMPLE:  # refusals need no generation: answer them and batch the rest
-            for job in [j for j in jobs if j.intervened]:
-                job.emit("text", aligner.refusal)
-                job.text, job.finish_reason = aligner.refusal, "stop"
-            keep = [row for row, job in enumerate(jobs) if not job.intervened]
-            if not keep:
-                return
-            jobs, input_ids, mask = [jobs[r] for r in keep], input_ids[keep], mask[keep]
-            decisions = [decisions[r] for r in keep] if decisions else None
+        batch = pad_rows(tokenizer, [job.prompt_ids for job in jobs], aligner.device)
+        plan = aligner.decide(**batch, allowed=[job.aligned for job in jobs])
+        for job, row in zip(jobs, plan, strict=True):
+            job.gate, job.intervened = row.gate, row.intervened
+            log.info("gate %s (action: %s)", row.gate, row.action.value)
+            job.emit(Planned())
+            if row.answer is not None:  # a fixed answer needs no generation
+                job.emit(TextDelta(row.answer))
+                job.text, job.finish_reason = row.answer, "stop"
+        keep = [i for i, row in enumerate(plan) if row.answer is None]
+        if not keep:
+            return
+        jobs, plan = [jobs[i] for i in keep], plan.select(keep)
+        batch = {name: value[keep] for name, value in batch.items()}
         temperature, top_p = jobs[0].sampling
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         )
         eos = aligner.model.generation_config.eos_token_id
         eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
+        width = batch["input_ids"].shape[1]
         aligner.generate(
-            input_ids,
-            mask,
-            gates=decisions,
-            allowed=[job.aligned for job in jobs],
+            **batch,
+            plan=plan,
             max_new_tokens=max(job.max_tokens for job in jobs),
             stopping_criteria=StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids)]),
             **sampling,

@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    from inferaligner.aligner import InferAligner
-    from inferaligner.calibrate import SteeringSettings
+from inferaligner.models import load_model, set_model_name
+from inferaligner.settings import SteeringSettings
 
 NAMES = ("aligned", "target")
 
@@ -54,13 +52,14 @@ def load(name: str, **load_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedToke
     """
     from peft import PeftModel
 
-    from inferaligner.models import load_model, set_model_name
-
     folder = Path(name) if Path(name).is_dir() else artifact_dir(name)
     if not (folder / "card.json").is_file():
         raise InferAlignerError(f"{folder} holds no adapter card: build it with `inferaligner zoo build`.")
     base_name = json.loads((folder / "card.json").read_text())["base_model"]
-    base, tokenizer = load_model(base_name, **load_kwargs)
+    if base_name.startswith("zoo:"):
+        base, tokenizer = load(base_name.removeprefix("zoo:"), **load_kwargs)
+    else:
+        base, tokenizer = load_model(base_name, **load_kwargs)
     model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     set_model_name(model, f"zoo:{name}")
     return model.eval(), tokenizer
@@ -71,30 +70,16 @@ SETTINGS = {"default": "settings.json", "mean-difference": "settings-mean-differ
 `mean-difference` (the paper's vectors: the aligned model's mean differences, as tuned by `bench/demo_pair.py`)."""
 
 
-def settings(name: str = "default") -> SteeringSettings:
-    """The demo pair's steering settings (vectors, alpha, layers, scale) from `artifacts/`."""
-    from inferaligner.calibrate import SteeringSettings
-
+def settings_path(name: str = "default") -> Path:
+    """The file of the demo pair's named steering settings in `artifacts/`."""
     if name not in SETTINGS:
         raise InferAlignerError(f"Unknown demo settings '{name}': choose one of {', '.join(SETTINGS)}.")
     path = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", SETTINGS[name])))
     if not path.is_file():
         raise InferAlignerError(f"{path} is missing: run `inferaligner calibrate` for the demo pair.")
-    return SteeringSettings.load(path)
+    return path
 
 
-def demo_aligner(mode: str = "inferaligner", steering: str = "default", **overrides: Any) -> InferAligner:
-    """InferAligner on the shipped target with the shipped gate, steered as the named settings say."""
-    from inferaligner.aligner import InferAligner
-    from inferaligner.vectors import SafetyVectors
-
-    model, tokenizer = load("target")
-    chosen = settings(steering)
-    return InferAligner(
-        model,
-        tokenizer,
-        target_vectors=SafetyVectors.load(vectors_path("target")),
-        aligned_vectors=SafetyVectors.load(chosen.vectors),
-        mode=mode,
-        **{**chosen.aligner_options(), **overrides},
-    )
+def settings(name: str = "default") -> SteeringSettings:
+    """The demo pair's steering settings (vectors, alpha, layers, scale) from `artifacts/`."""
+    return SteeringSettings.load(settings_path(name))

@@ -19,6 +19,9 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.aligner import InferAligner
+from inferaligner.models import cache_dir, model_fingerprint
+
 DATA = resources.files("inferaligner.zoo").joinpath("data")
 
 
@@ -67,9 +70,6 @@ def self_distill(
 
     Answers are cached on disk by model (name and shape) and prompts, so a rebuild does not generate them again.
     """
-    from inferaligner.aligner import InferAligner
-    from inferaligner.models import cache_dir, model_fingerprint
-
     key = hashlib.sha256(json.dumps([getattr(model, "name_or_path", ""), model_fingerprint(model), list(prompts),
                                      max_new_tokens]).encode()).hexdigest()[:16]  # fmt: skip
     cached = cache_dir() / "self_distill" / f"{key}.json"

@@ -1,0 +1,78 @@
+"""Load any model by name: hub ids, folders, GGUF files, the embedded default, demo models (`zoo:NAME`) and
+image-text models with their processors. This module sits above `models`, `zoo` and `multimodal`, so imports flow
+one way; a loader returns everything it loads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from inferaligner import models, zoo
+from inferaligner.errors import InferAlignerError
+from inferaligner.models import EMBEDDED_MODEL, load_config, prepare_tokenizer
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model, its tokenizer, and for image-text models its processor (`None` for text models)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: Any = None
+
+
+def load(
+    name_or_path: str | os.PathLike[str] = EMBEDDED_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """Load a model in eval mode on `device`: `zoo:NAME` (a shipped or built demo model), an image-text model
+    (with its processor), or anything `models.load_model` takes."""
+    name = str(name_or_path)
+    if name.startswith("zoo:"):
+        model, tokenizer = zoo.load(name.removeprefix("zoo:"), dtype=dtype, device=device)
+        return Loaded(model, tokenizer)
+    has_config = name != EMBEDDED_MODEL and not name.endswith(".gguf")
+    if has_config and getattr(load_config(name, trust_remote_code=trust_remote_code), "vision_config", None):
+        return load_image_text(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tokenizer = models.load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return Loaded(model, tokenizer)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = EMBEDDED_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load`, as the (model, tokenizer) pair that most callers want."""
+    loaded = load(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return loaded.model, loaded.tokenizer
+
+
+def load_image_text(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """An image-text model (LLaVA and kin) and its processor (left padding, a pad token), in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InferAlignerError(f"Cannot load image-text model '{name_or_path}': {exc}".splitlines()[0]) from exc
+    prepare_tokenizer(processor.tokenizer)
+    return Loaded(model.to(device).eval(), processor.tokenizer, processor)

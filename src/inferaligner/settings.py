@@ -1,0 +1,197 @@
+"""What a mode means and how strongly it acts: the aligner's settings, the one place their defaults live.
+
+`AlignerSettings` is a frozen value that validates itself. The CLI, the server's config file, eval and the demo pair
+all build it with `resolve`: the defaults, then a steering settings file (`SteeringSettings`, written by
+`inferaligner calibrate`), then the options given. Nothing else holds a default for these settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from inferaligner.errors import InferAlignerError
+
+DEFAULT_ALPHA = 4.0  # the paper's strength for its unit mean-difference vectors
+DEFAULT_REFUSAL = (
+    "I can't help with that. The request could lead to real harm to people, so I won't provide it. "
+    "If you have a related question that is safe, I'm glad to help."
+)
+SETTINGS_FORMAT = "inferaligner.steering_settings"
+
+
+class SettingsError(InferAlignerError):
+    """A setting is out of range or of the wrong kind."""
+
+
+class Mode(str, Enum):
+    """How the aligner intervenes."""
+
+    INFERALIGNER = "inferaligner"  # steer with the aligned model's vectors when the gate fires (the method)
+    SELF = "self"  # steer with the target's own vectors when the gate fires (ablation)
+    SIMPLE = "simple"  # answer with a fixed refusal when the gate fires; no aligned model needed
+    ALWAYS = "always"  # steer with the aligned model's vectors on every input (no gate; ablation)
+    OFF = "off"  # plain generation; the gate is still reported when target vectors are given
+
+    @property
+    def gated(self) -> bool:
+        """Whether the gate decides which rows change (rows it leaves alone are plain generation)."""
+        return self in (Mode.INFERALIGNER, Mode.SELF, Mode.SIMPLE)
+
+
+class SteerScale(str, Enum):
+    """What alpha multiplies: the unit vectors (the paper) or the raw vectors (teacher-fitted ones carry their
+    strength)."""
+
+    UNIT = "unit"
+    RAW = "raw"
+
+
+@dataclass(frozen=True)
+class AlignerSettings:
+    """Everything that decides what the aligner does to a prompt, besides the model and the vectors.
+
+    `steer_layers=None` lets the steering vectors choose (fitted vectors: their own layers; mean-difference vectors:
+    where both models separate harmful from harmless); `steer_scale=None` means raw for fitted vectors, else unit;
+    `gate_layer` / `gate_bias` `None` take the vector file's stored gate.
+    """
+
+    mode: Mode = Mode.INFERALIGNER
+    alpha: float = DEFAULT_ALPHA
+    steer_layers: tuple[int, ...] | None = None
+    steer_scale: SteerScale | None = None
+    gate_layer: int | None = None
+    gate_bias: float | None = None
+    system: str | None = None
+    refusal: str = DEFAULT_REFUSAL
+    layers_path: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "mode", _enum(Mode, self.mode, "mode"))
+        if self.steer_scale is not None:
+            set_(self, "steer_scale", _enum(SteerScale, self.steer_scale, "steer_scale"))
+        set_(self, "alpha", _number(self.alpha, "alpha"))
+        if self.alpha <= 0:
+            raise SettingsError(f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: mode 'off').")
+        if self.gate_bias is not None:
+            set_(self, "gate_bias", _number(self.gate_bias, "gate_bias"))
+        if self.gate_layer is not None:
+            set_(self, "gate_layer", _layer(self.gate_layer, "gate_layer"))
+        if self.steer_layers is not None:
+            if isinstance(self.steer_layers, (str, bytes)) or not self.steer_layers:
+                raise SettingsError("steer_layers must be a non-empty list of layer indices (or unset: automatic).")
+            set_(self, "steer_layers", tuple(sorted({_layer(i, "steer_layers") for i in self.steer_layers})))
+        if not isinstance(self.refusal, str) or not self.refusal.strip():
+            raise SettingsError("refusal must be a non-empty text.")
+        if self.system is not None and not isinstance(self.system, str):
+            raise SettingsError(f"system must be a text, not {self.system!r}.")
+
+    def merged(self, **given: Any) -> AlignerSettings:
+        """These settings with every given option that is not `None` replacing the current value."""
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise SettingsError(f"Unknown aligner settings: {', '.join(sorted(unknown))}.")
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values (enums as their names' values)."""
+        data = asdict(self)
+        data["mode"] = self.mode.value
+        data["steer_scale"] = self.steer_scale.value if self.steer_scale else None
+        data["steer_layers"] = list(self.steer_layers) if self.steer_layers is not None else None
+        return data
+
+
+OPTION_NAMES = tuple(f.name for f in fields(AlignerSettings))
+
+
+def resolve(given: Mapping[str, Any], steering: SteeringSettings | None = None) -> AlignerSettings:
+    """The settings: the defaults, then `steering` (a calibrated settings file), then the options in `given` that
+    are not `None`. Keys of `given` that are not settings are ignored (the CLI passes all its options)."""
+    settings = AlignerSettings()
+    if steering is not None:
+        settings = settings.merged(**steering.overrides())
+    return settings.merged(**{k: v for k, v in given.items() if k in OPTION_NAMES})
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """Which vectors steer, where and how strongly: what `inferaligner calibrate` writes and the aligner reads.
+
+    `vectors` is relative to the settings file when the file is loaded from disk.
+    """
+
+    vectors: str
+    alpha: float
+    layers: tuple[int, ...]
+    scale: str  # "raw" (teacher-fitted vectors carry their strength) or "unit" (the paper's unit vectors)
+    kind: str
+    candidate: str = ""
+    source: str = "inferaligner calibrate"
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise SettingsError("Steering settings need steered layers.")
+        AlignerSettings(alpha=self.alpha, steer_layers=self.layers, steer_scale=self.scale)  # validates them
+
+    def save(self, path: str | Path) -> Path:
+        """Write the settings as JSON, with the vector file's path relative to the settings file's folder."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vectors = Path(self.vectors)
+        if vectors.is_absolute() or vectors.exists():
+            vectors = Path(os.path.relpath(vectors.resolve(), path.parent.resolve()))
+        data = {"format": SETTINGS_FORMAT, **asdict(self), "vectors": vectors.as_posix()}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSettings:
+        """Read a settings file; its `vectors` path is made absolute (it is stored relative to the file)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InferAlignerError(f"Cannot read steering settings {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.pop("format", None) != SETTINGS_FORMAT:
+            raise InferAlignerError(f"{path} is not a steering settings file; write one with `inferaligner calibrate`.")
+        try:
+            settings = cls(**{**data, "layers": tuple(data["layers"])})
+        except (KeyError, TypeError) as exc:
+            raise InferAlignerError(f"{path} is an incomplete steering settings file ({exc}).") from exc
+        except SettingsError as exc:
+            raise SettingsError(f"{path}: {exc}") from exc
+        vectors = Path(settings.vectors)
+        return settings if vectors.is_absolute() else replace(settings, vectors=str(path.parent / vectors))
+
+    def overrides(self) -> dict[str, Any]:
+        """The aligner settings this file sets (the vectors themselves are loaded from `vectors`)."""
+        return {"alpha": self.alpha, "steer_layers": tuple(self.layers), "steer_scale": self.scale}
+
+
+def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+        raise SettingsError(f"{name} must be one of {choices}, not {value!r}.") from None
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, not {value!r}.")
+    return float(value)
+
+
+def _layer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SettingsError(f"{name} must hold layer indices (integers from 0), not {value!r}.")
+    return value
