@@ -30,7 +30,7 @@ from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 
-ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0)  # alpha 0 is the plain target (the headline's first row)
 # Raw mean differences (steer_scale="raw"): on this pair the unit vectors of the paper barely move the target
 # (see docs/RESULTS.md), and one late layer transfers better than a band of layers.
 STEER_SCALE = "raw"
@@ -148,7 +148,7 @@ def main() -> None:
         if "arithmetic" in runs:
             headline[label]["arithmetic_accuracy"] = accuracy(runs["arithmetic"], answers)
     gate_scores = {name: [d.score for d in gate_all(ia, prompts)] for name, prompts in sets.items()}
-    fire_rates = {name: sum(s > 0 for s in scores) / len(scores) for name, scores in gate_scores.items()}
+    fire_rates = {name: sum(d.fired for d in gate_all(ia, prompts)) / len(prompts) for name, prompts in sets.items()}
     for label, row in headline.items():
         print(f"{label:22s} " + "  ".join(f"{k} {v:.1%}" for k, v in row.items()))
     print("gate fire rate: " + "  ".join(f"{k} {v:.1%}" for k, v in fire_rates.items()))

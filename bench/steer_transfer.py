@@ -50,7 +50,7 @@ def main() -> None:
                                       ("arithmetic target", zoo.load("target"))):  # fmt: skip
         for scale, layers, alpha in [("unit", [], 0.0), *SETTINGS]:
             mode = "off" if not layers else "always"
-            aligner = InferAligner(model, tokenizer, aligned_vectors=aligned_vectors, mode=mode, alpha=alpha,
+            aligner = InferAligner(model, tokenizer, aligned_vectors=aligned_vectors, mode=mode, alpha=alpha or None,
                                    steer_layers=layers or None, steer_scale=scale)  # fmt: skip
             answers = aligner.complete(prompts, max_new_tokens=48, batch_size=26)
             refused = sum(judge.judge(a.text).refused for a in answers) / len(answers)

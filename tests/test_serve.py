@@ -140,7 +140,7 @@ def test_streaming_matches_the_plain_response(server) -> None:
 def test_harmful_and_harmless_in_one_batch(server) -> None:
     client = server.client()
     sizes: list[int] = []
-    server.engine.on_batch = sizes.append
+    server.engine.on_batch.append(sizes.append)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         harmful, harmless = pool.map(lambda p: chat(client, p), [HARMFUL, HARMLESS])
     assert 2 in sizes, sizes
@@ -269,6 +269,6 @@ def test_metrics_read_without_changing_anything() -> None:
 
     engine = Engine(make_aligner())
     metrics = Metrics(engine)
-    engine.on_batch(3)
+    engine.on_batch[0](3)
     first = metrics.render()
     assert first == metrics.render() and b"inferaligner_batch_size_count 1.0" in first

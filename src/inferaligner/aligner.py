@@ -175,6 +175,7 @@ class InferAligner:
             else ("mean-difference" if self.steering_vectors is not None else None),
             "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
             "system": self.settings.system,
+            "refusal": self.settings.refusal,
         }  # fmt: skip
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
 from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
-from inferaligner.settings import SteeringSettings
+from inferaligner.settings import SteeringSettings, SteerScale
 from inferaligner.vectors import SafetyVectors
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
@@ -42,7 +42,7 @@ class Candidate:
 
 
 def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
-              layers: Sequence[int] | None = None, scale: str = "unit") -> Candidate:  # fmt: skip
+              layers: Sequence[int] | None = None, scale: str = SteerScale.UNIT.value) -> Candidate:  # fmt: skip
     """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
     vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default."""
     bad = [s for s in strengths or () if not (math.isfinite(s) and s > 0)]
@@ -50,7 +50,8 @@ def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
         raise InferAlignerError(f"Steering strengths must be positive numbers, not {bad}.")
     vectors = SafetyVectors.load(path)
     if vectors.fitted:
-        return Candidate(name, vectors, path, tuple(vectors.fitted_layers), "raw", tuple(strengths or DEFAULT_SCALES))
+        return Candidate(name, vectors, path, tuple(vectors.fitted_layers), SteerScale.RAW.value,
+                         tuple(strengths or DEFAULT_SCALES))  # fmt: skip
     if not layers:
         raise InferAlignerError(f"Give the steered layers for the mean-difference vectors in {path}.")
     return Candidate(name, vectors, path, tuple(layers), scale, tuple(strengths or DEFAULT_ALPHAS))
@@ -66,9 +67,11 @@ def calibrate(
     max_new_tokens: int = 48,
     max_degenerate: float = 0.05,
     batch_size: int = 16,
+    system: str | None = None,
     progress: bool = True,
 ) -> tuple[SteeringSettings, list[dict[str, Any]]]:
-    """Measure every candidate strength on the held-out prompts (every input steered) and choose one.
+    """Measure every candidate strength on the held-out prompts (every input steered, with the system prompt used
+    at inference) and choose one.
 
     Returns the chosen settings and the table: per candidate and strength, the shares of coherent refusals,
     content and degenerate answers on `harmful`, and of kept answers (content) and refusals on `benign`.
@@ -81,7 +84,7 @@ def calibrate(
     for cand, strength in tqdm(runs, desc="calibrating", disable=not progress, unit="setting"):
         started = time.perf_counter()
         aligner = InferAligner(model, tokenizer, aligned_vectors=cand.vectors, mode="always", alpha=strength,
-                               steer_layers=list(cand.layers), steer_scale=cand.scale)  # fmt: skip
+                               steer_layers=list(cand.layers), steer_scale=cand.scale, system=system)  # fmt: skip
         shares = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):
             texts = [a.text for a in aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]

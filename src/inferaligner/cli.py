@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -41,6 +42,39 @@ def parse_layers(spec: str) -> list[int]:
     return sorted(layers)
 
 
+def positive_int(spec: str) -> int:
+    """An integer of at least 1."""
+    try:
+        value = int(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{spec}' is not a whole number.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}.")
+    return value
+
+
+def output_file(spec: str) -> Path:
+    """A file path that can be written: not a folder, inside a folder that exists or can be made (checked before
+    any work is done, so a long job never fails at its end)."""
+    path = Path(spec)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{spec}' is a folder; give a file name.")
+    ancestor = path.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write '{spec}': {ancestor} is not a writable folder.")
+    return path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors as the one line `error: ...` and exit status 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog.removeprefix('inferaligner ')}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _floats(spec: str) -> list[float]:
     """'0.75,1,1.25' into floats."""
     try:
@@ -68,7 +102,7 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None = "embed
 def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> None:
     """The aligner's options, shared by every verb that builds one. All default to None: `settings.resolve` fills
     in the --settings file's values, then the library's defaults."""
-    from inferaligner.settings import DEFAULT_ALPHA, Mode, SteerScale
+    from inferaligner.settings import DEFAULT_ALPHA, AlignerSettings, Mode, SteerScale
 
     group = parser.add_argument_group("alignment")
     group.add_argument("--target-vectors", type=Path, help="the target model's own vectors (they define the gate)")
@@ -77,7 +111,7 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
     group.add_argument("--settings", type=Path, help="steering settings from `calibrate` (vectors, alpha, layers, "
                        "scale); options given here win")  # fmt: skip
     if modes:
-        group.add_argument("--mode", choices=[m.value for m in Mode], help="default: inferaligner")
+        group.add_argument("--mode", choices=[m.value for m in Mode], help=f"default: {AlignerSettings().mode.value}")
     group.add_argument("--alpha", type=float, help=f"steering strength (default: the settings', else {DEFAULT_ALPHA})")
     group.add_argument("--layers", dest="steer_layers", type=parse_layers,
                        help="steered layers, e.g. '5-20' (default: the settings', else automatic)")  # fmt: skip
@@ -87,13 +121,12 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
-    if modes:
-        group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
+    group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)
@@ -119,8 +152,11 @@ def _load(options: Mapping[str, Any], name: str | None = None) -> Loaded:
     from inferaligner.loading import load
 
     name = str(name or options["model"])
+    dtype = options.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise InferAlignerError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     _status(f"loading {name}")
-    return load(name, dtype=DTYPES[options.get("dtype") or "float32"], device=options.get("device") or "cpu",
+    return load(name, dtype=DTYPES[dtype], device=options.get("device") or "cpu",
                 trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
 
 
@@ -136,8 +172,6 @@ def _build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    if args.max_new_tokens < 1:
-        raise InferAlignerError("--max-new-tokens must be at least 1.")
     torch.manual_seed(args.seed)
     if args.sample:
         return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
@@ -195,14 +229,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise InferAlignerError("Give prompts as arguments or with --file.")
     kwargs = _generation_kwargs(args)
+    images = [None if path.lower() == "none" else path for path in args.image or []]
+    if args.image and len(images) != len(prompts):
+        raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
+                                "(write 'none' for a prompt without an image).")  # fmt: skip
     aligner, processor = _build_aligner(vars(args))
     if args.image:
         from inferaligner.multimodal import MultimodalAligner
 
-        images = [None if path.lower() == "none" else path for path in args.image]
-        if len(images) != len(prompts):
-            raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
-                                    "(write 'none' for a prompt without an image).")  # fmt: skip
         if processor is None:
             raise InferAlignerError(f"{args.model} is a text-only model and cannot take images; use an image-text "
                                     "model.")  # fmt: skip
@@ -340,7 +374,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     settings, rows = calibrate(model, tokenizer, candidates, harmful, benign, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)  # fmt: skip
+                               batch_size=args.batch_size, system=args.system)  # fmt: skip
     out: Path = settings.save(args.out)
     picture = plot(rows, out.with_suffix(".png"))
     print(table_markdown(rows, settings))
@@ -399,7 +433,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 SERVE_DEFAULTS = {
     "host": "127.0.0.1", "port": 8000, "max_batch": 8, "batch_wait_ms": 10.0, "max_queue": 64,
-    "max_tokens_limit": 512, "default_max_tokens": 256, "allow_client_disable": False,
+    "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20, "body_timeout_s": 30.0,
+    "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
 }  # fmt: skip
 NOT_CONFIG = {"run", "verb", "verbose", "config"}
 
@@ -424,6 +459,11 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
         unknown = set(loaded) - known
         if unknown:
             raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
+        for key, default in SERVE_DEFAULTS.items():
+            kinds = (int, float) if isinstance(default, float) else type(default)
+            value = loaded.get(key, default)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
+                raise InferAlignerError(f"{args.config}: '{key}' must be a {type(default).__name__}, not {value!r}.")
         options |= loaded
     options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
     if not options.get("model"):
@@ -442,21 +482,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inferaligner.serve import Engine, ServerConfig, create_app
+    from inferaligner.serve.engine import check_limits
 
     options = _serve_options(args)
+    if not 1 <= int(options["port"]) <= 65535:
+        raise InferAlignerError(f"--port must be a TCP port (1-65535), not {options['port']}.")
+    config = ServerConfig(
+        model_name=str(options.get("served_model_name") or options["model"]),
+        max_tokens_limit=int(options["max_tokens_limit"]),
+        default_max_tokens=int(options["default_max_tokens"]) or min(256, int(options["max_tokens_limit"])),
+        api_key=options["api_key"] if options.get("api_key") is not None else os.environ.get("INFERALIGNER_API_KEY"),
+        allow_client_disable=bool(options["allow_client_disable"]),
+        max_body_bytes=int(options["max_body_bytes"]),
+        body_timeout_s=float(options["body_timeout_s"]),
+    )
+    limits = {"max_batch": int(options["max_batch"]), "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
+              "max_queue": int(options["max_queue"])}  # fmt: skip
+    check_limits(**limits)  # every option is checked before the model loads
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = _build_aligner(options)
-    config = ServerConfig(
-        model_name=str(options.get("served_model_name") or options["model"]),
-        max_tokens_limit=int(options["max_tokens_limit"]),
-        default_max_tokens=int(options["default_max_tokens"]),
-        api_key=options.get("api_key") or os.environ.get("INFERALIGNER_API_KEY") or None,
-        allow_client_disable=bool(options["allow_client_disable"]),
-    )
-    engine = Engine(aligner, max_batch=int(options["max_batch"]), batch_wait_s=float(options["batch_wait_ms"]) / 1000,
-                    max_queue=int(options["max_queue"]))  # fmt: skip
+    engine = Engine(aligner, **limits)
+    if config.api_key is None:
+        _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
+                "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
     mode = aligner.settings.mode.value
     _status(f"serving '{config.model_name}' (mode {mode}) on http://{options['host']}:{options['port']}")
     uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
@@ -508,6 +558,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra: dict[str, object] = {}
     processor = None
     paper_file = args.paper_settings
+    if args.demo and args.multimodal:
+        raise InferAlignerError("The demo pair is text-only: --multimodal needs --target with an image-text model.")
     if args.demo:
         folders = _demo_models(args.demo, args.zoo_dir, methods)
         target, tokenizer = zoo.load(str(folders["target"]))
@@ -556,14 +608,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     paper = None
     if paper_file is not None:  # the paper's vectors with their own steering, the same gate and system prompt
         paper_steering = SteeringSettings.load(paper_file)
-        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "layers_path")}
+        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal")}
         paper = (SafetyVectors.load(paper_steering.vectors), resolve(shared, paper_steering))
     elif "inferaligner-paper" in methods:
         methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
     built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra,
                           paper=paper)  # fmt: skip
     out = args.out or Path("runs") / "eval" / domain
-    steered = [m.aligner.describe() for m in built if m.aligner.steer_layers]  # "simple" and "off" steer none
+    steered = [how for m in built if (how := m.aligner.describe())["layers"]]  # "simple" and "off" steer none
     how = steered[0] if steered else {"alpha": settings.alpha, "scale": None, "layers": None}
     config = {"domain": domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
               "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
@@ -592,7 +644,7 @@ def load_prompt_file(path: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="inferaligner",
         description="Inference-time harmlessness for fine-tuned LLMs: gated cross-model safety steering.",
     )
@@ -606,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = verbs.add_parser("extract", help="extract safety vectors (and a gate) from a model")
     _model_options(extract)
-    extract.add_argument("--out", type=Path, required=True, help="vector file to write (.safetensors)")
+    extract.add_argument("--out", type=output_file, required=True, help="vector file to write (.safetensors)")
     sets = "files or built-in sets (builtin:<set>[:<extraction|calibration|all>], sets: " + ", ".join(KINDS) + ")"
     extract.add_argument("--harmful", nargs="+", default=[f"builtin:{k}:extraction" for k in GATE_HARMFUL],
                          help=f"harmful prompts: {sets} (default: %(default)s)")  # fmt: skip
@@ -629,9 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")  # fmt: skip
     extract.add_argument("--gate-fpr", type=float, help="set the gate bias for this false-positive rate")
     extract.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
-    extract.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    extract.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")
     extract.add_argument("--system", help="system prompt for the chat template")
-    extract.add_argument("--batch-size", type=int, default=16)
+    extract.add_argument("--batch-size", type=positive_int, default=16)
     extract.set_defaults(run=cmd_extract)
 
     generate = verbs.add_parser("generate", help="answer prompts with the target model under InferAligner")
@@ -641,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", nargs="*", help="user instructions")
     generate.add_argument("--file", help="read more prompts from a file (txt, jsonl, json, csv)")
     generate.add_argument("--column", help="column / field holding the prompt")
-    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--batch-size", type=positive_int, default=8)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     generate.add_argument("--image", action="append", help="image for the i-th prompt (image-text models; "
                           "repeat per prompt, 'none' for no image)")  # fmt: skip
@@ -658,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = verbs.add_parser("fit", help="fit steering vectors on the target so it answers as the aligned model does")
     _model_options(fit)
     fit.add_argument("--aligned", required=True, help="the safety-aligned model that teaches (hub id, folder, zoo:)")
-    fit.add_argument("--out", type=Path, required=True, help="steering vector file to write (.safetensors)")
+    fit.add_argument("--out", type=output_file, required=True, help="steering vector file to write (.safetensors)")
     teach = ["builtin:harmful:extraction", "builtin:harmful-styles:extraction"]
     fit.add_argument("--harmful", nargs="+", default=teach,
                      help="harmful prompts whose refusals are taught (default: %(default)s)")  # fmt: skip
@@ -667,12 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "docs/RESULTS.md: it costs refusals)")  # fmt: skip
     fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
     fit.add_argument("--layers", type=parse_layers, help="steered layers (default: 40/53/67/80%% of the depth)")
-    fit.add_argument("--steps", type=int, default=80)
+    fit.add_argument("--steps", type=positive_int, default=80)
     fit.add_argument("--lr", type=float, default=0.05)
-    fit.add_argument("--batch-size", type=int, default=8)
-    fit.add_argument("--answer-tokens", type=int, default=64, help="teacher answer length, in tokens")
+    fit.add_argument("--batch-size", type=positive_int, default=8)
+    fit.add_argument("--answer-tokens", type=positive_int, default=64, help="teacher answer length, in tokens")
     fit.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
-    fit.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    fit.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")
     fit.add_argument("--system", help="system prompt for the chat template")
     fit.set_defaults(run=cmd_fit)
 
@@ -690,11 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "builtin:harmful-styles:calibration"], help="held-out harmful prompts")  # fmt: skip
     calibrate.add_argument("--benign", nargs="+", default=["builtin:lookalike:calibration"],
                            help="held-out benign look-alikes (answers that should survive steering)")  # fmt: skip
-    calibrate.add_argument("--out", type=Path, required=True, help="settings file to write (.json; a .png beside it)")
-    calibrate.add_argument("--max-new-tokens", type=int, default=48)
-    calibrate.add_argument("--batch-size", type=int, default=16)
+    calibrate.add_argument("--out", type=output_file, required=True,
+                           help="settings file to write (.json; a .png beside it)")  # fmt: skip
+    calibrate.add_argument("--system", help="system prompt for the chat template (the one you will serve with)")
+    calibrate.add_argument("--max-new-tokens", type=positive_int, default=48)
+    calibrate.add_argument("--batch-size", type=positive_int, default=16)
     calibrate.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
-    calibrate.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    calibrate.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")
     calibrate.set_defaults(run=cmd_calibrate)
 
     inspect = verbs.add_parser("inspect", help="show a vector file's provenance, gate and per-layer metrics")
@@ -707,14 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(serve, default=None)
     _alignment_options(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--port", type=positive_int, help="default 8000")
     serve.add_argument("--served-model-name", help="the model id clients send")
-    serve.add_argument("--max-batch", type=int, help="rows per batch (default 8)")
+    serve.add_argument("--max-batch", type=positive_int, help="rows per batch (default 8)")
     serve.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for company (default 10)")
-    serve.add_argument("--max-queue", type=int, help="waiting requests before answering 429 (default 64)")
-    serve.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 512)")
-    serve.add_argument("--default-max-tokens", type=int, help="max_tokens when a request gives none (default 256)")
+    serve.add_argument("--max-queue", type=positive_int, help="waiting requests before answering 429 (default 64)")
+    serve.add_argument("--max-tokens-limit", type=positive_int,
+                       help="largest max_tokens a request may ask (default 512)")  # fmt: skip
+    serve.add_argument("--default-max-tokens", type=positive_int,
+                       help="max_tokens when a request gives none (default: 256, at most the limit)")  # fmt: skip
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INFERALIGNER_API_KEY)")
+    serve.add_argument("--max-body-bytes", type=positive_int, help="largest request body (default 1 MiB)")
+    serve.add_argument("--body-timeout-s", type=float, help="time a client may take to send its body (default 30)")
     serve.add_argument(
         "--allow-client-disable",
         action="store_true",
@@ -743,23 +801,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--harmful-file", type=Path, help="your own harmful prompts instead of AdvBench")
     evaluation.add_argument("--exclude", type=Path, help="prompts to leave out of AdvBench (used for extraction)")
     evaluation.add_argument("--column", help="column holding the prompt in your files")
-    evaluation.add_argument("--limit", type=int, help="at most this many prompts per task (quick runs)")
+    evaluation.add_argument("--limit", type=positive_int, help="at most this many prompts per task (quick runs)")
     evaluation.add_argument("--judge", choices=["refusal", "llm", "both"], default="refusal")
     evaluation.add_argument("--judge-url", help="OpenAI-compatible base URL (or INFERALIGNER_JUDGE_URL)")
     evaluation.add_argument("--judge-model", help="judge model name (or INFERALIGNER_JUDGE_MODEL)")
     evaluation.add_argument("--judge-key", help="API key (or INFERALIGNER_JUDGE_KEY / OPENAI_API_KEY)")
-    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--batch-size", type=positive_int, default=16)
     evaluation.add_argument("--zoo-dir", type=Path, default=Path("runs/zoo"), help="where demo models are built")
     evaluation.add_argument("--out", type=Path, help="output folder (default: runs/eval/DOMAIN)")
     evaluation.set_defaults(run=cmd_eval)
 
     report = verbs.add_parser("eval-report", help="one table, laid out like the paper's, over several eval runs")
     report.add_argument("runs", type=Path, nargs="+", help="output folders of `inferaligner eval` (one per domain)")
-    report.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    report.add_argument("--out", type=output_file, help="also write the report to this Markdown file")
     report.set_defaults(run=cmd_eval_report)
 
     demo = verbs.add_parser("demo", help="run the shipped demo pair with and without InferAligner (offline)")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
     demo.set_defaults(run=cmd_demo)
 
     zoo = verbs.add_parser("zoo", help="list or rebuild the demo models (aligned, target)")
@@ -768,13 +826,13 @@ def build_parser() -> argparse.ArgumentParser:
     build = zoo_verbs.add_parser("build", help="rebuild a demo adapter and its vectors from scratch")
     build.add_argument("name", choices=["aligned", "target"])
     build.add_argument("--out", type=Path, help="output folder (default: runs/zoo/NAME)")
-    build.add_argument("--limit", type=int, help="use at most this many examples per data source (quick runs)")
-    build.add_argument("--max-steps", type=int, help="stop after this many training steps (quick runs)")
+    build.add_argument("--limit", type=positive_int, help="use at most this many examples per data source (quick runs)")
+    build.add_argument("--max-steps", type=positive_int, help="stop after this many training steps (quick runs)")
     build.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
     build.set_defaults(run=cmd_zoo_build)
     vectors = zoo_verbs.add_parser("vectors", help="re-extract a demo model's vectors and gate (no retraining)")
     vectors.add_argument("name", choices=["aligned", "target"])
-    vectors.add_argument("--out", type=Path, help="vector file to write (default: the shipped one)")
+    vectors.add_argument("--out", type=output_file, help="vector file to write (default: the shipped one)")
     vectors.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
     vectors.set_defaults(run=cmd_zoo_vectors)
     return parser

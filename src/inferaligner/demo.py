@@ -11,8 +11,9 @@ from typing import Any, TextIO
 from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.eval.judges import REFUSAL, RefusalJudge, outcome
+from inferaligner.loading import load_model
 from inferaligner.prompts import builtin_records
-from inferaligner.settings import resolve
+from inferaligner.settings import SteeringSettings, resolve
 from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
@@ -29,12 +30,13 @@ def demo_sources(steering: str = "default") -> dict[str, Path | str]:
 def demo_aligner(steering: str = "default", **options: Any) -> InferAligner:
     """InferAligner on the shipped target with the shipped gate, steered as the named settings say; `options`
     (fields of `AlignerSettings`) win over the settings file."""
-    chosen = zoo.settings(steering)
-    model, tokenizer = zoo.load("target")
+    sources = demo_sources(steering)
+    chosen = SteeringSettings.load(sources["settings"])
+    model, tokenizer = load_model(str(sources["model"]))
     return InferAligner(
         model,
         tokenizer,
-        target_vectors=SafetyVectors.load(zoo.vectors_path("target")),
+        target_vectors=SafetyVectors.load(sources["target_vectors"]),
         aligned_vectors=SafetyVectors.load(chosen.vectors),
         settings=resolve(options, chosen),
     )

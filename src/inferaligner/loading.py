@@ -1,6 +1,6 @@
 """Load any model by name: hub ids, folders, GGUF files, the embedded default, demo models (`zoo:NAME`) and
-image-text models with their processors. This module sits above `models`, `zoo` and `multimodal`, so imports flow
-one way; a loader returns everything it loads."""
+image-text models with their processors. This module sits above `models` and `zoo`, so imports flow one way; a
+loader returns everything it loads."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def load(
 ) -> Loaded:
     """Load a model in eval mode on `device`: `zoo:NAME` (a shipped or built demo model), an image-text model
     (with its processor), or anything `models.load_model` takes."""
+    check_device(device)
     name = str(name_or_path)
     if name.startswith("zoo:"):
         model, tokenizer = zoo.load(name.removeprefix("zoo:"), dtype=dtype, device=device)
@@ -44,6 +45,19 @@ def load(
         return load_image_text(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model, tokenizer = models.load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return Loaded(model, tokenizer)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Raise a one-line error for a device this machine does not have."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InferAlignerError(f"'{device}' is not a torch device (use cpu, cuda, cuda:1, mps).") from exc
+    have = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(where.type, lambda: True)
+    if not have():
+        raise InferAlignerError(f"Device '{device}' is not available on this machine; use --device cpu.")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise InferAlignerError(f"Device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPUs.")
 
 
 def load_model(
@@ -71,7 +85,8 @@ def load_image_text(
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=True,
+                                                            **kwargs)  # fmt: skip
     except (OSError, ValueError) as exc:
         raise InferAlignerError(f"Cannot load image-text model '{name_or_path}': {exc}".splitlines()[0]) from exc
     prepare_tokenizer(processor.tokenizer)

@@ -97,7 +97,13 @@ def load_model(
     config = load_config(source, **kwargs)
     if getattr(config, "vision_config", None) is not None:
         raise InferAlignerError(f"'{name}' is an image-text model: load it with inferaligner.loading.load.")
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    try:  # safetensors only: pickled weight files can run code when loaded
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise InferAlignerError(
+            f"Cannot load the weights of '{name}': {exc}".splitlines()[0] + " (only safetensors "
+            "weights are loaded; convert pickled .bin files with `save_pretrained`)"
+        ) from exc
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if folder is not None:
         set_model_name(model, EMBEDDED_MODEL if name == EMBEDDED_MODEL else Path(name).name)
@@ -107,9 +113,14 @@ def load_model(
 
 def load_config(source: str, **kwargs: Any) -> Any:
     """A model's configuration, or a one-line error saying why it cannot be read."""
+    local = Path(source).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise InferAlignerError(f"{source} holds no config.json: it is not a model folder.")
+    if not local.exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise InferAlignerError(f"Model folder {source} does not exist (and it is not a hub id such as 'org/name').")
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise InferAlignerError(f"Cannot load model '{source}': {exc}".splitlines()[0]) from exc
 
 

@@ -89,7 +89,6 @@ class MultimodalAligner:
     ) -> list[Completion]:
         """Answers to image + text prompts, gated and steered per row as for text models."""
         generate_kwargs.setdefault("do_sample", False)
-        generate_kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         results: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             chunk, pictures = list(prompts[start : start + batch_size]), list(images[start : start + batch_size])

@@ -162,6 +162,13 @@ def _read_file(path: Path, column: str | None) -> list[str]:
     if not path.is_file():
         raise PromptError(f"Prompt file {path} does not exist.")
     suffix = path.suffix.lower()
+    try:
+        return _parse_file(path, suffix, column)
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8.") from exc
+
+
+def _parse_file(path: Path, suffix: str, column: str | None) -> list[str]:
     if suffix == ".txt":
         return path.read_text(encoding="utf-8").splitlines()
     if suffix == ".csv":
@@ -189,28 +196,51 @@ def _read_file(path: Path, column: str | None) -> list[str]:
 
 
 def _column(rows: Sequence[object], column: str | None, path: Path) -> list[str]:
-    if not rows:
-        return []
-    if all(isinstance(row, str) for row in rows):
-        return list(rows)  # type: ignore[arg-type]
-    first = rows[0]
-    if not isinstance(first, dict):
-        raise PromptError(f"{path} must hold strings or objects, found {type(first).__name__}.")
-    name = column or next((c for c in DEFAULT_COLUMNS if c in first), None)
-    if name is None or name not in first:
+    """The prompt of every entry: strings as they are, objects by their `column` (or the first default column
+    present); any other entry is an error naming it, so no entry is silently dropped."""
+    objects = [row for row in rows if isinstance(row, dict)]
+    name = column
+    if objects and name is None:
+        name = next((c for c in DEFAULT_COLUMNS if c in objects[0]), None)
+    if objects and (name is None or name not in objects[0]):
         wanted = f"column '{column}'" if column else f"any of the columns {', '.join(DEFAULT_COLUMNS)}"
-        raise PromptError(f"{path} has no {wanted}; its columns are: {', '.join(map(str, first))}. Pass --column.")
-    return [str(row.get(name) or "") for row in rows if isinstance(row, dict)]
+        columns = ", ".join(map(str, objects[0]))
+        raise PromptError(f"{path} has no {wanted}; its columns are: {columns}. Pass --column.")
+    prompts = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(name) if isinstance(row, dict) else row
+        if not isinstance(value, (str, type(None))):
+            what = f"its '{name}' is {type(value).__name__}" if isinstance(row, dict) else f"a {type(row).__name__}"
+            raise PromptError(f"{path}: entry {number} is not a prompt ({what}); give strings or objects with a text "
+                              f"'{name or 'prompt'}'.")  # fmt: skip
+        prompts.append(value or "")
+    return prompts
 
 
 _warned_no_template: set[str] = set()
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def defuse_special_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` with every special-token string of the tokenizer (`<|im_start|>`, `</s>`, ...) broken by a zero-width
+    space after its first character, so text from a user is never read as a control token: nobody can forge a
+    system or assistant turn by typing one."""
+    specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    specials |= set(getattr(tokenizer, "all_special_tokens", ()))
+    for token in sorted((t for t in specials if len(t) > 1), key=len, reverse=True):
+        if token in text:
+            text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+    return text
 
 
 def format_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, system: str | None = None) -> str:
     """Wrap a user instruction in the model's chat template, ending with the assistant's generation prompt.
 
     Tokenizers without a chat template fall back to `FALLBACK_TEMPLATE`, with a warning (once per tokenizer).
+    Special-token strings inside the instruction and the system prompt are defused (`defuse_special_tokens`).
     """
+    instruction = defuse_special_tokens(tokenizer, instruction)
+    system = defuse_special_tokens(tokenizer, system) if system else system
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
         if name not in _warned_no_template:
@@ -226,8 +256,10 @@ def format_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, system: st
 def format_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
     """A whole conversation in the chat template, ending with the assistant's generation prompt.
 
-    Without a chat template, turns are written as "Role: text" lines (with the same one-time warning).
+    Without a chat template, turns are written as "Role: text" lines (with the same one-time warning). Special-token
+    strings inside the messages are defused (`defuse_special_tokens`).
     """
+    messages = [{**m, "content": defuse_special_tokens(tokenizer, m["content"])} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     *history, last = messages

@@ -241,6 +241,11 @@ class SafetyVectors:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
         if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
             raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
+        per_layer = {"norms": vectors.norms, "bias": vectors.bias, **vectors.metrics}
+        short = [name for name, values in per_layer.items() if tuple(values.shape) != (vectors.num_layers,)]
+        if short:
+            raise VectorFileError(f"{path} is corrupt: {', '.join(short)} should hold one value per layer "
+                                  f"({vectors.num_layers}).")  # fmt: skip
         probe = vectors.gate is not None and vectors.gate.direction == PROBE
         if probe != (vectors.gate_direction is not None) or (
             vectors.gate_direction is not None and vectors.gate_direction.shape != (vectors.hidden_size,)

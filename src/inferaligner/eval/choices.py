@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from inferaligner.aligner import InferAligner
 from inferaligner.gate import GateDecision
 from inferaligner.plan import Plan
-from inferaligner.prompts import format_chats, pad_rows, position_ids
+from inferaligner.prompts import pad_rows, position_ids
 
 
 def choose(
@@ -61,8 +61,9 @@ def choice_scores(
         chunk = list(prompts[start : start + batch_size])
         batch = aligner.encode(chunk)
         plan = aligner.decide(**batch)
-        texts = format_chats(tokenizer, chunk, aligner.settings.system)
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # The very ids the gate read (chat template, BOS where the model needs one), without their padding.
+        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"],
+                                                                      strict=True)]  # fmt: skip
         rows = [p + c for p in prompt_ids for c in choice_ids]
         inputs = pad_rows(tokenizer, rows, aligner.device)
         inputs |= {"position_ids": position_ids(inputs["attention_mask"]), **keep}

@@ -16,13 +16,17 @@ from tqdm.auto import tqdm
 
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.gate import GateDecision
+from inferaligner.settings import DEFAULT_REFUSAL
 
 
 def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> dict[str, Any]:
     """Everything that changes a completion: model, mode, alpha, layers, gate, decoding."""
     how = aligner.describe()
     keep = ("model", "mode", "alpha", "scale", "layers", "gate", "system")
-    return {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
+    key = {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
+    if how["refusal"] != DEFAULT_REFUSAL:  # only then, so caches written before the refusal was a setting stay valid
+        key["refusal"] = how["refusal"]
+    return key
 
 
 def _key(prompt: str, settings: dict[str, Any], image: Any = None) -> str:

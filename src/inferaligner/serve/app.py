@@ -1,14 +1,18 @@
-"""The OpenAI-compatible HTTP API: chat and text completions (plain and SSE), models, health and metrics."""
+"""The OpenAI-compatible HTTP API: chat and text completions (plain and SSE), models, health and metrics.
+
+Before any route runs, `RequestGuard` checks the API key (before the body is read), caps the body's size and the
+time a client may take to send it. Templating and tokenization run off the event loop, so a big prompt never
+stalls other clients or `/health`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +23,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inferaligner.errors import InferAlignerError
 from inferaligner.models import context_length
-from inferaligner.prompts import format_messages
-from inferaligner.serve.engine import Done, Draining, Engine, Failed, Job, Planned, QueueFull, TextDelta
+from inferaligner.prompts import defuse_special_tokens, format_messages
+from inferaligner.serve.engine import Done, Draining, Engine, Failed, Job, Planned, QueueFull, TextDelta, TokenLogprob
+from inferaligner.serve.guard import RequestGuard
 from inferaligner.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("inferaligner.serve")
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,18 @@ class ServerConfig:
     api_key: str | None = None
     allow_client_disable: bool = False
     retry_after_s: int = 1
+    max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise InferAlignerError("The API key is empty: give a real key, or leave --api-key out to serve without.")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise InferAlignerError(f"The default max_tokens ({self.default_max_tokens}) must lie in 1..the limit "
+                                    f"({self.max_tokens_limit}).")  # fmt: skip
+        if self.max_body_bytes < 1024 or not 0 < self.body_timeout_s < float("inf"):
+            raise InferAlignerError("The body limit must be at least 1024 bytes and the body timeout a positive "
+                                    "number of seconds.")  # fmt: skip
 
 
 class Metrics:
@@ -59,7 +78,7 @@ class Metrics:
         )
         queue = Gauge("inferaligner_queue_depth", "Requests waiting for a batch", registry=self.registry)
         queue.set_function(lambda: engine.queue_depth)
-        engine.on_batch = self.batch.observe
+        engine.on_batch.append(self.batch.observe)
 
     def render(self) -> bytes:
         """The series in Prometheus' text format (reading changes nothing)."""
@@ -76,6 +95,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="InferAligner", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       body_timeout_s=config.body_timeout_s)  # fmt: skip
     metrics = Metrics(engine)
     tokenizer = engine.aligner.tokenizer
     context = context_length(engine.aligner.model) or 2048
@@ -88,23 +109,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
+        kind = first.get("type")
+        if kind == "json_invalid":
             message = "The request body is not valid JSON; send a JSON object."
+        elif kind == "extra_forbidden":
+            message = f"'{where}' is not supported by this server; remove it from the request."
+        elif kind == "literal_error" and where.split(".")[-1] in ("echo", "best_of", "suffix"):
+            message = f"'{where}' = {first.get('input')!r} is not supported by this server; remove it."
         else:
-            message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+            message = f"{where or 'body'}: {first.get('msg', 'invalid value')}".replace("Value error, ", "")
         return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
-
-    def authorise(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
-            raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -116,8 +135,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return PlainTextResponse(metrics.render().decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorise(request)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "inferaligner"}]}  # fmt: skip
 
@@ -137,14 +155,14 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         enabled = body.inferaligner.enabled if body.inferaligner else True
         if not enabled and not config.allow_client_disable:
             raise APIError(403, "This server does not let clients switch InferAligner off.", param="inferaligner")
-        return Job(prompt_ids, max_tokens, body.temperature, body.top_p, body.stop_strings(), enabled,
-                   asyncio.get_running_loop())  # fmt: skip
+        temperature = 0.0 if body.greedy else body.temperature
+        return Job(prompt_ids, max_tokens, temperature, body.top_p, body.stop_strings(), enabled,
+                   asyncio.get_running_loop(), top_logprobs=body.top_logprobs_wanted())  # fmt: skip
 
     async def run(request: Request, endpoint: str, body: Any, prompt_ids: list[int], chat: bool) -> Any:
         started = time.perf_counter()
         status = "200"
         try:
-            authorise(request)
             job = make_job(body, prompt_ids)
             try:
                 engine.submit(job)
@@ -157,8 +175,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                kind="server_error") from None  # fmt: skip
             metrics.prompt_tokens.inc(len(prompt_ids))
             if body.stream:
-                return StreamingResponse(stream(request, job, chat, endpoint, started), media_type="text/event-stream")
-            return JSONResponse(await complete(job, chat))
+                usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(stream(job, chat, endpoint, started, usage_chunk),
+                                         media_type="text/event-stream")  # fmt: skip
+            return JSONResponse(await complete(request, job, chat))
         except APIError as exc:
             status = str(exc.status)
             raise
@@ -184,10 +204,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if job.gate is not None:
             metrics.gate.labels(str(job.gate.fired).lower()).inc()
 
-    async def complete(job: Job, chat: bool) -> dict[str, Any]:
+    async def complete(request: Request, job: Job, chat: bool) -> dict[str, Any]:
         try:
             while True:
-                event = await job.events.get()
+                try:
+                    event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # the client hung up: free its row at the next step
+                        job.cancelled.set()
+                    continue
                 if isinstance(event, Failed):
                     raise APIError(500, event.message, kind="server_error")
                 if isinstance(event, Done):
@@ -199,23 +224,27 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        logprobs = logprobs_body(job.logprobs, chat) if job.top_logprobs is not None else None
         if chat:
-            choice["message"] = {"role": "assistant", "content": job.text}
+            choice |= {"message": {"role": "assistant", "content": job.text}, "logprobs": logprobs}
         else:
-            choice |= {"text": job.text, "logprobs": None}
+            choice |= {"text": job.text, "logprobs": logprobs}
         return {**envelope(job, chat, ident, False), "choices": [choice], "usage": usage(job),
                 "inferaligner": extension(job)}  # fmt: skip
 
-    async def stream(request: Request, job: Job, chat: bool, endpoint: str, started: float) -> AsyncIterator[str]:
+    async def stream(job: Job, chat: bool, endpoint: str, started: float, usage_chunk: bool) -> AsyncIterator[str]:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         status = "200"
 
-        def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(delta: str | None, reason: str | None, first: bool = False,
+                  logprobs: tuple[TokenLogprob, ...] = ()) -> str:  # fmt: skip
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+            entries = logprobs_body(logprobs, chat) if job.top_logprobs is not None and logprobs else None
             if chat:
                 choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta} if delta else {})
+                choice["logprobs"] = entries
             else:
-                choice |= {"text": delta or "", "logprobs": None}
+                choice |= {"text": delta or "", "logprobs": entries}
             body = {**envelope(job, chat, ident, True), "choices": [choice]}
             if first:
                 body["inferaligner"] = extension(job)
@@ -227,14 +256,18 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 if isinstance(event, Planned):
                     yield chunk(None, None, first=True)
                 elif isinstance(event, TextDelta):
-                    yield chunk(event.text, None)
-                elif isinstance(event, Failed):
+                    yield chunk(event.text, None, logprobs=event.logprobs)
+                elif isinstance(event, Failed):  # the error, then the end of the stream, as OpenAI's API does
                     status = "500"
                     yield f"data: {json.dumps(APIError(500, event.message, kind='server_error').body())}\n\n"
+                    yield "data: [DONE]\n\n"
                     break
                 elif isinstance(event, Done):
                     reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
                     yield chunk(None, reason)
+                    if usage_chunk:
+                        tail = {**envelope(job, chat, ident, True), "choices": [], "usage": usage(job)}
+                        yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
                     break
         except asyncio.CancelledError:
@@ -247,21 +280,37 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             metrics.requests.labels(endpoint, status).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
+    def chat_ids(body: ChatCompletionRequest) -> list[int]:
+        roles = {"developer": "system"}
+        messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        text = format_messages(tokenizer, messages)
+        return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        messages = [m.model_dump() for m in body.messages]
-        for message in messages:
-            if message["role"] == "developer":
-                message["role"] = "system"
-        text = format_messages(tokenizer, messages)
-        prompt_ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        prompt_ids = await asyncio.to_thread(chat_ids, body)
         return await run(request, "chat", body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        prompt_ids = tokenizer(body.prompt)["input_ids"]
+        text = defuse_special_tokens(tokenizer, body.prompt)  # raw text, but never a control token
+        prompt_ids = (await asyncio.to_thread(tokenizer, text))["input_ids"]
         if not prompt_ids:
             raise APIError(400, "The prompt is empty; send at least one token of text.", param="prompt")
         return await run(request, "completions", body, prompt_ids, chat=False)
 
     return app
+
+
+def logprobs_body(entries: Sequence[TokenLogprob], chat: bool) -> dict[str, Any]:
+    """Log-probabilities in OpenAI's shape: chat `{"content": [...]}`, text completions `{"tokens", ...}`."""
+    if chat:
+        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e.top]}
+                            for e in entries]}  # fmt: skip
+    offsets, position = [], 0
+    for e in entries:
+        offsets.append(position)
+        position += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}  # fmt: skip

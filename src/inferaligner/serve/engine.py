@@ -4,7 +4,12 @@ Requests wait in a bounded queue. The worker takes the oldest, adds every waitin
 settings (up to `max_batch`, waiting at most `batch_wait_s` for company), decides each row's gate in one partial
 forward pass and generates the batch under the steering hooks. A stopping criterion reads each new token per row:
 it streams text deltas to that request, applies its stop strings and token limit, and ends rows whose client has
-gone, so a disconnect frees its slot as soon as the batch's next step runs.
+gone, so a disconnect frees its slot as soon as the batch's next step runs. When a request asks for
+log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the token is drawn from:
+the steered model's own under greedy decoding, after temperature and top-p when sampling).
+
+A batch that fails before any of its rows produced a token is run again one row at a time, so one bad request
+fails alone and never takes its batch neighbours with it.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from inferaligner.aligner import InferAligner
+from inferaligner.errors import InferAlignerError
 from inferaligner.gate import GateDecision
 from inferaligner.prompts import pad_rows
 
@@ -42,10 +48,20 @@ class Planned:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability and the most likely alternatives at its step."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New answer text."""
+    """New answer text, and the log-probabilities of the tokens it completes (when the request asked)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class Job:
     stops: list[str]
     aligned: bool
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # alternatives per token; None: no log-probabilities
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
@@ -81,10 +98,18 @@ class Job:
     finish_reason: str | None = None
     gate: GateDecision | None = None
     intervened: bool = False
+    planned: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def sampling(self) -> tuple[float, float]:
         return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+
+    def send_text(self, text: str) -> None:
+        """Emit new text with the log-probabilities gathered since the last text."""
+        self.emit(TextDelta(text, tuple(self.unsent)))
+        self.unsent = []
 
     def emit(self, event: Event) -> None:
         try:
@@ -93,11 +118,24 @@ class Job:
             self.cancelled.set()
 
 
+class _LogprobRecorder(LogitsProcessor):
+    """Keeps the log-softmax of the scores each step's token is chosen from; changes nothing."""
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
 class _RowTracker(StoppingCriteria):
     """Reads each step's new token per row: streams text, applies stops and limits, ends cancelled rows."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, prompt_length: int, eos_ids: set[int]) -> None:
+    def __init__(self, jobs: list[Job], tokenizer: Any, prompt_length: int, eos_ids: set[int],
+                 recorder: _LogprobRecorder | None = None) -> None:  # fmt: skip
         self.jobs, self.tokenizer, self.prompt_length, self.eos_ids = jobs, tokenizer, prompt_length, eos_ids
+        self.recorder = recorder
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         done = []
@@ -106,15 +144,19 @@ class _RowTracker(StoppingCriteria):
                 if job.cancelled.is_set():
                     job.finish_reason = "cancelled"
                 elif input_ids.shape[1] > self.prompt_length:
-                    self._advance(job, int(input_ids[row, -1]))
+                    self._advance(job, row, int(input_ids[row, -1]))
             done.append(job.finish_reason is not None)
         return torch.tensor(done, device=input_ids.device)
 
-    def _advance(self, job: Job, token: int) -> None:
+    def _advance(self, job: Job, row: int, token: int) -> None:
         if token in self.eos_ids:
             job.finish_reason = "stop"
             return
         job.tokens.append(token)
+        if job.top_logprobs is not None and self.recorder is not None and self.recorder.last is not None:
+            entry = self._logprob(self.recorder.last[row], token, job.top_logprobs)
+            job.logprobs.append(entry)
+            job.unsent.append(entry)
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             text = job.text
@@ -122,11 +164,30 @@ class _RowTracker(StoppingCriteria):
             cut = text.find(stop)
             if cut >= 0:
                 text, job.finish_reason = text[:cut], "stop"
-        if len(text) > len(job.text):
-            job.emit(TextDelta(text[len(job.text) :]))
+        if len(text) > len(job.text) or (job.unsent and job.finish_reason is not None):
+            job.send_text(text[len(job.text) :])
             job.text = text
         if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
             job.finish_reason = "length"
+            if job.unsent:
+                job.send_text("")
+
+    def _logprob(self, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        best = torch.topk(logprobs, top) if top else None
+        alternatives = tuple(
+            (self.tokenizer.decode([i]), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(),
+                                                                  strict=True)
+        ) if best is not None else ()  # fmt: skip
+        return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives)
+
+
+def check_limits(max_batch: int, batch_wait_s: float, max_queue: int) -> None:
+    """Raise a one-line error unless the batching limits make sense."""
+    if max_batch < 1 or max_queue < 1 or not 0 <= batch_wait_s < float("inf"):
+        raise InferAlignerError(
+            f"The server needs --max-batch >= 1 (got {max_batch}), --max-queue >= 1 (got {max_queue}) and a batch "
+            f"wait of 0 ms or more (got {batch_wait_s * 1000:g})."
+        )
 
 
 class Engine:
@@ -139,11 +200,12 @@ class Engine:
         max_batch: int = 8,
         batch_wait_s: float = 0.01,
         max_queue: int = 64,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Sequence[Callable[[int], None]] = (),
     ) -> None:
+        check_limits(max_batch, batch_wait_s, max_queue)
         self.aligner = aligner
         self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
-        self.on_batch = on_batch  # told the size of every batch it runs (for metrics)
+        self.on_batch = list(on_batch)  # each is told the size of every batch the engine runs (metrics, tests)
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
         self._running = 0
@@ -209,13 +271,9 @@ class Engine:
                     job.finish_reason = "cancelled"
             try:
                 if live:
-                    if self.on_batch is not None:
-                        self.on_batch(len(live))
-                    self._run(live)
-            except Exception as exc:  # reported to every request of the batch; the worker lives on
-                log.exception("batch failed")
-                for job in live:
-                    job.emit(Failed(f"generation failed: {exc}"))
+                    for observe in self.on_batch:
+                        observe(len(live))
+                    self._run_isolated(live)
             finally:
                 for job in batch:
                     job.finish_reason = job.finish_reason or "stop"
@@ -223,14 +281,31 @@ class Engine:
                 with self._condition:
                     self._running = 0
 
+    def _run_isolated(self, jobs: list[Job]) -> None:
+        """Run a batch; if it fails before any unfinished row produced a token, run those rows one at a time, so
+        the failure stays with the request that caused it. Failed rows get a `Failed` event; the worker lives on."""
+        try:
+            self._run(jobs)
+            return
+        except Exception as exc:
+            log.exception("batch of %d failed", len(jobs))
+            open_rows = [job for job in jobs if job.finish_reason is None]
+            if len(jobs) == 1 or any(job.tokens for job in open_rows):
+                for job in open_rows:
+                    job.emit(Failed(f"generation failed: {exc}"))
+                return
+        for job in open_rows:
+            self._run_isolated([job])
+
     def _run(self, jobs: list[Job]) -> None:
         aligner, tokenizer = self.aligner, self.aligner.tokenizer
         batch = pad_rows(tokenizer, [job.prompt_ids for job in jobs], aligner.device)
         plan = aligner.decide(**batch, allowed=[job.aligned for job in jobs])
         for job, row in zip(jobs, plan, strict=True):
-            job.gate, job.intervened = row.gate, row.intervened
-            log.info("gate %s (action: %s)", row.gate, row.action.value)
-            job.emit(Planned())
+            if not job.planned:
+                job.gate, job.intervened, job.planned = row.gate, row.intervened, True
+                log.info("gate %s (action: %s)", row.gate, row.action.value)
+                job.emit(Planned())
             if row.answer is not None:  # a fixed answer needs no generation
                 job.emit(TextDelta(row.answer))
                 job.text, job.finish_reason = row.answer, "stop"
@@ -246,10 +321,15 @@ class Engine:
         eos = aligner.model.generation_config.eos_token_id
         eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
         width = batch["input_ids"].shape[1]
+        recorder = _LogprobRecorder() if any(job.top_logprobs is not None for job in jobs) else None
         aligner.generate(
             **batch,
             plan=plan,
             max_new_tokens=max(job.max_tokens for job in jobs),
-            stopping_criteria=StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids)]),
+            stopping_criteria=StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids, recorder)]),
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
             **sampling,
         )
+        for job in jobs:
+            if job.unsent:  # log-probabilities of tokens whose text never grew (e.g. a last partial character)
+                job.send_text("")

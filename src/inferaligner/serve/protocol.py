@@ -1,27 +1,71 @@
-"""OpenAI-compatible request shapes and the OpenAI error schema."""
+"""OpenAI-compatible request shapes and the OpenAI error schema.
+
+Types are strict (`"stream": "yes"` or `"max_tokens": true` are errors, not conversions) and unknown fields are
+rejected with a 400 that names them: a parameter is either honoured or refused, never ignored.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20  # chat completions
+MAX_LOGPROBS = 5  # text completions
+MIN_TEMPERATURE = 1e-2
+"""Temperatures above 0 but below this decode greedily: dividing the logits by a vanishing temperature overflows,
+and the distribution is already all on the most likely token."""
 
 
-class ChatMessage(BaseModel):
+def check_text(value: str, name: str) -> str:
+    """Text must be valid Unicode (a lone surrogate cannot be tokenized)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} holds a lone surrogate (\\ud800-\\udfff): send valid Unicode text") from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    """A text part of a message's content (the list form current OpenAI clients send)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_text(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        for text in [value] if isinstance(value, str) else [p.text for p in value]:
+            check_text(text, "content")
+        return value
+
+    def text(self) -> str:
+        """The content as one text (text parts joined)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class AlignmentOptions(BaseModel):
+class AlignmentOptions(_Strict):
     """The `inferaligner` extension field of a request."""
 
-    model_config = ConfigDict(extra="forbid")
     enabled: bool = True
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this server does not use
+class StreamOptions(_Strict):
+    include_usage: bool = False
 
+
+class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -29,14 +73,37 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     inferaligner: AlignmentOptions | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed, got {len(stops)}")
+        for stop in stops:
+            check_text(stop, "stop")
+        return value
+
+    @model_validator(mode="after")
+    def _seed_needs_greedy(self) -> _Common:
+        if self.seed is not None and self.greedy is False:
+            raise ValueError("seed is only supported with temperature 0 (batched sampling shares one generator)")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
     def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return [s for s in stops if s][:4]
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -44,10 +111,35 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token to return; `None`: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
     prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: Literal[False] = False
+    best_of: Literal[1] = 1
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, value: str) -> str:
+        return check_text(value, "prompt")
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token to return; `None`: no log-probabilities."""
+        return self.logprobs
 
 
 class APIError(Exception):

@@ -3,7 +3,7 @@
 - `aligned`: safety fine-tuned (refuses harmful requests, saying why; answers harmless ones as the base does).
 - `target`: fine-tuned on generated arithmetic word problems, with no safety data (the "domain model").
 
-`load("target")` returns the base with the adapter merged; `load_model("zoo:target")` does the same.
+`load("target")` returns the base with the adapter merged; `inferaligner.loading.load("zoo:target")` does the same.
 """
 
 from __future__ import annotations

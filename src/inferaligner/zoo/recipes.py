@@ -229,7 +229,8 @@ def build_demo_model(
 ) -> dict[str, Any]:
     """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`."""
     from inferaligner.errors import InferAlignerError
-    from inferaligner.models import load_model, set_model_name
+    from inferaligner.loading import load_model
+    from inferaligner.models import set_model_name
 
     if name not in RECIPES:
         raise InferAlignerError(f"Unknown recipe '{name}': choose one of {', '.join(RECIPES)}.")

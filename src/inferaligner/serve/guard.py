@@ -1,0 +1,88 @@
+"""`RequestGuard`: the checks every request passes before any route reads it.
+
+1. The API key, from the headers alone: a client without the key gets 401 before its body is read, parsed,
+   templated or tokenized. Only `Authorization: Bearer <key>` counts.
+2. The body's size: a declared `Content-Length` over the limit gets 413 at once; a body that grows past the limit
+   while it arrives gets 413 as soon as it does.
+3. The body's pace: a client that stops sending in the middle of its body gets 408 after `body_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class RequestGuard:
+    """Pure ASGI middleware: key, body size and body timeout, answered in the OpenAI error schema."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app, self.api_key = app, api_key
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorised(scope):
+            await _reject(send, 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                          "authentication_error", "invalid_api_key")  # fmt: skip
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _too_large(send, self.max_body_bytes)
+            return
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                await _reject(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                              "invalid_request_error", "request_timeout")  # fmt: skip
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await _too_large(send, self.max_body_bytes)
+                return
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        header = _header(scope, b"authorization") or ""
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), self.api_key.encode())
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    await _reject(send, 413, f"The request body is larger than this server's limit of {limit} bytes.",
+                  "invalid_request_error", "request_too_large")  # fmt: skip
+
+
+async def _reject(send: Any, status: int, message: str, kind: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
