@@ -93,8 +93,9 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None = "embed
     else:
         group.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, .gguf file or zoo:NAME "
                            "(default: %(default)s)")  # fmt: skip
-    group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    group.add_argument("--device", default=None if default is None else "cpu", help="torch device (default: cpu)")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default=None if default is None else "float32",
+                       help="default: float32")  # fmt: skip
     group.add_argument("--layers-path", help="dotted path of the decoder-block list, for unknown families")
     group.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
 
@@ -152,12 +153,16 @@ def _load(options: Mapping[str, Any], name: str | None = None) -> Loaded:
     from inferaligner.loading import load
 
     name = str(name or options["model"])
+    _status(f"loading {name}")
+    return load(name, dtype=_dtype(options), device=options.get("device") or "cpu",
+                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
+
+
+def _dtype(options: Mapping[str, Any]) -> torch.dtype:
     dtype = options.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise InferAlignerError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    _status(f"loading {name}")
-    return load(name, dtype=DTYPES[dtype], device=options.get("device") or "cpu",
-                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
+    return DTYPES[dtype]
 
 
 def _build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
@@ -475,6 +480,16 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise InferAlignerError(f"Cannot serve on {host}:{port}: {exc.strerror or exc}.") from exc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -499,6 +514,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = {"max_batch": int(options["max_batch"]), "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
               "max_queue": int(options["max_queue"])}  # fmt: skip
     check_limits(**limits)  # every option is checked before the model loads
+    _dtype(options)
+    _check_port_free(str(options["host"]), int(options["port"]))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -26,7 +26,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferaligner.errors import InferAlignerError
 from inferaligner.models import context_length
 from inferaligner.prompts import defuse_special_tokens, format_messages
-from inferaligner.serve.engine import Done, Draining, Engine, Failed, Job, Planned, QueueFull, TextDelta, TokenLogprob
+from inferaligner.serve.engine import (
+    Done,
+    Draining,
+    Engine,
+    Event,
+    Failed,
+    Job,
+    Planned,
+    QueueFull,
+    TextDelta,
+    TokenLogprob,
+)
 from inferaligner.serve.guard import RequestGuard
 from inferaligner.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -205,14 +216,17 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             metrics.gate.labels(str(job.gate.fired).lower()).inc()
 
     async def complete(request: Request, job: Job, chat: bool) -> dict[str, Any]:
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                    event: Event | None = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():  # the client hung up: free its row at the next step
                         job.cancelled.set()
-                    continue
                 if isinstance(event, Failed):
                     raise APIError(500, event.message, kind="server_error")
                 if isinstance(event, Done):
