@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -294,11 +295,18 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             metrics.requests.labels(endpoint, status).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
+    tokenizing = threading.Lock()  # worker threads take turns: a fast tokenizer is not safe to share mid-call
+
     def chat_ids(body: ChatCompletionRequest) -> list[int]:
         roles = {"developer": "system"}
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
-        text = format_messages(tokenizer, messages)
-        return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        with tokenizing:
+            text = format_messages(tokenizer, messages)
+            return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+    def text_ids(prompt: str) -> list[int]:
+        with tokenizing:
+            return tokenizer(defuse_special_tokens(tokenizer, prompt))["input_ids"]  # raw text, never a control token
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -307,8 +315,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        text = defuse_special_tokens(tokenizer, body.prompt)  # raw text, but never a control token
-        prompt_ids = (await asyncio.to_thread(tokenizer, text))["input_ids"]
+        prompt_ids = await asyncio.to_thread(text_ids, body.prompt)
         if not prompt_ids:
             raise APIError(400, "The prompt is empty; send at least one token of text.", param="prompt")
         return await run(request, "completions", body, prompt_ids, chat=False)
