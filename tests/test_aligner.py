@@ -238,3 +238,29 @@ def test_steered_context_hooks_only_inside_and_variants_share_the_lock() -> None
     assert off._lock is aligner._lock and off.settings.mode is Mode.OFF and off.settings.alpha == 8.0
     with off.steered(off.decide(**_batch(aligner))):
         assert all(not layer._forward_hooks for layer in aligner.layers)
+
+
+def test_aligned_mode_hands_fired_rows_to_the_aligned_model() -> None:
+    base = make_aligner("llama")
+    teacher = tiny_model("llama", seed=1)
+    aligner = InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, aligned_model=teacher,
+                           mode="aligned")  # fmt: skip
+    aligner.gate = base.gate
+    batch = _batch(aligner)
+    output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    pad = aligner.tokenizer.pad_token_id
+    plain = aligner.model.generate(**batch, **GEN, do_sample=False, pad_token_id=pad)
+    taught = teacher.generate(**batch, **GEN, do_sample=False, pad_token_id=pad)
+    fired = [row.gate.fired for row in plan]
+    assert 0 < sum(fired) < len(fired) and all(r.intervened == f for r, f in zip(plan, fired, strict=True))
+    for row, row_fired in enumerate(fired):
+        width = output.shape[1]
+        expected = taught[row] if row_fired else plain[row]
+        assert torch.equal(output[row, : len(expected)], expected[:width]), row
+    row, pieces = aligner.stream(PROMPTS[0], **GEN)
+    assert "".join(pieces).strip() == aligner.complete([PROMPTS[0]], **GEN)[0].text
+    with pytest.raises(InferAlignerError, match="needs the aligned model itself"):
+        InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, mode="aligned")
+    with pytest.raises(VectorMismatchError, match="same base"):
+        InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, mode="aligned",
+                     aligned_model=tiny_model("llama", layers=6))  # fmt: skip

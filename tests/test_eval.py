@@ -242,3 +242,11 @@ def test_methods_need_their_models() -> None:
                             extra_models=extra)  # fmt: skip
     assert [m.name for m in methods] == ["target", "inferaligner", "safety-sft"]
     assert methods[1].gated and not methods[2].gated
+    settings = AlignerSettings(alpha=1.0, steer_layers=(1,))
+    with pytest.raises(Exception, match="--aligned-model"):
+        build_methods(["aligned-answers"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors,
+                      settings)  # fmt: skip
+    extra = {"aligned": (tiny_model("llama", seed=1), tiny_tokenizer())}
+    answers = build_methods(["aligned-answers"], base.model, base.tokenizer, base.target_vectors,
+                            base.aligned_vectors, settings, extra_models=extra)[1]  # fmt: skip
+    assert answers.gated and answers.aligner.settings.mode.value == "aligned"

@@ -17,6 +17,7 @@ FIRED, QUIET = GateDecision(True, 1.0, 2), GateDecision(False, -1.0, 2)
     (Mode.SELF, [Action.STEER, Action.PASS, Action.PASS]),
     (Mode.SIMPLE, [Action.REFUSE, Action.PASS, Action.PASS]),
     (Mode.ALWAYS, [Action.STEER, Action.STEER, Action.PASS]),
+    (Mode.ALIGNED, [Action.DELEGATE, Action.PASS, Action.PASS]),
     (Mode.OFF, [Action.PASS, Action.PASS, Action.PASS]),
 ])  # fmt: skip
 def test_every_mode(mode: Mode, actions: list[Action]) -> None:

@@ -272,3 +272,14 @@ def test_metrics_read_without_changing_anything() -> None:
     engine.on_batch[0](3)
     first = metrics.render()
     assert first == metrics.render() and b"inferaligner_batch_size_count 1.0" in first
+
+
+def test_aligned_mode_serves_fired_rows_from_the_aligned_model() -> None:
+    teacher = tiny_model("llama", sharp=True, seed=1)
+    aligner = make_aligner(mode="aligned", aligned_model=teacher)
+    with Server(aligner, max_batch=4, batch_wait_s=0.3) as running, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        harmful, harmless = pool.map(lambda p: chat(running.client(), p), [HARMFUL, HARMLESS])
+    assert harmful.model_extra["inferaligner"]["intervened"] and not harmless.model_extra["inferaligner"]["intervened"]
+    assert harmless.choices[0].message.content == plain_answer(aligner, HARMLESS)
+    taught = InferAligner(teacher, aligner.tokenizer, mode="off").complete([HARMFUL], max_new_tokens=12)[0].text
+    assert harmful.choices[0].message.content == taught

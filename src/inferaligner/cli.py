@@ -111,6 +111,8 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
                        "differences (`extract`) or vectors fitted from its answers (`fit`)")  # fmt: skip
     group.add_argument("--settings", type=Path, help="steering settings from `calibrate` (vectors, alpha, layers, "
                        "scale); options given here win")  # fmt: skip
+    group.add_argument("--aligned-model", help="the aligned model itself, for mode 'aligned' (it answers the rows "
+                       "whose gate fires; a fine-tune of the target's base)")  # fmt: skip
     if modes:
         group.add_argument("--mode", choices=[m.value for m in Mode], help=f"default: {AlignerSettings().mode.value}")
     group.add_argument("--alpha", type=float, help=f"steering strength (default: the settings', else {DEFAULT_ALPHA})")
@@ -171,8 +173,9 @@ def _build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
 
     settings, target, aligned = _alignment(options)
     loaded = _load(options)
+    aligned_model = _load(options, options["aligned_model"]).model if options.get("aligned_model") else None
     aligner = InferAligner(loaded.model, loaded.tokenizer, target_vectors=target, aligned_vectors=aligned,
-                           settings=settings)  # fmt: skip
+                           aligned_model=aligned_model, settings=settings)  # fmt: skip
     return aligner, loaded.processor
 
 
@@ -585,6 +588,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             options["settings"] = zoo.settings_path()
         paper_file = paper_file or zoo.settings_path("mean-difference")
         extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
+        if "aligned-answers" in methods:
+            extra["aligned"] = zoo.load(args.aligned_model.removeprefix("zoo:") if args.aligned_model else "aligned")
         domain = args.demo
     else:
         if not (args.target and args.target_vectors and (args.aligned_vectors or args.settings)):
@@ -594,11 +599,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.multimodal and loaded.processor is None:
             raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
         target, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
-        for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain)):
+        for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain),
+                           ("aligned", args.aligned_model)):  # fmt: skip
             if path:
                 other = _load(options, path)
                 extra[role] = (other.model, other.tokenizer)
         methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
+        methods = [m for m in methods if m != "aligned-answers" or "aligned" in extra]
         domain = args.domain or "custom"
     settings, target_vectors, aligned_vectors = _alignment(options)
     if args.multimodal:

@@ -37,12 +37,13 @@ class Mode(str, Enum):
     SELF = "self"  # steer with the target's own vectors when the gate fires (ablation)
     SIMPLE = "simple"  # answer with a fixed refusal when the gate fires; no aligned model needed
     ALWAYS = "always"  # steer with the aligned model's vectors on every input (no gate; ablation)
+    ALIGNED = "aligned"  # the aligned model itself answers when the gate fires (comparison; needs that model)
     OFF = "off"  # plain generation; the gate is still reported when target vectors are given
 
     @property
     def gated(self) -> bool:
         """Whether the gate decides which rows change (rows it leaves alone are plain generation)."""
-        return self in (Mode.INFERALIGNER, Mode.SELF, Mode.SIMPLE)
+        return self in (Mode.INFERALIGNER, Mode.SELF, Mode.SIMPLE, Mode.ALIGNED)
 
 
 class SteerScale(str, Enum):

@@ -25,6 +25,7 @@ LABELS = {
     "always": "+ always steer (no gate)",
     "self": "+ self steering (target's SRV)",
     "simple": "+ SIMPLE (fixed refusal)",
+    "aligned-answers": "+ aligned model answers fired rows",
 }
 EXTRA_MODELS = ("safety-sft", "aligned-domain")
 ALL_METHODS = tuple(LABELS)
@@ -66,7 +67,8 @@ def build_methods(
     built from `settings` with its own mode.
 
     `paper` gives the mean-difference vectors and their settings for the row "inferaligner-paper", shown beside
-    InferAligner when its steering vectors are teacher-fitted.
+    InferAligner when its steering vectors are teacher-fitted. `extra_models["aligned"]` is the aligned model that
+    answers fired rows in the row "aligned-answers".
     """
     extra_models = extra_models or {}
     unknown = [n for n in names if n not in LABELS]
@@ -90,6 +92,12 @@ def build_methods(
             methods.append(Method(name, InferAligner(target, tokenizer, target_vectors=target_vectors,
                                                      aligned_vectors=vectors_md, settings=paper_settings,
                                                      mode=Mode.INFERALIGNER)))  # fmt: skip
+        elif name == "aligned-answers":
+            if "aligned" not in extra_models:
+                raise InferAlignerError("Method 'aligned-answers' needs the aligned model: pass --aligned-model PATH.")
+            aligner = InferAligner(target, tokenizer, settings=settings, mode=Mode.ALIGNED,
+                                   aligned_model=extra_models["aligned"][0], **vectors)  # fmt: skip
+            methods.append(Method(name, aligner))
         elif name in ("target", "self-reminder", "goal-priority"):
             defence = {"self-reminder": SELF_REMINDER, "goal-priority": GOAL_PRIORITY}.get(name)
             row = InferAligner(target, tokenizer, settings=settings, mode=Mode.OFF, **vectors)

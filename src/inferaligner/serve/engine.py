@@ -29,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
 from inferaligner.gate import GateDecision
+from inferaligner.plan import Action, Plan
 from inferaligner.prompts import pad_rows
 
 log = logging.getLogger("inferaligner.serve")
@@ -309,11 +310,16 @@ class Engine:
             if row.answer is not None:  # a fixed answer needs no generation
                 job.emit(TextDelta(row.answer))
                 job.text, job.finish_reason = row.answer, "stop"
-        keep = [i for i, row in enumerate(plan) if row.answer is None]
-        if not keep:
-            return
-        jobs, plan = [jobs[i] for i in keep], plan.select(keep)
-        batch = {name: value[keep] for name, value in batch.items()}
+        # Rows answered by the aligned model itself (mode "aligned") run as their own sub-batch.
+        groups: dict[bool, list[int]] = {}
+        for i, row in enumerate(plan):
+            if row.answer is None:
+                groups.setdefault(row.action is Action.DELEGATE, []).append(i)
+        for rows in groups.values():
+            self._generate([jobs[i] for i in rows], plan.select(rows), {k: v[rows] for k, v in batch.items()})
+
+    def _generate(self, jobs: list[Job], plan: Plan, batch: dict[str, torch.Tensor]) -> None:
+        aligner, tokenizer = self.aligner, self.aligner.tokenizer
         temperature, top_p = jobs[0].sampling
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
