@@ -9,6 +9,7 @@ from tiny import tiny_model, tiny_tokenizer
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptError
 from inferaligner.fit import FitSettings, TeacherExample, default_layers, fit_steering_vectors, with_roleplay
+from inferaligner.models import decoder_layers
 from inferaligner.prompts import ROLEPLAY_FRAMES
 from inferaligner.vectors import SafetyVectors
 
@@ -80,3 +81,18 @@ def test_default_layers_and_roleplay_augmentation() -> None:
     augmented = with_roleplay(EXAMPLES)
     assert len(augmented) == 5 and augmented[3].answer == EXAMPLES[0].answer
     assert augmented[3].prompt == ROLEPLAY_FRAMES[0].format(prompt=EXAMPLES[0].prompt) and augmented[3].harmful
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_caching_the_lower_blocks_fits_the_same_vectors(model_type: str) -> None:
+    tokenizer = tiny_tokenizer()
+    results = []
+    for cache in (True, False):
+        model = tiny_model(model_type, sharp=True)
+        blocks = list(decoder_layers(model))
+        settings = FitSettings(layers=(2, 3), steps=6, learning_rate=0.5, batch_size=2, cache_lower_blocks=cache)
+        results.append(fit_steering_vectors(model, tokenizer, EXAMPLES, settings, progress=False))
+        assert list(decoder_layers(model)) == blocks, "the real blocks are back after the fit"
+    cached, plain = results
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(cached.vectors.directions, plain.vectors.directions, atol=1e-4, rtol=1e-4)

@@ -9,10 +9,15 @@ reproduces them, by teacher forcing:
     min_θ  Σ_P  −log p(y | P; x_l ← x_l + θ_l for l ∈ L, every position)
 
 Only `θ` trains. Inference is unchanged: `x_l += α·g·θ_l`, with `α = 1` the fitted strength.
+
+The blocks below the lowest steered layer never see `θ`, so their outputs are computed once per example and
+cached; during fitting those blocks are stood in for by the cache, and a step runs only the upper blocks. With
+right padding and causal attention, a real token's states do not depend on what else is in its batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -54,6 +59,7 @@ class FitSettings:
     batch_size: int = 8
     max_answer_tokens: int = 64
     seed: int = 0
+    cache_lower_blocks: bool = True  # run the blocks below the lowest steered layer once, not at every step
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_answer_tokens < 1:
@@ -139,6 +145,9 @@ def fit_steering_vectors(
 
         return hook
 
+    low = min(layer_ids)
+    prefix = _LowerBlocks(model, blocks, low, batches, tokenizer.pad_token_id or 0) if (
+        settings.cache_lower_blocks and low > 0) else None  # fmt: skip
     handles = [blocks[layer].register_forward_hook(hook_for(i)) for i, layer in enumerate(layer_ids)]
     optimiser = torch.optim.Adam([theta], lr=settings.learning_rate)
     generator = random.Random(settings.seed)
@@ -149,6 +158,8 @@ def fit_steering_vectors(
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if prefix is not None:
+        prefix.stand_in()
     try:
         for _ in tqdm(range(settings.steps), desc="fitting steering vectors", disable=not progress, unit="step"):
             if len(order) < settings.batch_size:
@@ -157,6 +168,8 @@ def fit_steering_vectors(
                 order += fresh
             chosen, order = order[: settings.batch_size], order[settings.batch_size :]
             inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, device)
+            if prefix is not None:
+                prefix.select(chosen, inputs["input_ids"].shape[1])
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
@@ -166,6 +179,8 @@ def fit_steering_vectors(
             optimiser.step()
             losses.append(loss.item())
     finally:
+        if prefix is not None:
+            prefix.restore()
         for handle in handles:
             handle.remove()
         for parameter, flag in zip(model.parameters(), requires, strict=True):
@@ -175,6 +190,80 @@ def fit_steering_vectors(
     full[list(layer_ids)] = theta.detach().float().cpu()
     vectors = _as_vectors(model, full, examples, teacher_name)
     return FitResult(vectors, losses, time.perf_counter() - started)
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the block whose output is wanted has run."""
+
+
+class _LowerBlocks:
+    """The outputs of the blocks below `low` for every example, computed once; while standing in, those blocks are
+    replaced by stubs that hand the cached output of the selected examples to block `low`."""
+
+    def __init__(self, model: PreTrainedModel, blocks: nn.ModuleList, low: int,
+                 batches: Sequence[tuple[list[int], list[int]]], pad: int, chunk: int = 16) -> None:  # fmt: skip
+        self.blocks, self.low = blocks, low
+        self.originals = list(blocks[:low])
+        self.current: list[torch.Tensor] = []
+        self.returns_tuple = False
+        device = next(model.parameters()).device
+        self.states: list[torch.Tensor] = []
+        captured: list[object] = []
+
+        def capture(_module: nn.Module, _args: object, output: object) -> None:
+            captured.append(output)
+            raise _Reached
+
+        handle = blocks[low - 1].register_forward_hook(capture)
+        try:
+            with torch.no_grad():
+                for start in range(0, len(batches), chunk):
+                    pairs = batches[start : start + chunk]
+                    inputs = _collate(pairs, pad, device)
+                    with contextlib.suppress(_Reached):
+                        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                    output = captured.pop()
+                    self.returns_tuple = isinstance(output, tuple)
+                    hidden = block_hidden(output)
+                    self.states += [hidden[row, : len(p) + len(a)].clone() for row, (p, a) in enumerate(pairs)]
+        finally:
+            handle.remove()
+
+    def select(self, chosen: Sequence[int], width: int) -> None:
+        """Make the cached outputs of these examples (right-padded to `width`) what the stubs hand on."""
+        rows = [self.states[i] for i in chosen]
+        padded = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+        for row, states in enumerate(rows):
+            padded[row, : len(states)] = states
+        self.current = [padded]
+
+    def stand_in(self) -> None:
+        for index in range(self.low):
+            self.blocks[index] = _Stub(self.originals[index], self, last=index == self.low - 1)
+
+    def restore(self) -> None:
+        for index, original in enumerate(self.originals):
+            self.blocks[index] = original
+
+
+class _Stub(nn.Module):
+    """A decoder block below the steered layers while fitting: the last one returns the cached output, the others
+    pass their input on. Attributes the model reads from its blocks come from the real block."""
+
+    def __init__(self, original: nn.Module, cache: _LowerBlocks, last: bool) -> None:
+        super().__init__()
+        self.__dict__["_original"], self.__dict__["_cache"], self.__dict__["_last"] = original, cache, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        cache: _LowerBlocks = self.__dict__["_cache"]
+        out = cache.current[0] if self.__dict__["_last"] else hidden_states
+        return (out,) if cache.returns_tuple else out
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
 
 
 def _training_batches(
