@@ -24,8 +24,11 @@ def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> d
     how = aligner.describe()
     keep = ("model", "mode", "alpha", "scale", "layers", "gate", "system")
     key = {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
-    if how["refusal"] != DEFAULT_REFUSAL:  # only then, so caches written before the refusal was a setting stay valid
+    # Added only when set, so caches written before these were settings stay valid.
+    if how["refusal"] != DEFAULT_REFUSAL:
         key["refusal"] = how["refusal"]
+    if how["aligned_model"] is not None:
+        key["aligned_model"] = how["aligned_model"]
     return key
 
 
