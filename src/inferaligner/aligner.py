@@ -184,7 +184,7 @@ class InferAligner:
             "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
             "system": self.settings.system,
             "refusal": self.settings.refusal,
-            "aligned_model": getattr(self.aligned_model, "name_or_path", "") if self.aligned_model is not None else None,
+            "aligned_model": None if self.aligned_model is None else getattr(self.aligned_model, "name_or_path", ""),
         }  # fmt: skip
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
