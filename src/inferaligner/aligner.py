@@ -107,7 +107,12 @@ class InferAligner:
         fitted = self.steering_vectors is not None and self.steering_vectors.fitted
         if fitted and self.settings.steer_scale is SteerScale.UNIT:
             raise SettingsError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
-        self.steer_scale = self.settings.steer_scale or (SteerScale.RAW if fitted else SteerScale.UNIT)
+        # A scale means something only when a mode steers; otherwise it reads as the paper's (unit).
+        self.steer_scale = (
+            self.settings.steer_scale or (SteerScale.RAW if fitted else SteerScale.UNIT)
+            if self.steering_vectors is not None
+            else SteerScale.UNIT
+        )
         if self.steering_vectors is None:
             self.steer_layers: list[int] = []
         elif self.settings.steer_layers is not None:
