@@ -56,7 +56,7 @@ def test_merged_ignores_none_and_rejects_unknown_names() -> None:
         base.merged(layers=[1])
 
 
-def test_resolve_layers_file_under_given_options(tmp_path) -> None:
+def test_resolve_layers_file_under_given_options() -> None:
     steering = SteeringSettings("v.safetensors", 1.25, (12, 16), "raw", "teacher-fitted")
     assert resolve({}).alpha == DEFAULT_ALPHA
     from_file = resolve({"verb": "serve", "port": 80}, steering)  # other options are ignored

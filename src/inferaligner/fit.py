@@ -204,7 +204,7 @@ class _LowerBlocks:
                  batches: Sequence[tuple[list[int], list[int]]], pad: int, chunk: int = 16) -> None:  # fmt: skip
         self.blocks, self.low = blocks, low
         self.originals = list(blocks[:low])
-        self.current: list[torch.Tensor] = []
+        self.current: torch.Tensor | None = None  # the selected examples' cached outputs, handed to block `low`
         self.returns_tuple = False
         device = next(model.parameters()).device
         self.states: list[torch.Tensor] = []
@@ -235,7 +235,7 @@ class _LowerBlocks:
         padded = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
         for row, states in enumerate(rows):
             padded[row, : len(states)] = states
-        self.current = [padded]
+        self.current = padded
 
     def stand_in(self) -> None:
         for index in range(self.low):
@@ -256,7 +256,7 @@ class _Stub(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
         cache: _LowerBlocks = self.__dict__["_cache"]
-        out = cache.current[0] if self.__dict__["_last"] else hidden_states
+        out = cache.current if self.__dict__["_last"] else hidden_states
         return (out,) if cache.returns_tuple else out
 
     def __getattr__(self, name: str) -> object:

@@ -199,7 +199,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 metrics.requests.labels(endpoint, status).inc()
                 metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    def envelope(job: Job, chat: bool, ident: str, chunk: bool) -> dict[str, Any]:
+    def envelope(chat: bool, ident: str, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
         return {"id": ident, "object": kind, "created": int(time.time()), "model": config.model_name}
 
@@ -244,7 +244,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             choice |= {"message": {"role": "assistant", "content": job.text}, "logprobs": logprobs}
         else:
             choice |= {"text": job.text, "logprobs": logprobs}
-        return {**envelope(job, chat, ident, False), "choices": [choice], "usage": usage(job),
+        return {**envelope(chat, ident, False), "choices": [choice], "usage": usage(job),
                 "inferaligner": extension(job)}  # fmt: skip
 
     async def stream(job: Job, chat: bool, endpoint: str, started: float, usage_chunk: bool) -> AsyncIterator[str]:
@@ -260,7 +260,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 choice["logprobs"] = entries
             else:
                 choice |= {"text": delta or "", "logprobs": entries}
-            body = {**envelope(job, chat, ident, True), "choices": [choice]}
+            body = {**envelope(chat, ident, True), "choices": [choice]}
             if first:
                 body["inferaligner"] = extension(job)
             return f"data: {json.dumps(body)}\n\n"
@@ -281,7 +281,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     reason = job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
                     yield chunk(None, reason)
                     if usage_chunk:
-                        tail = {**envelope(job, chat, ident, True), "choices": [], "usage": usage(job)}
+                        tail = {**envelope(chat, ident, True), "choices": [], "usage": usage(job)}
                         yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
                     break
