@@ -119,6 +119,7 @@ def test_inspect_prints_provenance_and_metrics(vector_file, capsys) -> None:
     assert main(["inspect", str(vector_file)]) == 0
     out = capsys.readouterr().out
     assert "vectors from" in out and "gate: layer" in out and "calibration.accuracy" in out
+    assert "one-pass gating: steered layers above" in out
     assert main(["inspect", "--json", str(vector_file)]) == 0
     assert json.loads(capsys.readouterr().out)["provenance"]["num_layers"] == 4
 

@@ -163,10 +163,10 @@ def test_half_sent_body_times_out(guarded) -> None:
 
 def test_a_client_that_hangs_up_frees_its_row(guarded) -> None:
     jobs = []
-    submit, aligner = guarded.engine.submit, guarded.engine.aligner
-    generate = aligner.generate
+    submit, model = guarded.engine.submit, guarded.engine.aligner.model
+    generate = model.generate
     guarded.engine.submit = lambda job: (jobs.append(job), submit(job))[1]
-    aligner.generate = lambda *args, **kwargs: generate(*args, **kwargs, min_new_tokens=kwargs["max_new_tokens"])
+    model.generate = lambda **kwargs: generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(guarded.url + CHAT, headers=AUTH, timeout=0.5, json=_chat(max_tokens=1900))
@@ -175,22 +175,22 @@ def test_a_client_that_hangs_up_frees_its_row(guarded) -> None:
             time.sleep(0.05)
     finally:
         guarded.engine.submit = submit
-        del aligner.generate
+        del model.generate
     assert jobs[0].finish_reason == "cancelled" and len(jobs[0].tokens) < 1900
 
 
 def test_one_failing_row_does_not_fail_its_batch_neighbours(guarded) -> None:
-    aligner = guarded.engine.aligner
-    poison = aligner.tokenizer("zebra", add_special_tokens=False)["input_ids"]
-    generate = aligner.generate
+    model = guarded.engine.aligner.model
+    poison = guarded.engine.aligner.tokenizer("zebra", add_special_tokens=False)["input_ids"]
+    generate = model.generate
 
-    def fragile(input_ids: torch.Tensor, *args, **kwargs):
+    def fragile(input_ids: torch.Tensor, **kwargs):
         for row in input_ids.tolist():
             if any(row[i : i + len(poison)] == poison for i in range(len(row))):
                 raise RuntimeError("probability tensor contains inf or nan")
-        return generate(input_ids, *args, **kwargs)
+        return generate(input_ids=input_ids, **kwargs)
 
-    aligner.generate = fragile
+    model.generate = fragile
     try:
         bad = _chat(messages=[{"role": "user", "content": "zebra"}])
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -200,7 +200,7 @@ def test_one_failing_row_does_not_fail_its_batch_neighbours(guarded) -> None:
                                    timeout=60)  # fmt: skip
             good, failed, streamed = good.result(), failed.result(), streamed.result()
     finally:
-        del aligner.generate
+        del model.generate
     assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
     assert failed.status_code == 500 and "generation failed" in failed.json()["error"]["message"]
     lines = [line for line in streamed.text.splitlines() if line.startswith("data: ")]

@@ -41,8 +41,9 @@ def make_aligner(mode: str = "inferaligner", context: int = 256, **options) -> I
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
     )
+    options.setdefault("steer_layers", [1, 2])
     aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, mode=mode,
-                           alpha=30.0, steer_layers=[1, 2], **options)  # fmt: skip
+                           alpha=30.0, **options)  # fmt: skip
     scores = [d.score for d in aligner.gate_decisions(**aligner.encode([HARMFUL, HARMLESS]))]
     if scores[0] < scores[1]:  # random weights: flip the direction so HARMFUL scores higher
         aligner.gate = dataclasses.replace(aligner.gate, direction=-aligner.gate.direction)
@@ -283,3 +284,28 @@ def test_aligned_mode_serves_fired_rows_from_the_aligned_model() -> None:
     assert harmless.choices[0].message.content == plain_answer(aligner, HARMLESS)
     taught = InferAligner(teacher, aligner.tokenizer, mode="off").complete([HARMFUL], max_new_tokens=12)[0].text
     assert harmful.choices[0].message.content == taught
+
+
+@pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, [1, 1]),
+                                                 ({}, [2, 1])])  # fmt: skip
+def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
+    aligner = make_aligner(**options)
+    prefills: list[int] = []
+    handle = aligner.layers[0].register_forward_pre_hook(
+        lambda _module, args, kwargs: prefills.append(1) if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1
+        else None, with_kwargs=True)  # fmt: skip
+    try:
+        with Server(aligner, max_batch=1) as running:
+            for prompt, expected in zip([HARMFUL, HARMLESS], passes, strict=True):
+                batch = aligner.encode([prompt])
+                plan = aligner.decide(**batch)
+                assert plan[0].gate.fired == (prompt == HARMFUL)
+                [reference] = aligner.generate(**batch, plan=plan, max_new_tokens=12, do_sample=False)
+                before = len(prefills)
+                answer = chat(running.client(), prompt).choices[0].message.content
+                assert len(prefills) - before == expected
+                width = batch["input_ids"].shape[1]
+                text = aligner.tokenizer.decode(reference[width:], skip_special_tokens=True)
+                assert answer.replace("\ufffd", "") == text.replace("\ufffd", "")  # random bytes: broken characters
+    finally:
+        handle.remove()

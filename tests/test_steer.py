@@ -84,3 +84,19 @@ def test_bad_steering_arguments() -> None:
         torch.no_grad(),
     ):
         model(IDS)
+
+
+def test_the_shift_is_added_in_place_outside_autograd_and_out_of_place_inside() -> None:
+    model = tiny_model("llama")
+    layers = decoder_layers(model)
+    seen: list[torch.Tensor] = []
+    layers[1].register_forward_hook(lambda _m, _a, out: seen.append(block_hidden(out)), prepend=True)
+    ids = torch.tensor([[5, 6, 7]])
+    with add_steering(layers, torch.randn(4, 32), [1], alpha=2.0):
+        layers[1].register_forward_hook(lambda _m, _a, out: seen.append(block_hidden(out)))  # after the steering
+        with torch.inference_mode():
+            model(input_ids=ids)
+        assert seen[0] is seen[1]  # no new tensor per step
+        seen.clear()
+        model(input_ids=ids)
+        assert seen[0] is not seen[1] and seen[1].requires_grad

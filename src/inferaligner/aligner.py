@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
+from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
 from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers, model_fingerprint
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
@@ -280,13 +282,15 @@ class InferAligner:
         plan: Plan | None = None,
         allowed: Sequence[bool] | None = None,
         return_plan: bool = False,
+        on_plan: Callable[[Plan], None] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
         """`model.generate` with InferAligner applied: a drop-in, rows planned independently.
 
-        Returns what `model.generate` returns, or `(output, plan)` with `return_plan=True`. `plan` passes a plan
-        already made by `decide` for these rows, to skip the gate pass; `allowed` marks the rows InferAligner may
-        act on (default: all), when no plan is given.
+        Returns what `model.generate` returns, or `(output, plan)` with `return_plan=True`. The gate is read inside
+        generation's own prefill where it can be (`try_one_pass`), else in a partial pass before it. `plan` passes a
+        plan already made by `decide` for these rows; `allowed` marks the rows InferAligner may act on (default:
+        all), when no plan is given; `on_plan(plan)` is called once the plan is known, before the first new token.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -294,10 +298,18 @@ class InferAligner:
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         extra = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         with self._lock:
-            if plan is None:
+            if plan is None and self._reads_gate_in_flight(generate_kwargs):
+                output, plan = self.try_one_pass(
+                    input_ids, attention_mask, allowed=allowed, on_plan=on_plan, **generate_kwargs
+                )
+                if output is not None:
+                    return (output, plan) if return_plan else output
+            elif plan is None:
                 plan = self.decide(input_ids, attention_mask, allowed=allowed, **extra)
             elif len(plan) != len(input_ids):
                 raise InferAlignerError(f"A plan for {len(plan)} rows was given for a batch of {len(input_ids)}.")
+            if on_plan is not None:
+                on_plan(plan)
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
             if plan.refuses:
                 output = self._refuse(inputs, plan)
@@ -307,6 +319,68 @@ class InferAligner:
                 with self.steered(plan):
                     output = self.model.generate(**inputs)
         return (output, plan) if return_plan else output
+
+    def _reads_gate_in_flight(self, generate_kwargs: dict[str, Any]) -> bool:
+        """Whether `generate` can read the gate inside its own prefill: text prompts whose prefill is the whole
+        prompt (no image inputs that change its length, no prefix cache)."""
+        return self.gate is not None and not any(
+            key in generate_kwargs for key in ("pixel_values", "image_sizes", "past_key_values", "inputs_embeds")
+        )
+
+    @property
+    def gating(self) -> str:
+        """How the gate costs: `one pass` (read inside generation's prefill; steered layers all above the gate),
+        `one pass unless a row fires` (a fired batch stops at the gate layer and runs again, as the plan says),
+        or `no gate`."""
+        if self.gate is None:
+            return "no gate"
+        if self.settings.mode in (Mode.SIMPLE, Mode.ALIGNED) or not self._steers_after_gate():
+            return "one pass unless a row fires"
+        return "one pass"
+
+    def _steers_after_gate(self) -> bool:
+        return self.gate is not None and all(layer > self.gate.layer for layer in self.steer_layers)
+
+    def try_one_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        allowed: Sequence[bool] | None = None,
+        on_plan: Callable[[Plan], None] | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[Any, Plan]:
+        """`model.generate` with the gate read inside its own prefill (`inferaligner.inflight`): returns
+        `(output, plan)`, or `(None, plan)` when the plan needs what this pass cannot do (refused or delegated
+        rows, or steered rows when a steered layer lies at or below the gate layer); the pass then stopped at the
+        gate layer and the caller acts on the plan (`generate(..., plan=plan)`). `on_plan(plan)` is called as soon
+        as the pass goes on with the plan, before the first new token. Text prompts only."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if self.gate is None:  # the plan needs no pass (modes "always" and "off" only steer or pass)
+            plan = self.plan(None, len(input_ids), allowed)
+            if on_plan is not None:
+                on_plan(plan)
+            with self.steered(plan):
+                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
+        streamer = generate_kwargs.pop("streamer", None)
+        held = HeldStreamer(streamer) if streamer is not None else None
+        with self._lock:
+            steering = None
+            if self._steers_after_gate() and self._directions is not None and self.steer_layers:
+                steering = add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha,
+                                        torch.zeros(len(input_ids)))  # fmt: skip
+            plan_rows = functools.partial(self.plan, rows=len(input_ids), allowed=allowed)
+            reading = InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, held)
+            try:
+                with reading:
+                    output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
+                                                 **generate_kwargs)  # fmt: skip
+            except Replan as stop:
+                return None, stop.plan
+        assert reading.plan is not None
+        return output, reading.plan
 
     def _refuse(self, inputs: dict[str, Any], plan: Plan) -> Any:
         """Refused rows get their fixed answer; the others are generated as the plan says (same batch)."""
@@ -403,21 +477,34 @@ class InferAligner:
         """The plan for `prompt` (gate decision, action) and an iterator over the answer's text pieces as they are
         generated."""
         batch = self.encode([prompt], max_new_tokens)
-        plan = self.decide(**batch)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         generate_kwargs.setdefault("do_sample", False)
-        kwargs = {**batch, "max_new_tokens": max_new_tokens, "streamer": streamer, "plan": plan, **generate_kwargs}
+        planned: list[Plan] = []
+        known = threading.Event()
+
+        def on_plan(plan: Plan) -> None:
+            planned.append(plan)
+            known.set()
+
+        kwargs = {**batch, "max_new_tokens": max_new_tokens, "streamer": streamer, "on_plan": on_plan}
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.generate(**kwargs)
-            except BaseException as exc:  # surfaced to the caller after the stream ends
+                self.generate(**kwargs, **generate_kwargs)
+            except BaseException as exc:  # surfaced to the caller (now, or after the stream ends)
                 errors.append(exc)
                 streamer.end()
+            finally:
+                known.set()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
+        known.wait()
+        if not planned:
+            thread.join()
+            raise errors[0]
+        plan = planned[0]
 
         def pieces() -> Iterator[str]:
             yield from streamer

@@ -317,6 +317,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         g = vectors.gate
         rule = f"{g.rule}{f', fpr {g.target_fpr}' if g.target_fpr else ''}"
         print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
+        print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; steering "
+              f"any layer 0-{g.layer} makes a batch where a row fires run its prompt twice")  # fmt: skip
+    if vectors.fitted:
+        low = min(vectors.fitted_layers)
+        print(f"  one pass with a gate below layer {low}; with the gate at {low} or above, a batch where a row fires "
+              "runs its prompt twice")  # fmt: skip
     names = sorted(vectors.metrics)
     print("layer  norm    " + "  ".join(f"{n:>22}" for n in names))
     for layer in range(vectors.num_layers):
@@ -528,7 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
                 "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
     mode = aligner.settings.mode.value
-    _status(f"serving '{config.model_name}' (mode {mode}) on http://{options['host']}:{options['port']}")
+    _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
+            f"http://{options['host']}:{options['port']}")  # fmt: skip
     uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
                 log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
     return 0

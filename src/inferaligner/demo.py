@@ -65,7 +65,10 @@ def run_demo(max_new_tokens: int = 64, out: TextIO = sys.stdout) -> None:
     step("target without InferAligner")
     before = plain.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
     how = aligner.describe()
-    step(f"target with InferAligner ({how['vectors']} vectors, alpha {how['alpha']:g}, layers {_span(how['layers'])})")
+    step(
+        f"target with InferAligner ({how['vectors']} vectors, alpha {how['alpha']:g}, layers {_span(how['layers'])}; "
+        f"gate at layer {how['gate'][0]}: {aligner.gating})"
+    )
     after = aligner.complete(prompts, max_new_tokens=max_new_tokens, progress=True)
     step("loading the aligned model (safety fine-tune of the same base)")
     aligned_model, tokenizer = zoo.load("aligned")

@@ -85,11 +85,11 @@ def load_model(
     if name.startswith("zoo:"):
         raise InferAlignerError(f"'{name}' is a demo model: load it with inferaligner.loading.load.")
     if name == EMBEDDED_MODEL:
-        folder = _converted_gguf(embedded_gguf_path())
+        folder = converted_gguf(embedded_gguf_path())
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise InferAlignerError(f"GGUF file {name} does not exist.")
-        folder = _converted_gguf(Path(name))
+        folder = converted_gguf(Path(name))
     else:
         folder = None
     source = str(folder) if folder else name
@@ -146,7 +146,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _converted_gguf(path: Path) -> Path:
+def converted_gguf(path: Path) -> Path:
     """Dequantise a GGUF file into a safetensors folder once; later calls return the cached folder."""
     target = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
     if (target / "config.json").is_file():

@@ -1,7 +1,8 @@
 """Forward hooks that add `alpha * g * theta_l` to the output of steered decoder blocks, per sequence.
 
 Every position of the block output is shifted: prompt tokens during prefill and each new token during
-KV-cached decoding. `g` holds one gate value per batch row, so rows whose gate is 0 pass through bit-for-bit.
+KV-cached decoding; outside autograd the shift is added in place, so a decoding step allocates nothing. `g` holds
+one gate value per batch row, so rows whose gate is 0 pass through bit-for-bit.
 Registering the hooks mutates the model until `remove()` (or the end of the `with` block).
 """
 
@@ -47,9 +48,13 @@ class SteeringHandle:
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             hidden = block_hidden(output)
             key = (hidden.device, hidden.dtype, hidden.shape[0])
-            if key not in shifts:  # computed once per batch shape: no host-to-device copy per decoding step
-                shifts[key] = self._shift(direction, hidden)
-            return with_block_hidden(output, hidden + shifts[key])
+            shift = shifts.get(key)
+            if shift is None:  # computed once per batch shape: no host-to-device copy per decoding step
+                shift = shifts[key] = self._shift(direction, hidden)
+            if hidden.requires_grad:  # fitting: autograd needs the block's own output intact
+                return with_block_hidden(output, hidden + shift)
+            hidden.add_(shift)  # in place: no allocation per decoding step
+            return None
 
         return hook
 

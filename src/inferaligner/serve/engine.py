@@ -299,9 +299,20 @@ class Engine:
             self._run_isolated([job])
 
     def _run(self, jobs: list[Job]) -> None:
-        aligner, tokenizer = self.aligner, self.aligner.tokenizer
-        batch = pad_rows(tokenizer, [job.prompt_ids for job in jobs], aligner.device)
-        plan = aligner.decide(**batch, allowed=[job.aligned for job in jobs])
+        batch = pad_rows(self.aligner.tokenizer, [job.prompt_ids for job in jobs], self.aligner.device)
+        plan = self._generate(jobs, batch, allowed=[job.aligned for job in jobs])
+        if plan is None:  # generated in one pass, the gate read inside its prefill
+            return
+        self._planned(jobs, plan)
+        # Rows answered by the aligned model itself (mode "aligned") run as their own sub-batch.
+        groups: dict[bool, list[int]] = {}
+        for i, row in enumerate(plan):
+            if row.answer is None:
+                groups.setdefault(row.action is Action.DELEGATE, []).append(i)
+        for rows in groups.values():
+            self._generate([jobs[i] for i in rows], {k: v[rows] for k, v in batch.items()}, plan=plan.select(rows))
+
+    def _planned(self, jobs: list[Job], plan: Plan) -> None:
         for job, row in zip(jobs, plan, strict=True):
             if not job.planned:
                 job.gate, job.intervened, job.planned = row.gate, row.intervened, True
@@ -310,15 +321,17 @@ class Engine:
             if row.answer is not None:  # a fixed answer needs no generation
                 job.emit(TextDelta(row.answer))
                 job.text, job.finish_reason = row.answer, "stop"
-        # Rows answered by the aligned model itself (mode "aligned") run as their own sub-batch.
-        groups: dict[bool, list[int]] = {}
-        for i, row in enumerate(plan):
-            if row.answer is None:
-                groups.setdefault(row.action is Action.DELEGATE, []).append(i)
-        for rows in groups.values():
-            self._generate([jobs[i] for i in rows], plan.select(rows), {k: v[rows] for k, v in batch.items()})
 
-    def _generate(self, jobs: list[Job], plan: Plan, batch: dict[str, torch.Tensor]) -> None:
+    def _generate(
+        self,
+        jobs: list[Job],
+        batch: dict[str, torch.Tensor],
+        *,
+        plan: Plan | None = None,
+        allowed: list[bool] | None = None,
+    ) -> Plan | None:
+        """Generate these rows as `plan` says, or, without a plan, in one pass with the gate read inside the
+        prefill; returns the plan when that pass had to stop at the gate layer (the caller then acts on it)."""
         aligner, tokenizer = self.aligner, self.aligner.tokenizer
         temperature, top_p = jobs[0].sampling
         sampling = (
@@ -328,14 +341,20 @@ class Engine:
         eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
         width = batch["input_ids"].shape[1]
         recorder = _LogprobRecorder() if any(job.top_logprobs is not None for job in jobs) else None
-        aligner.generate(
-            **batch,
-            plan=plan,
-            max_new_tokens=max(job.max_tokens for job in jobs),
-            stopping_criteria=StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids, recorder)]),
-            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        options = {
+            "max_new_tokens": max(job.max_tokens for job in jobs),
+            "stopping_criteria": StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids, recorder)]),
+            "logits_processor": LogitsProcessorList([recorder] if recorder else []),
             **sampling,
-        )
+        }
+        if plan is not None:
+            aligner.generate(**batch, plan=plan, **options)
+        else:
+            output, replan = aligner.try_one_pass(
+                **batch, allowed=allowed, on_plan=lambda done: self._planned(jobs, done), **options
+            )
+            if output is None:
+                return replan
         for job in jobs:
             if job.unsent:  # log-probabilities of tokens whose text never grew (e.g. a last partial character)
                 job.send_text("")

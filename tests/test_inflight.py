@@ -1,0 +1,157 @@
+"""One-pass gating: the gate read inside generate's prefill gives the tokens of the two-pass path, in fewer passes."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+import pytest
+import torch
+from test_aligner import GEN, PROMPTS, make_aligner
+from transformers import TextIteratorStreamer
+
+from inferaligner.aligner import InferAligner
+
+
+def _prompt_passes(aligner: InferAligner, width: int):
+    """Counts the forward passes over the whole prompt (gate passes and prefills) that reach block 0."""
+    calls: list[int] = []
+
+    def count(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == width:
+            calls.append(1)
+
+    @contextmanager
+    def counting():
+        handle = aligner.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            yield calls
+        finally:
+            handle.remove()
+
+    return counting()
+
+
+def _two_pass(aligner: InferAligner, batch, **kwargs):
+    return aligner.generate(**batch, plan=aligner.decide(**batch), **kwargs)
+
+
+def _one_pass_aligner(model_type: str = "llama", **kwargs) -> InferAligner:
+    """Gate at block 0, steering blocks 1-3: every steered layer lies above the gate."""
+    return make_aligner(model_type, steer_layers=[1, 2, 3], gate_layer=0, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_one_pass_gives_the_two_pass_tokens_in_one_pass(model_type: str) -> None:
+    aligner = _one_pass_aligner(model_type)
+    assert aligner.gating == "one pass"
+    batch = aligner.encode(PROMPTS)
+    width = batch["input_ids"].shape[1]
+    expected = _two_pass(aligner, batch, **GEN, do_sample=False)
+    with _prompt_passes(aligner, width) as passes:
+        output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    assert len(passes) == 1
+    assert 0 < sum(row.gate.fired for row in plan) < len(plan)
+    assert plan == aligner.decide(**batch)
+    assert torch.equal(output, expected)
+    plain = aligner.model.generate(**batch, **GEN, do_sample=False, pad_token_id=aligner.tokenizer.pad_token_id)
+    for row, planned in enumerate(plan):
+        assert torch.equal(output[row], plain[row]) != planned.gate.fired
+    assert all(not layer._forward_hooks for layer in aligner.layers)
+
+
+def test_steered_layers_below_the_gate_run_again_only_when_a_row_fires() -> None:
+    aligner = make_aligner("llama", steer_layers=[1, 2], gate_layer=2)
+    assert aligner.gating == "one pass unless a row fires"
+    batch = aligner.encode(PROMPTS)
+    width = batch["input_ids"].shape[1]
+    with _prompt_passes(aligner, width) as passes:
+        output = aligner.generate(**batch, **GEN, do_sample=False)
+    assert len(passes) == 2  # stopped at the gate layer, then generated with the plan
+    assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False))
+    quiet = variant_with_bias(aligner, 1e9)
+    with _prompt_passes(quiet, width) as passes:
+        output = quiet.generate(**batch, **GEN, do_sample=False)
+    assert len(passes) == 1
+    assert torch.equal(output, aligner.model.generate(**batch, **GEN, do_sample=False, pad_token_id=0))
+    assert all(not layer._forward_hooks for layer in aligner.layers)
+
+
+def variant_with_bias(aligner: InferAligner, lowered: float) -> InferAligner:
+    other = aligner.variant()
+    other.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias - lowered)
+    return other
+
+
+def test_simple_mode_refusals_stop_the_pass_and_answer_as_before() -> None:
+    aligner = _one_pass_aligner(mode="simple")
+    assert aligner.gating == "one pass unless a row fires"
+    batch = aligner.encode(PROMPTS)
+    output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    assert plan.refuses
+    assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False))
+
+
+def test_one_pass_with_several_sequences_per_prompt() -> None:
+    aligner = _one_pass_aligner()
+    batch = aligner.encode(PROMPTS[2:6])
+    beams = {**GEN, "num_beams": 2, "num_return_sequences": 2, "do_sample": False}
+    assert torch.equal(aligner.generate(**batch, **beams), _two_pass(aligner, batch, **beams))
+
+
+def test_one_pass_in_bfloat16() -> None:
+    aligner = _one_pass_aligner()
+    aligner.model.to(torch.bfloat16)
+    batch = aligner.encode(PROMPTS)
+    assert torch.equal(
+        aligner.generate(**batch, **GEN, do_sample=False), _two_pass(aligner, batch, **GEN, do_sample=False)
+    )
+
+
+@pytest.mark.parametrize(
+    "layers", [{"steer_layers": [1, 2, 3], "gate_layer": 0}, {"steer_layers": [1, 2], "gate_layer": 2}]
+)
+def test_stream_and_on_plan_see_the_plan_before_any_token(layers) -> None:
+    aligner = make_aligner("llama", **layers)
+    batch = aligner.encode(PROMPTS)
+    seen: list = []
+
+    class Recorder(TextIteratorStreamer):
+        def put(self, value):
+            seen.append(("token", len(plans)))
+            super().put(value)
+
+    plans: list = []
+    streamer = Recorder(aligner.tokenizer, skip_prompt=True)
+    output = aligner.generate(**{k: v[:1] for k, v in batch.items()}, **GEN, do_sample=False, streamer=streamer,
+                              on_plan=plans.append)  # fmt: skip
+    text = "".join(streamer)
+    assert len(plans) == 1 and all(known == 1 for _, known in seen)
+    assert seen and text == aligner.tokenizer.decode(output[0, batch["input_ids"].shape[1] :])
+    for prompt in PROMPTS[:4]:
+        row, pieces = aligner.stream(prompt, max_new_tokens=10, min_new_tokens=10)
+        [expected] = aligner.complete([prompt], max_new_tokens=10, min_new_tokens=10)
+        assert row.gate == expected.gate and "".join(pieces).strip() == expected.text
+
+
+def test_static_cache_and_torch_compile_keep_the_tokens_without_recompiling() -> None:
+    from torch._dynamo.utils import counters
+
+    aligner = _one_pass_aligner()
+    batch = aligner.encode(PROMPTS)
+    static = {**GEN, "do_sample": False, "cache_implementation": "static"}
+    expected = _two_pass(aligner, batch, **GEN, do_sample=False)
+    assert torch.equal(aligner.generate(**batch, **static), expected)
+    torch._dynamo.reset()
+    counters.clear()
+    aligner.model.forward = torch.compile(aligner.model.forward, backend="eager", dynamic=False)
+    try:
+        assert torch.equal(aligner.generate(**batch, **static), expected)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        assert torch.equal(aligner.generate(**batch, **static), expected)
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on a second call
+        assert sum(counters["graph_break"].values()) == breaks  # nor a graph break per step or steered layer
+    finally:
+        del aligner.model.forward
+        torch._dynamo.reset()
