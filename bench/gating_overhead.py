@@ -8,18 +8,20 @@ built-in prompts. Two layouts of the aligner:
 - layers below the gate: gate at 19, steering 12, 16, 20, 24 (the shipped demo layout): one pass while no row
   fires; a fired batch stops at the gate layer and is generated again with the plan.
 
-Methods, run in paired rounds (every method once per round, the order rotating): plain `model.generate`, plain
-again (the A/A pair: the machine's own noise), gate off, gate on (one pass), gate on with layers below the gate,
-and the previous two-pass path (a separate gate pass, then generation) with the gate off. Each ratio is plain's
-time over the method's time in the same round (>1 means faster than plain); the median over rounds comes with a
-95% bootstrap interval (over rounds), for wall time and for CPU time.
+Methods, run in paired rounds (every method once per round, in a new random order each round): plain
+`model.generate`, plain again (the A/A pair: the machine's own noise), gate off, gate on (one pass), and gate on with
+layers below the gate. Each ratio is plain's time over the method's time in the same round (>1: faster than plain);
+the median over rounds comes with a 95% bootstrap interval (resampling rounds), for wall and CPU time. This machine
+is a shared VM whose single runs vary by 5-8%, so a 1% resolution takes about a hundred rounds: the runs are short
+(32 new tokens) and many.
 
-Also: time to first token at batch 1 for prompts of 64 / 512 / 2048 tokens; the operations a steered decoding
-step adds over a plain one (torch profiler); and, with `--peers`, steering-vectors and repeng steering the same
-layers with the same vectors, each in its own virtual environment (`bash bench/peers/setup_envs.sh`), each ratio
-taken against plain generation in that environment.
+Also: time to first token at batch 1 for prompts of 64 / 512 / 2048 tokens, with the previous two-pass path (a
+separate gate pass, then generation) beside it; the operators a steered decoding step adds over a plain one (torch
+profiler); and, with `--peers`, steering-vectors and repeng steering the same layers with the same vectors, each in
+its own virtual environment (`bash bench/peers/setup_envs.sh`), each ratio taken against plain generation in that
+environment.
 
-    python bench/gating_overhead.py [--repeats 12] [--new-tokens 64] [--peers] [--out ...gating_overhead.json]
+    python bench/gating_overhead.py [--rounds 100 50] [--new-tokens 32] [--peers] [--out ...gating_overhead.json]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -80,22 +83,26 @@ def summary(runs: dict[str, dict[str, list[float]]], plain: str = "plain") -> di
     return out
 
 
-def paired_rounds(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """One warm-up each, then `repeats` rounds running every method once, the order rotating by one each round."""
+def paired_rounds(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """One warm-up each, then `rounds` rounds running every method once, in a new random order each round (so no
+    method always follows the same one)."""
     for call in methods.values():
         call()
     runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in methods}
-    names = list(methods)
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        names = list(methods)
+        shuffle(names)
+        for name in names:
             wall, cpu = timed(methods[name])
             runs[name]["wall"].append(round(wall, 4))
             runs[name]["cpu"].append(round(cpu, 4))
     return runs
 
 
-def generation_methods(aligners: dict[str, InferAligner], batch: dict, gen: dict) -> dict[str, Callable[[], object]]:
+def generation_methods(
+    aligners: dict[str, InferAligner], batch: dict, gen: dict, two_pass: bool = False
+) -> dict[str, Callable[[], object]]:
     one_pass, below = aligners["one pass"], aligners["below gate"]
     gates = {
         "off": dataclasses.replace(one_pass.gate, bias=-1e9),
@@ -103,19 +110,21 @@ def generation_methods(aligners: dict[str, InferAligner], batch: dict, gen: dict
         "below on": dataclasses.replace(below.gate, bias=1e9),
     }
 
-    def ours(aligner: InferAligner, gate: str, two_pass: bool = False) -> object:
+    def ours(aligner: InferAligner, gate: str, separate_pass: bool = False) -> object:
         aligner.gate = gates[gate]
-        plan = {"plan": aligner.decide(**batch)} if two_pass else {}
+        plan = {"plan": aligner.decide(**batch)} if separate_pass else {}
         return aligner.generate(**batch, **plan, **gen)
 
-    return {
+    methods = {
         "plain": lambda: one_pass.model.generate(**batch, **gen),
         "plain again": lambda: one_pass.model.generate(**batch, **gen),
         "gate off": lambda: ours(one_pass, "off"),
         "gate on": lambda: ours(one_pass, "on"),
         "gate on, layers below the gate": lambda: ours(below, "below on"),
-        "two-pass gate off (before)": lambda: ours(one_pass, "off", two_pass=True),
     }
+    if two_pass:  # the path before one-pass gating: a separate gate pass, then generation
+        methods["two-pass gate off (before)"] = lambda: ours(one_pass, "off", separate_pass=True)
+    return methods
 
 
 def show(label: str, ratio: dict[str, dict]) -> None:
@@ -126,17 +135,22 @@ def show(label: str, ratio: dict[str, dict]) -> None:
               f"cpu {cpu['median']:7.2%} [{cpu['low']:7.2%}, {cpu['high']:7.2%}]")  # fmt: skip
 
 
-def throughput(aligners: dict[str, InferAligner], prompts: list[str], sizes: list[int], n: int, repeats: int) -> list:
+def throughput(
+    aligners: dict[str, InferAligner], prompts: list[str], sizes: dict[int, int], n: int, only: list[str] | None
+) -> list:
     tokenizer = aligners["one pass"].tokenizer
     gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     results = []
-    for size in sizes:
+    for size, rounds in sizes.items():
         batch = aligners["one pass"].encode(prompts[:size])
-        runs = paired_rounds(generation_methods(aligners, batch, gen), repeats)
+        methods = generation_methods(aligners, batch, gen)
+        if only:
+            methods = {name: call for name, call in methods.items() if name == "plain" or name in only}
+        runs = paired_rounds(methods, rounds)
         ratio = summary(runs)
         plain_median = statistics.median(runs["plain"]["wall"])
-        show(f"\nbatch {size}: plain {size * n / plain_median:.1f} tok/s (median of {repeats} rounds)", ratio)
-        results.append({"batch": size, "ratios_vs_plain": ratio, "runs_s": runs})
+        show(f"\nbatch {size}: plain {size * n / plain_median:.1f} tok/s (median of {rounds} rounds)", ratio)
+        results.append({"batch": size, "rounds": rounds, "ratios_vs_plain": ratio, "runs_s": runs})
     return results
 
 
@@ -148,7 +162,8 @@ def first_token(aligners: dict[str, InferAligner], lengths: list[int], repeats: 
     rows = []
     for length in lengths:
         ids = torch.tensor([every[:length]])
-        methods = generation_methods(aligners, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        methods = generation_methods(aligners, batch, gen, two_pass=True)
         runs = paired_rounds(methods, repeats)
         medians = {name: round(statistics.median(r["wall"]) * 1000, 1) for name, r in runs.items()}
         ratio = summary(runs)
@@ -231,10 +246,14 @@ def peers(aligner: InferAligner, prompts: list[str], sizes: list[int], n: int, r
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=12)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[100, 50], help="paired rounds per batch size")
+    parser.add_argument("--methods", nargs="+", help="time only these methods against plain (e.g. 'gate on')")
+    parser.add_argument("--no-extras", action="store_true", help="throughput only: no TTFT, operators or peers")
     parser.add_argument("--ttft-lengths", type=int, nargs="+", default=[64, 512, 2048])
+    parser.add_argument("--ttft-rounds", type=int, default=20)
+    parser.add_argument("--peer-rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="also time steering-vectors and repeng (their venvs)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gating_overhead.json"))
@@ -256,17 +275,24 @@ def main() -> None:
     for name, aligner in aligners.items():
         print(f"{name}: gate layer {aligner.gate.layer}, steered {aligner.steer_layers}: {aligner.gating}")
     prompts = builtin_prompts("everyday", "calibration")
-    rows = throughput(aligners, prompts, args.batch_sizes, args.new_tokens, args.repeats)
-    ttft = first_token(aligners, args.ttft_lengths, args.repeats)
-    operations = step_operations(aligners["one pass"], prompts, 16)
-    peer_rows = peers(aligners["one pass"], prompts, args.batch_sizes, args.new_tokens, args.repeats, args.threads) \
-        if args.peers else []  # fmt: skip
+    if len(args.rounds) != len(args.batch_sizes):
+        parser.error("give one --rounds value per batch size")
+    rows = throughput(aligners, prompts, dict(zip(args.batch_sizes, args.rounds, strict=True)), args.new_tokens,
+                      args.methods)  # fmt: skip
+    ttft = [] if args.no_extras else first_token(aligners, args.ttft_lengths, args.ttft_rounds)
+    operations = {} if args.no_extras else step_operations(aligners["one pass"], prompts, 16)
+    peer_rows = []
+    if args.peers and not args.no_extras:
+        peer_rows = peers(
+            aligners["one pass"], prompts, args.batch_sizes, args.new_tokens, args.peer_rounds, args.threads
+        )
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads pinned, "
         f"torch {torch.__version__}, python {sys.version.split()[0]}",
         "model": f"{EMBEDDED_MODEL} (float32)",
         "new_tokens": args.new_tokens,
-        "rounds": args.repeats,
+        "ttft_rounds": args.ttft_rounds,
+        "peer_rounds": args.peer_rounds if args.peers else None,
         "layouts": {"one pass": ONE_PASS, "layers below the gate": BELOW_GATE},
         "throughput": rows,
         "time_to_first_token": ttft,

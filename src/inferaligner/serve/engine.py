@@ -1,12 +1,12 @@
 """Dynamic batching: one worker thread owns the model and runs waiting requests together, each row gated alone.
 
 Requests wait in a bounded queue. The worker takes the oldest, adds every waiting request with the same sampling
-settings (up to `max_batch`, waiting at most `batch_wait_s` for company), decides each row's gate in one partial
-forward pass and generates the batch under the steering hooks. A stopping criterion reads each new token per row:
-it streams text deltas to that request, applies its stop strings and token limit, and ends rows whose client has
-gone, so a disconnect frees its slot as soon as the batch's next step runs. When a request asks for
-log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the token is drawn from:
-the steered model's own under greedy decoding, after temperature and top-p when sampling).
+settings (up to `max_batch`, waiting at most `batch_wait_s` for company) and generates the batch, each row's gate
+read inside the prefill (`InferAligner.try_one_pass`) and its plan reported before its first token. A stopping
+criterion reads each new token per row: it streams text deltas to that request, applies its stop strings and token
+limit, and ends rows whose client has gone, so a disconnect frees its slot as soon as the batch's next step runs.
+When a request asks for log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the
+token is drawn from: the steered model's own under greedy decoding, after temperature and top-p when sampling).
 
 A batch that fails before any of its rows produced a token is run again one row at a time, so one bad request
 fails alone and never takes its batch neighbours with it.
