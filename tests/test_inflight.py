@@ -155,3 +155,17 @@ def test_static_cache_and_torch_compile_keep_the_tokens_without_recompiling() ->
     finally:
         del aligner.model.forward
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("option", [{"prefill_chunk_size": 4}, {"prompt_lookup_num_tokens": 3}, {"cache": "fresh"}])
+def test_generation_whose_first_pass_is_not_the_whole_prompt_reads_the_gate_apart(option) -> None:
+    from transformers import DynamicCache
+
+    aligner = _one_pass_aligner()
+    rows = 1 if "prompt_lookup_num_tokens" in option else len(PROMPTS)
+    batch = aligner.encode(PROMPTS[:rows])
+    fresh = (lambda: {"cache": DynamicCache()}) if "cache" in option else (lambda: option)
+    output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True, **fresh())
+    assert plan == aligner.decide(**batch)
+    assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False, **fresh()))
+    assert all(not layer._forward_hooks for layer in aligner.layers)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create (idempotently) one virtual environment per steering peer, for bench/peers/peer_speed.py.
-#   bash bench/peers/setup_envs.sh            # both peers
-#   bash bench/peers/setup_envs.sh repeng     # just one
+# Create (idempotently) one virtual environment per third-party tool the benchmarks run: the steering peers
+# (bench/peers/peer_speed.py) and lm-evaluation-harness (bench/lm_eval_server.py).
+#   bash bench/peers/setup_envs.sh            # the two steering peers
+#   bash bench/peers/setup_envs.sh lm-eval    # just one
 # Venvs live in .bench-venvs/<peer> at the repo root. torch==2.13.0 resolves to the local CPU wheel.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ TRANSFORMERS="transformers==4.57.6"
 declare -A PEER_PKGS=(
   [steering-vectors]="steering-vectors==0.12.2"
   [repeng]="repeng==0.4.0 numpy<2"
+  [lm-eval]="lm-eval[api]==0.4.13"
 )
 
 peers=("$@")
@@ -31,5 +33,5 @@ for peer in "${peers[@]}"; do
   "$venv/bin/python" -c 'import torch; assert "+cpu" in torch.__version__ or not torch.version.cuda, torch.__version__'
   echo "== $peer ($venv)"
   "$venv/bin/python" -m pip list --format=freeze 2>/dev/null \
-    | grep -iE '^(torch|transformers|safetensors|tokenizers|numpy|steering[-_]vectors|repeng)==' || true
+    | grep -iE '^(torch|transformers|safetensors|tokenizers|numpy|steering[-_]vectors|repeng|lm[-_]eval)==' || true
 done

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,11 @@ class Completion:
             "gate": self.gate.as_dict() if self.gate else None,
             "intervened": self.intervened,
         }
+
+
+# generate() arguments whose first forward pass is not the whole prompt (or that bring a cache a stopped pass fills)
+_NOT_IN_FLIGHT = ("pixel_values", "image_sizes", "past_key_values", "cache", "inputs_embeds", "prefill_chunk_size",
+                  "prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")  # fmt: skip
 
 
 class _GateReached(Exception):
@@ -321,19 +326,22 @@ class InferAligner:
         return (output, plan) if return_plan else output
 
     def _reads_gate_in_flight(self, generate_kwargs: dict[str, Any]) -> bool:
-        """Whether `generate` can read the gate inside its own prefill: text prompts whose prefill is the whole
-        prompt (no image inputs that change its length, no prefix cache)."""
-        return self.gate is not None and not any(
-            key in generate_kwargs for key in ("pixel_values", "image_sizes", "past_key_values", "inputs_embeds")
-        )
+        """Whether `generate` can read the gate inside its own prefill: text prompts whose first forward pass is
+        the whole prompt (no image inputs that change its length, no prefix cache the stopped pass would fill, no
+        chunked prefill, no assisted or prompt-lookup decoding)."""
+        config = self.model.generation_config
+        in_config = any(getattr(config, key, None) for key in ("prefill_chunk_size", "prompt_lookup_num_tokens"))
+        return self.gate is not None and not in_config and not any(key in generate_kwargs for key in _NOT_IN_FLIGHT)
 
     @property
     def gating(self) -> str:
         """How the gate costs: `one pass` (read inside generation's prefill; steered layers all above the gate),
         `one pass unless a row fires` (a fired batch stops at the gate layer and runs again, as the plan says),
-        or `no gate`."""
+        `two passes` (mode `always` steering layers at or below the gate), or `no gate`."""
         if self.gate is None:
             return "no gate"
+        if self.settings.mode is Mode.ALWAYS and not self._steers_after_gate():
+            return "two passes"  # every row is steered, and blocks at or below the gate already ran unsteered
         if self.settings.mode in (Mode.SIMPLE, Mode.ALIGNED) or not self._steers_after_gate():
             return "one pass unless a row fires"
         return "one pass"
@@ -354,7 +362,9 @@ class InferAligner:
         `(output, plan)`, or `(None, plan)` when the plan needs what this pass cannot do (refused or delegated
         rows, or steered rows when a steered layer lies at or below the gate layer); the pass then stopped at the
         gate layer and the caller acts on the plan (`generate(..., plan=plan)`). `on_plan(plan)` is called as soon
-        as the pass goes on with the plan, before the first new token. Text prompts only."""
+        as the pass goes on with the plan, before the first new token. Where the prefill is not the whole prompt
+        (image inputs, a prefix cache, chunked prefill), the plan comes from a separate gate pass (`decide`) and
+        `(None, plan)` is returned."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -364,20 +374,29 @@ class InferAligner:
                 on_plan(plan)
             with self.steered(plan):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
+        if not self._reads_gate_in_flight(generate_kwargs):
+            return None, self.decide(input_ids, attention_mask, allowed=allowed)
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
+        plan_rows = functools.partial(self.plan, rows=len(input_ids), allowed=allowed)
         with self._lock:
-            steering = None
-            if self._steers_after_gate() and self._directions is not None and self.steer_layers:
-                steering = add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha,
-                                        torch.zeros(len(input_ids)))  # fmt: skip
-            plan_rows = functools.partial(self.plan, rows=len(input_ids), allowed=allowed)
-            reading = InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, held)
             try:
-                with reading:
+                with ExitStack() as hooks:
+                    steering = None
+                    if self._steers_after_gate() and self._directions is not None and self.steer_layers:
+                        zero = torch.zeros(len(input_ids))  # each row's gate, set once the plan is known
+                        steering = add_steering(
+                            self.layers, self._directions, self.steer_layers, self.settings.alpha, zero
+                        )
+                        hooks.enter_context(steering)
+                    reading = hooks.enter_context(
+                        InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, held)
+                    )
                     output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
                                                  **generate_kwargs)  # fmt: skip
             except Replan as stop:
+                if stop.plan is None:  # the model changed the prompt's length: read the gate in a pass of its own
+                    return None, self.decide(input_ids, attention_mask, allowed=allowed)
                 return None, stop.plan
         assert reading.plan is not None
         return output, reading.plan

@@ -8,8 +8,9 @@ the gate and makes the plan before any later block runs. What happens next depen
 - some at or below it: those blocks have already run unsteered, so a plan that steers any row stops the pass there
   (`Replan`) and the caller generates again with the plan; a plan that steers nothing carries on, in one pass.
 
-Plans that refuse or delegate rows also stop the pass (their rows are answered some other way). Stopping costs the
-same as the separate gate pass it replaces: the prompt's forward pass up to the gate layer.
+Plans that refuse or delegate rows also stop the pass (their rows are answered some other way). Stopping costs a
+`generate` call's set-up and the prompt's forward pass up to the gate layer; callers pass no cache of their own
+(`InferAligner` keeps prefix caches, chunked prefill and assisted decoding on the separate gate pass).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from inferaligner.errors import InferAlignerError
 from inferaligner.gate import Gate, pool
 from inferaligner.models import block_hidden
 from inferaligner.plan import Plan
@@ -28,9 +28,10 @@ from inferaligner.steer import SteeringHandle
 
 
 class Replan(Exception):
-    """The plan needs more than the pass in flight can do; it stops at the gate layer."""
+    """The plan needs more than the pass in flight can do; it stops at the gate layer. `plan` is `None` when the
+    gate could not be read there (the model changed the prompt's length)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan | None) -> None:
         super().__init__("the plan needs another pass")
         self.plan = plan
 
@@ -63,8 +64,9 @@ class HeldStreamer(BaseStreamer):
 class InFlightGate:
     """Hooks that read the gate in the prefill of the next forward pass and act on the plan in the same pass.
 
-    `make_plan(decisions)` turns the gate's decisions into the batch's plan; `steering` (hooks on layers above the
-    gate, not yet active) steers the plan's steered rows, or is `None` when no steered layer lies above the gate.
+    `make_plan(decisions)` turns the gate's decisions into the batch's plan; `steering` (hooks on the steered
+    layers, all above the gate, with zero gates until the plan is known) steers the plan's steered rows, or is `None`
+    when some steered layer lies at or below the gate (a plan that steers then stops the pass).
     `on_plan(plan)` is called as soon as the pass goes on with the plan.
     """
 
@@ -88,7 +90,7 @@ class InFlightGate:
         hidden = block_hidden(output)
         rows = len(self.mask)
         if hidden.shape[1] != self.mask.shape[1] or hidden.shape[0] % rows:
-            raise InferAlignerError("The gate cannot read a prompt whose length the model changes.")
+            raise Replan(None)
         hidden = hidden[:: hidden.shape[0] // rows]  # sequences expanded per prompt (beams, samples) are alike
         plan = self.make_plan(self.gate.decide(pool(hidden, self.mask.to(hidden.device), self.gate.pooling)))
         self.plan = plan

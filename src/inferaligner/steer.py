@@ -1,8 +1,9 @@
 """Forward hooks that add `alpha * g * theta_l` to the output of steered decoder blocks, per sequence.
 
 Every position of the block output is shifted: prompt tokens during prefill and each new token during
-KV-cached decoding; outside autograd the shift is added in place, so a decoding step allocates nothing. `g` holds
-one gate value per batch row, so rows whose gate is 0 pass through bit-for-bit.
+KV-cached decoding; outside autograd the shift is added in place, so a decoding step allocates nothing (and a hook
+that kept the block's output, e.g. `output_hidden_states`, sees it steered). `g` holds one gate value per batch row,
+so rows whose gate is 0 pass through bit-for-bit.
 Registering the hooks mutates the model until `remove()` (or the end of the `with` block).
 """
 
@@ -45,13 +46,15 @@ class SteeringHandle:
     def _make_hook(self, direction: torch.Tensor) -> Any:
         shifts: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        def hook(_module: nn.Module, args: Any, output: Any) -> Any:
             hidden = block_hidden(output)
             key = (hidden.device, hidden.dtype, hidden.shape[0])
             shift = shifts.get(key)
             if shift is None:  # computed once per batch shape: no host-to-device copy per decoding step
                 shift = shifts[key] = self._shift(direction, hidden)
-            if hidden.requires_grad:  # fitting: autograd needs the block's own output intact
+            # Out of place while fitting (autograd needs the block's output intact) and when the block hands back
+            # its input or a view of another tensor (adding in place would change that tensor too).
+            if hidden.requires_grad or hidden._base is not None or (args and hidden is args[0]):
                 return with_block_hidden(output, hidden + shift)
             hidden.add_(shift)  # in place: no allocation per decoding step
             return None
