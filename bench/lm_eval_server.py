@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import re
-import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_load import AUTH, KEY, ServerProcess
 
 from inferaligner.demo import demo_aligner
 from inferaligner.eval.tasks import arithmetic_task
@@ -65,29 +64,6 @@ def extract(text: str) -> str:
     return found[0].strip() if found else "[invalid]"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve(port: int, key: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "inferaligner.cli", "serve", "--port", str(port), "--api-key", key]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server ended: {server.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.kill()
-    raise RuntimeError("the server did not start within 300 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=40)
@@ -108,23 +84,17 @@ def main() -> None:
         (folder / "tasks" / "arithmetic.yaml").write_text(
             TASK.format(data=data, max_tokens=MAX_TOKENS, pattern=ANSWER.replace("\\", "\\\\"))
         )
-        port, key = free_port(), secrets.token_hex(16)
-        server = serve(port, key)
-        try:
-            name = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
-                             ).json()["data"][0]["id"]  # fmt: skip
-            model_args = (f"model={name},base_url=http://127.0.0.1:{port}/v1/chat/completions,"
+        with ServerProcess() as server:  # the demo pair, with an API key
+            name = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]["id"]
+            model_args = (f"model={name},base_url={server.url}/v1/chat/completions,"
                           f"num_concurrent={args.concurrent},max_retries=1,tokenized_requests=False")  # fmt: skip
             command = [str(LM_EVAL), "--model", "local-chat-completions", "--model_args", model_args,
                        "--tasks", "inferaligner_arithmetic", "--include_path", str(folder / "tasks"),
                        "--apply_chat_template", "--output_path", str(folder / "out"), "--log_samples"]  # fmt: skip
-            env = {**os.environ, "OPENAI_API_KEY": key, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+            env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
             client_started = time.perf_counter()
             subprocess.run(command, check=True, env=env)
             client_s = time.perf_counter() - client_started
-        finally:
-            server.terminate()
-            server.wait(60)
         results = json.loads(next((folder / "out").rglob("results_*.json")).read_text())
         samples = [json.loads(line) for line in next((folder / "out").rglob("samples_*.jsonl")).open()]
     served_score = results["results"]["inferaligner_arithmetic"]["exact_match,answer"]
