@@ -16,8 +16,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from tiny import tiny_model, tiny_tokenizer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
@@ -309,3 +311,38 @@ def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
                 assert answer.replace("\ufffd", "") == text.replace("\ufffd", "")  # random bytes: broken characters
     finally:
         handle.remove()
+
+
+def test_a_batch_that_fails_after_its_one_pass_plan_reports_each_plan_once() -> None:
+    aligner = make_aligner(gate_layer=0, steer_layers=[1, 2, 3])
+    model, generate, failed = aligner.model, aligner.model.generate, []
+
+    class FailOnce(StoppingCriteria):  # fails the first decoding step, after the plans were sent, before any token
+        def __call__(self, input_ids, scores, **kwargs):
+            if not failed:
+                failed.append(len(input_ids))
+                raise RuntimeError("boom")
+            return torch.zeros(len(input_ids), dtype=torch.bool)
+
+    def fragile(**kwargs):
+        criteria = StoppingCriteriaList([FailOnce(), *kwargs.pop("stopping_criteria")])
+        return generate(**kwargs, stopping_criteria=criteria)
+
+    model.generate = fragile
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True}
+    try:
+        with (
+            Server(aligner, max_batch=2, batch_wait_s=0.5) as running,
+            concurrent.futures.ThreadPoolExecutor(2) as pool,
+        ):
+            replies = [pool.submit(httpx.post, f"{running.url}/v1/chat/completions", timeout=60,
+                                   json={**body, "messages": [{"role": "user", "content": prompt}]})
+                       for prompt in (HARMFUL, HARMLESS)]  # fmt: skip
+            streams = [reply.result().text for reply in replies]
+    finally:
+        del model.generate
+    assert failed == [2]  # the two requests ran as one batch, which failed once and was rerun row by row
+    for stream in streams:
+        chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+        assert sum("inferaligner" in chunk for chunk in chunks) == 1 and "error" not in stream
+        assert stream.rstrip().endswith("data: [DONE]")
