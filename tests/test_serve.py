@@ -106,11 +106,27 @@ def plain_answer(aligner: InferAligner, prompt: str) -> str:
 def test_models_health_and_metrics(server) -> None:
     assert [m.id for m in server.client().models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    chat(server.client(), HARMLESS)
+    before = httpx.get(f"{server.url}/metrics").text
+    tokens = chat(server.client(), HARMLESS).usage.completion_tokens
     text = httpx.get(f"{server.url}/metrics").text
     for series in ("inferaligner_requests_total", "inferaligner_request_latency_seconds", "inferaligner_queue_depth",
-                   "inferaligner_gate_decisions_total", "inferaligner_completion_tokens_total"):  # fmt: skip
+                   "inferaligner_gate_decisions_total", "inferaligner_completion_tokens_total",
+                   "inferaligner_running_rows"):  # fmt: skip
         assert series in text
+
+    def count(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"{name}_count ")))
+
+    assert tokens > 1
+    assert (
+        count(text, "inferaligner_time_to_first_token_seconds")
+        - count(before, "inferaligner_time_to_first_token_seconds")
+        == 1
+    )
+    assert (
+        count(text, "inferaligner_inter_token_seconds") - count(before, "inferaligner_inter_token_seconds")
+        == tokens - 1
+    )
 
 
 def test_chat_completion_carries_the_gate(server) -> None:

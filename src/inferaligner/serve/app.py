@@ -8,6 +8,7 @@ stalls other clients or `/health`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -88,8 +89,18 @@ class Metrics:
         self.batch = Histogram(
             "inferaligner_batch_size", "Rows per batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
         )
+        self.first_token = Histogram(
+            "inferaligner_time_to_first_token_seconds", "From a request's arrival to its first generated token",
+            registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
+        )  # fmt: skip
+        self.inter_token = Histogram(
+            "inferaligner_inter_token_seconds", "Between a request's consecutive generated tokens",
+            registry=self.registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+        )  # fmt: skip
         queue = Gauge("inferaligner_queue_depth", "Requests waiting for a batch", registry=self.registry)
         queue.set_function(lambda: engine.queue_depth)
+        running = Gauge("inferaligner_running_rows", "Requests being generated now", registry=self.registry)
+        running.set_function(lambda: engine.running_rows)
         engine.on_batch.append(self.batch.observe)
 
     def render(self) -> bytes:
@@ -213,6 +224,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     def finished(job: Job) -> None:
         metrics.completion_tokens.inc(len(job.tokens))
+        if job.token_times:
+            metrics.first_token.observe(job.token_times[0] - job.created)
+            for earlier, later in itertools.pairwise(job.token_times):
+                metrics.inter_token.observe(later - earlier)
         if job.gate is not None:
             metrics.gate.labels(str(job.gate.fired).lower()).inc()
 

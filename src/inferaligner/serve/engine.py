@@ -102,6 +102,8 @@ class Job:
     planned: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent: list[TokenLogprob] = field(default_factory=list)
+    created: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)  # when each generated token was read (perf_counter)
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -154,6 +156,7 @@ class _RowTracker(StoppingCriteria):
             job.finish_reason = "stop"
             return
         job.tokens.append(token)
+        job.token_times.append(time.perf_counter())
         if job.top_logprobs is not None and self.recorder is not None and self.recorder.last is not None:
             entry = self._logprob(self.recorder.last[row], token, job.top_logprobs)
             job.logprobs.append(entry)
@@ -216,6 +219,10 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def running_rows(self) -> int:
+        return self._running
 
     @property
     def in_flight(self) -> int:
