@@ -301,16 +301,13 @@ class InferAligner:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.pop("position_ids", None)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        extra = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         with self._lock:
-            if plan is None and self._reads_gate_in_flight(generate_kwargs):
+            if plan is None:
                 output, plan = self.try_one_pass(
                     input_ids, attention_mask, allowed=allowed, on_plan=on_plan, **generate_kwargs
                 )
                 if output is not None:
                     return (output, plan) if return_plan else output
-            elif plan is None:
-                plan = self.decide(input_ids, attention_mask, allowed=allowed, **extra)
             elif len(plan) != len(input_ids):
                 raise InferAlignerError(f"A plan for {len(plan)} rows was given for a batch of {len(input_ids)}.")
             if on_plan is not None:
@@ -331,7 +328,7 @@ class InferAligner:
         chunked prefill, no assisted or prompt-lookup decoding)."""
         config = self.model.generation_config
         in_config = any(getattr(config, key, None) for key in ("prefill_chunk_size", "prompt_lookup_num_tokens"))
-        return self.gate is not None and not in_config and not any(key in generate_kwargs for key in _NOT_IN_FLIGHT)
+        return not in_config and not any(key in generate_kwargs for key in _NOT_IN_FLIGHT)
 
     @property
     def gating(self) -> str:
@@ -374,8 +371,9 @@ class InferAligner:
                 on_plan(plan)
             with self.steered(plan):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
+        images = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         if not self._reads_gate_in_flight(generate_kwargs):
-            return None, self.decide(input_ids, attention_mask, allowed=allowed)
+            return None, self.decide(input_ids, attention_mask, allowed=allowed, **images)
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
         plan_rows = functools.partial(self.plan, rows=len(input_ids), allowed=allowed)

@@ -107,9 +107,8 @@ class InFlightGate:
             self.streamer.release()
 
     def remove(self) -> None:
+        """Detach the gate hook (the steering hooks belong to the caller)."""
         self._handle.remove()
-        if self.steering is not None:
-            self.steering.remove()
 
     def __enter__(self) -> InFlightGate:
         return self
