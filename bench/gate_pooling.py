@@ -2,9 +2,12 @@
 averaged over the prompt, on the demo target.
 
 Every gate is built and chosen exactly as `inferaligner extract` does (the built-in gate sets plus 64 of the
-domain's training prompts per split; the layer chosen on the calibration split), then measured on sets it was not
-built from: AdvBench (520), the jailbreak set (500), XSTest safe and unsafe prompts, 300 Alpaca instructions and
-the 300 held-out arithmetic problems. No evaluation set is used to build or choose anything.
+domain's training prompts per split; the layer chosen on the calibration split: the mean difference by balanced
+accuracy, the probe by its AUROC against each group of held-out harmless prompts, averaged), each with two biases:
+its own (the midpoint, or the probe's fitted bias) and the shipped rule (fire on 95% of the held-out harmful
+prompts). Then each is measured on sets it was not built from: AdvBench (520), the jailbreak set (500), XSTest
+safe and unsafe prompts, 300 Alpaca instructions and the 300 held-out arithmetic problems. No evaluation set is
+used to build or choose anything.
 
     python bench/gate_pooling.py            # about 15 minutes on 2 CPU cores
 """
@@ -23,9 +26,11 @@ from inferaligner import zoo
 from inferaligner.activations import prompt_activations
 from inferaligner.eval import datasets, tasks
 from inferaligner.eval.jailbreak import jailbreak_set
-from inferaligner.gate import choose_gate_layer, layer_metrics, midpoint_bias, search_probe
-from inferaligner.prompts import format_chats, gate_sets
+from inferaligner.gate import calibrate_bias_tpr, choose_gate_layer, layer_metrics, midpoint_bias, search_probe
+from inferaligner.prompts import format_chats, gate_group_sizes, gate_sets
 from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES
+
+TPR = 0.95  # the shipped rule: fire on 95% of the held-out harmful prompts
 
 
 def main() -> None:
@@ -39,6 +44,7 @@ def main() -> None:
     for split, extra in (("extraction", domain[:DOMAIN_GATE_PROMPTS]), ("calibration", domain[-DOMAIN_GATE_PROMPTS:])):
         harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
         build[split] = (harmful, harmless + extra)
+    groups = [*gate_group_sizes("calibration"), len(domain[-DOMAIN_GATE_PROMPTS:])]
     unseen = {
         "AdvBench": datasets.advbench(),
         "jailbreak": jailbreak_set(50)[0],
@@ -67,13 +73,23 @@ def main() -> None:
         bias = midpoint_bias(project(harm), project(safe))
         cal = layer_metrics(project(cal_harm), project(cal_safe), bias)
         layer = choose_gate_layer(cal.accuracy, cal.separation)
-        gates = {"mean-difference": (layer, directions[layer], float(bias[layer]), float(cal.accuracy[layer]))}
-        search = search_probe(harm, safe, cal_harm, cal_safe)
-        gates["probe"] = (search.layer, search.direction, search.bias, float(search.accuracy[search.layer]))
-        for kind, (layer, direction, b, accuracy) in gates.items():
+        cal_scores = project(cal_harm)[:, layer]
+        gates = {
+            ("mean-difference", "midpoint"): (layer, directions[layer], float(bias[layer])),
+            ("mean-difference", "tpr 0.95"): (layer, directions[layer], calibrate_bias_tpr(cal_scores, TPR)),
+        }
+        search = search_probe(harm, safe, cal_harm, cal_safe, groups=groups)
+        tpr_bias = calibrate_bias_tpr(cal_harm[:, search.layer] @ search.direction, TPR)
+        gates[("probe", "probe's own")] = (search.layer, search.direction, search.bias)
+        gates[("probe", "tpr 0.95")] = (search.layer, search.direction, tpr_bias)
+        for (kind, rule), (layer, direction, b) in gates.items():
             fire = {name: float((a[:, layer] @ direction + b > 0).float().mean()) for name, a in measured.items()}
-            rows.append({"pooling": pooling, "direction": kind, "layer": layer, "calibration_accuracy": accuracy,
-                         "fire_rate": fire})  # fmt: skip
+            held_out = {
+                "harmful": float((cal_harm[:, layer] @ direction + b > 0).float().mean()),
+                "harmless": float((cal_safe[:, layer] @ direction + b > 0).float().mean()),
+            }
+            rows.append({"pooling": pooling, "direction": kind, "bias": rule, "layer": layer,
+                         "calibration_fire_rate": held_out, "fire_rate": fire})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

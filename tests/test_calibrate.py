@@ -26,6 +26,8 @@ def test_choice_prefers_refusals_then_kept_answers_then_the_weaker_strength() ->
     chosen = choose(rows)
     assert (chosen["candidate"], chosen["strength"]) == ("fit", 1.0)  # 1.5 loops, 1.25 no better but costlier
     assert choose([_row("fit", 1.0, 0.9, 0.5), _row("fit", 2.0, 0.9, 0.5)])["strength"] == 1.0
+    # 7% degenerate harmful answers is over the 3% bar (averaged with the benign side): the looping strength loses
+    assert choose([_row("fit", 1.0, 0.90, 0.8), _row("fit", 1.25, 0.93, 0.8, degenerate=0.07)])["strength"] == 1.0
 
 
 def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:

@@ -40,7 +40,19 @@ def test_extract_writes_a_calibrated_vector_file(vector_file) -> None:
     assert vectors.provenance.n_harmful == 3 * 8  # three built-in harmful sets, --limit per set
     assert vectors.gate is not None and vectors.gate.rule == "fpr"
     assert (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")  # the defaults
-    assert "calibration.accuracy" in vectors.metrics and "probe.calibration_accuracy" in vectors.metrics
+    assert "calibration.accuracy" in vectors.metrics and "probe.calibration_auroc" in vectors.metrics
+
+
+def test_extract_sets_the_gate_for_the_harmful_share_by_default(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "tpr.safetensors"
+    assert main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8"]) == 0
+    gate = SafetyVectors.load(out).gate
+    assert gate is not None and (gate.rule, gate.target_tpr, gate.target_fpr) == ("tpr", 0.95, None)
+    assert main(["inspect", str(out)]) == 0
+    assert "(tpr, tpr 0.95)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(model_dir), "--out", str(out), "--gate-tpr", "1.5"])
+    assert "1.5 is not a fraction between 0 and 1" in capsys.readouterr().err
 
 
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
@@ -113,6 +125,14 @@ def test_generate_reads_prompts_from_a_file(model_dir, vector_file, tmp_path, ca
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "> Say hi" in out and "[gate " in out
+
+
+def test_loop_span_is_an_option_checked_like_every_setting(model_dir, vector_file, capsys) -> None:
+    base = ["generate", "--model", str(model_dir), "--target-vectors", str(vector_file), "--mode", "simple",
+            "--max-new-tokens", "3", "Say hi"]  # fmt: skip
+    assert main([*base, "--loop-span", "4"]) == 0
+    assert main([*base, "--loop-span", "-1"]) == 2
+    assert "loop_span must be a whole number of tokens" in capsys.readouterr().err
 
 
 def test_inspect_prints_provenance_and_metrics(vector_file, capsys) -> None:

@@ -250,3 +250,46 @@ def test_methods_need_their_models() -> None:
     answers = build_methods(["aligned-answers"], base.model, base.tokenizer, base.target_vectors,
                             base.aligned_vectors, settings, extra_models=extra)[1]  # fmt: skip
     assert answers.gated and answers.aligner.settings.mode.value == "aligned"
+
+
+def test_a_new_gate_reuses_the_cached_answers_and_reports_its_own_decisions(tmp_path, monkeypatch) -> None:
+    prompts = HARMFUL + BENIGN
+    off, gated = make_aligner(mode="off"), make_aligner()
+    target_cache, acted_cache = tmp_path / "target.jsonl", tmp_path / "acted.jsonl"
+    plain = generate_cached(off, prompts, target_cache, max_new_tokens=5, progress=False)
+    first = gated_completions(gated, prompts, plain, acted_cache, max_new_tokens=5, progress=False)
+    assert any(c.intervened for c in first)
+    everything = gated.variant(gate_bias=1e6)  # another gate: it fires on every prompt
+    everything_off = everything.variant(mode="off", alpha=2.5)  # and another strength: no matter when off
+    calls: list[int] = []
+    for aligner in (everything_off, everything):
+        original = aligner.complete
+
+        def counted(ps: list[str], original=original, **kw):  # type: ignore[no-untyped-def]
+            calls.append(len(ps))
+            return original(ps, **kw)
+
+        monkeypatch.setattr(aligner, "complete", counted)
+    again = generate_cached(everything_off, prompts, target_cache, max_new_tokens=5, progress=False)
+    assert [c.text for c in again] == [c.text for c in plain] and all(c.gate.fired for c in again)
+    both = gated_completions(everything, prompts, again, acted_cache, max_new_tokens=5, progress=False)
+    assert all(c.gate.fired and c.intervened for c in both)
+    assert sum(calls) == sum(not c.intervened for c in first)  # only the rows no earlier gate acted on
+    assert [c.text for c, f in zip(both, first, strict=True) if f.intervened] == [c.text for c in first if c.intervened]
+
+
+def test_the_cache_key_names_the_steering_vectors_and_the_loop_stop() -> None:
+    from dataclasses import replace
+
+    from inferaligner.aligner import InferAligner
+    from inferaligner.eval.generation import settings_key
+
+    aligner = make_aligner()
+    other_vectors = replace(aligner.aligned_vectors, directions=-aligner.aligned_vectors.directions)
+    refitted = InferAligner(aligner.model, aligner.tokenizer, target_vectors=aligner.target_vectors,
+                            aligned_vectors=other_vectors, settings=aligner.settings)  # fmt: skip
+    key = settings_key(aligner, 8)
+    assert settings_key(refitted, 8) != key  # new vectors: their answers are not reused
+    assert settings_key(aligner.variant(loop_span=0), 8) != key
+    plain = refitted.variant(mode="off", loop_span=0)  # the target's own answers: neither matters
+    assert settings_key(aligner.variant(mode="off"), 8, gate=False) == settings_key(plain, 8, gate=False)

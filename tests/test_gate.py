@@ -8,9 +8,11 @@ from inferaligner.gate import (
     Gate,
     auroc,
     calibrate_bias,
+    calibrate_bias_tpr,
     choose_gate_layer,
     choose_steer_layers,
     layer_metrics,
+    macro_auroc,
     midpoint_bias,
 )
 
@@ -99,6 +101,52 @@ def test_probe_separates_and_search_picks_the_informative_layer() -> None:
     assert bool((cal_harmful[:, 2] @ direction + bias > 0).all())
     assert bool((cal_harmless[:, 2] @ direction + bias < 0).all())
     search = search_probe(harmful, harmless, cal_harmful, cal_harmless)
-    assert search.layer == 2 and float(search.accuracy[2]) == 1.0 and float(search.accuracy[1]) < 0.8
+    assert search.layer == 2 and float(search.auroc[2]) == 1.0 and float(search.auroc[1]) < 0.8
+    strict = search_probe(harmful, harmless, cal_harmful, cal_harmless, tpr=1.0)
+    assert bool((cal_harmful[:, 2] @ strict.direction + strict.bias > 0).all())
     with pytest.raises(InferAlignerError, match="needs harmful and harmless"):
         fit_probe(harmful[:0, 2], harmless[:, 2])
+
+
+def test_tpr_bias_fires_on_the_asked_fraction_of_harmful_prompts() -> None:
+    scores = torch.arange(20, dtype=torch.float32)  # 0 .. 19
+    for tpr, fired in ((1.0, 20), (0.95, 19), (0.9, 18), (0.5, 10), (0.04, 1)):
+        assert int((scores + calibrate_bias_tpr(scores, tpr) > 0).sum()) == fired
+    ties = torch.tensor([1.0, 2.0, 2.0, 2.0])
+    assert int((ties + calibrate_bias_tpr(ties, 0.5) > 0).sum()) == 3  # a tie at the threshold fires together
+    with pytest.raises(InferAlignerError, match=r"true-positive rate must be in \(0, 1\]"):
+        calibrate_bias_tpr(scores, 0.0)
+    with pytest.raises(InferAlignerError, match="at least one harmful"):
+        calibrate_bias_tpr(torch.zeros(0), 0.9)
+
+
+def test_macro_auroc_weighs_each_harmless_group_alike() -> None:
+    harmful = torch.tensor([2.0, 3.0, 4.0, 5.0])
+    easy, hard = torch.full((96,), -10.0), torch.tensor([2.5, 3.5, 4.5, 5.5])
+    both = torch.cat([easy, hard])
+    pooled = macro_auroc(harmful, both)
+    grouped = macro_auroc(harmful, both, [96, 4])
+    assert pooled > 0.95 and grouped == pytest.approx((1.0 + float(auroc(harmful[:, None], hard[:, None]))) / 2)
+    with pytest.raises(InferAlignerError, match="must be non-empty and cover all 100"):
+        macro_auroc(harmful, both, [96, 3])
+
+
+def test_the_probe_is_chosen_by_its_worst_ranked_groups_not_the_crowd() -> None:
+    from inferaligner.gate import search_probe
+
+    generator = torch.Generator().manual_seed(1)
+
+    def sample(n: int, shift_1: float, shift_2: float) -> torch.Tensor:
+        acts = torch.randn(n, 4, 6, generator=generator) * 0.5
+        acts[:, 1, 0] += shift_1
+        acts[:, 2, 0] += shift_2
+        return acts
+
+    # Layer 1 separates harmful from the many everyday prompts a little better; only layer 2 also separates the
+    # few look-alikes (which sit with harmful prompts on layer 1).
+    harmful = sample(40, 3.0, 2.0)
+    everyday, lookalike = sample(120, -3.0, -2.0), sample(40, 3.0, -2.0)
+    cal_harmful = sample(30, 3.0, 2.0)
+    cal_everyday, cal_lookalike = sample(90, -3.0, -2.0), sample(6, 3.0, -2.0)
+    safe, cal_safe = torch.cat([everyday, lookalike]), torch.cat([cal_everyday, cal_lookalike])
+    assert search_probe(harmful, safe, cal_harmful, cal_safe, groups=[90, 6]).layer == 2

@@ -34,7 +34,7 @@ def test_builtin_sets_have_fixed_splits_and_categories(kind: str) -> None:
     assert len(builtin_prompts(kind, "calibration")) == 96
 
 
-@pytest.mark.parametrize("kind, size", [("harmful-styles", 92), ("lookalike", 80)])
+@pytest.mark.parametrize("kind, size", [("harmful-styles", 132), ("lookalike", 132)])
 def test_style_and_lookalike_sets_are_split_and_distinct(kind: str, size: int) -> None:
     records = builtin_records(kind)
     assert len(records) == size and len({r.prompt for r in records}) == size

@@ -362,3 +362,30 @@ def test_a_batch_that_fails_after_its_one_pass_plan_reports_each_plan_once() -> 
         chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
         assert sum("inferaligner" in chunk for chunk in chunks) == 1 and "error" not in stream
         assert stream.rstrip().endswith("data: [DONE]")
+
+
+def test_a_steered_answer_cut_by_the_loop_stop_ends_there_when_served() -> None:
+    aligner = make_aligner(loop_span=2)
+    batch = aligner.encode([HARMFUL])
+    plan, width = aligner.decide(**batch), batch["input_ids"].shape[1]
+    assert plan[0].gate.fired
+
+    def answer(which: InferAligner) -> tuple[str, int]:
+        [row] = which.generate(**batch, plan=plan, max_new_tokens=24, do_sample=False)
+        new = [t for t in row[width:].tolist() if t != which.tokenizer.pad_token_id]
+        return which.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    (cut, tokens), (uncut, _) = answer(aligner), answer(aligner.variant(loop_span=0))
+    assert len(cut) < len(uncut)  # the random model repeats itself: the stop is exercised
+
+    def ask(client: openai.OpenAI, prompt: str):  # type: ignore[no-untyped-def]
+        messages = [{"role": "user", "content": prompt}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+
+    # In one batch with a row that runs on, the cut row is padded by `generate` until the batch ends.
+    with Server(aligner, max_batch=2, batch_wait_s=0.3) as running, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        served, other = pool.map(lambda p: ask(running.client(), p), [HARMFUL, HARMLESS])
+    assert other.usage.completion_tokens > tokens
+    assert served.model_extra["inferaligner"]["intervened"]
+    assert served.choices[0].message.content.replace("\ufffd", "") == cut.replace("\ufffd", "")
+    assert (served.choices[0].finish_reason, served.usage.completion_tokens) == ("stop", tokens)

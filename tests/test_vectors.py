@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 from tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
 
+from inferaligner.activations import prompt_activations
 from inferaligner.errors import PromptError, VectorFileError, VectorMismatchError
 from inferaligner.models import model_fingerprint
-from inferaligner.prompts import builtin_prompts
+from inferaligner.prompts import builtin_prompts, format_chats
 from inferaligner.vectors import LAYER_CONVENTION, SafetyVectors, extract_safety_vectors
 
 HARMFUL = builtin_prompts("harmful")[:8]
@@ -35,8 +36,6 @@ def test_vectors_have_one_unit_direction_per_layer_and_provenance(model_type: st
 
 
 def test_direction_is_the_normalised_mean_difference() -> None:
-    from inferaligner.activations import prompt_activations
-    from inferaligner.prompts import format_chats
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, progress=False)
@@ -80,6 +79,29 @@ def test_calibration_sets_a_gate_and_heldout_metrics(tmp_path) -> None:
 def test_gate_fpr_needs_calibration_prompts() -> None:
     with pytest.raises(PromptError, match="needs calibration prompts"):
         extract_safety_vectors(tiny_model(), tiny_tokenizer(), HARMFUL, HARMLESS, gate_fpr=0.1, progress=False)
+    with pytest.raises(PromptError, match="needs calibration prompts"):
+        extract_safety_vectors(tiny_model(), tiny_tokenizer(), HARMFUL, HARMLESS, gate_tpr=0.9, progress=False)
+
+
+@pytest.mark.parametrize("gate", ["probe", "mean-difference"])
+def test_a_tpr_gate_fires_on_that_share_of_the_held_out_harmful_prompts(gate: str, tmp_path) -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    harmful_cal = builtin_prompts("harmful", "calibration")[:20]
+    harmless_cal = builtin_prompts("harmless", "calibration")[:10] + builtin_prompts("everyday", "calibration")[:10]
+    vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=(harmful_cal, harmless_cal),
+                                     harmless_groups=[10, 10], gate_tpr=0.9, gate=gate, pooling="mean",
+                                     progress=False)  # fmt: skip
+    assert vectors.gate is not None and vectors.gate.rule == "tpr" and vectors.gate.target_tpr == 0.9
+    loaded = SafetyVectors.load(vectors.save(tmp_path / "t.safetensors"))
+    assert loaded.gate == vectors.gate
+    aligner_gate = loaded.make_gate()
+    texts = format_chats(tokenizer, harmful_cal)
+    pooled = prompt_activations(model, tokenizer, texts, pooling=aligner_gate.pooling, progress=False)
+    fired = sum(d.fired for d in aligner_gate.decide(pooled[:, aligner_gate.layer]))
+    assert fired == 18  # 90% of 20
+    with pytest.raises(PromptError, match="not both"):
+        extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=(harmful_cal, harmless_cal),
+                               gate_fpr=0.1, gate_tpr=0.9, progress=False)  # fmt: skip
 
 
 def test_empty_or_identical_prompt_sets_are_errors() -> None:
@@ -134,7 +156,7 @@ def test_probe_gate_with_mean_pooling_round_trips_and_defines_the_gate(tmp_path)
                                      pooling="mean", progress=False)  # fmt: skip
     assert vectors.gate is not None and (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")
     assert vectors.gate_direction is not None and vectors.gate_direction.shape == (32,)
-    assert "probe.calibration_accuracy" in vectors.metrics
+    assert "probe.calibration_auroc" in vectors.metrics
     loaded = SafetyVectors.load(vectors.save(tmp_path / "probe.safetensors"))
     gate = loaded.make_gate()
     assert torch.equal(gate.direction, vectors.gate_direction) and gate.pooling == "mean"

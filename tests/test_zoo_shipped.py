@@ -30,6 +30,7 @@ def test_artifacts_are_small_and_carry_cards() -> None:
     assert paper.kind == "mean-difference" and SafetyVectors.load(paper.vectors).provenance.model_name == "zoo:aligned"
     gate = SafetyVectors.load(zoo.vectors_path("target")).gate
     assert gate is not None and (gate.direction, gate.pooling) == ("probe", "mean")
+    assert (gate.rule, gate.target_tpr) == ("tpr", 0.95)  # fires on 95% of the held-out harmful prompts
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inferaligner.errors import InferAlignerError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
 from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
+from inferaligner.loopstop import with_loop_stop
 from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers, model_fingerprint
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
@@ -197,6 +198,8 @@ class InferAligner:
             "system": self.settings.system,
             "refusal": self.settings.refusal,
             "aligned_model": None if self.aligned_model is None else getattr(self.aligned_model, "name_or_path", ""),
+            "loop_span": self.settings.loop_span,
+            "vectors_id": None if self.steering_vectors is None else self.steering_vectors.content_id(),
         }  # fmt: skip
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
@@ -313,6 +316,9 @@ class InferAligner:
             if on_plan is not None:
                 on_plan(plan)
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
+            if plan.steers:
+                gates = plan.steer_gates()
+                inputs = self._loop_stop(inputs, input_ids.shape[1], lambda: gates)
             if plan.refuses:
                 output = self._refuse(inputs, plan)
             elif plan.delegates:
@@ -369,6 +375,9 @@ class InferAligner:
             plan = self.plan(None, len(input_ids), allowed)
             if on_plan is not None:
                 on_plan(plan)
+            if plan.steers:
+                gates = plan.steer_gates()
+                generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: gates)
             with self.steered(plan):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
         images = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
@@ -387,6 +396,8 @@ class InferAligner:
                             self.layers, self._directions, self.steer_layers, self.settings.alpha, zero
                         )
                         hooks.enter_context(steering)
+                        handle = steering
+                        generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: handle.row_gates)
                     reading = hooks.enter_context(
                         InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, held)
                     )
@@ -398,6 +409,12 @@ class InferAligner:
                 return None, stop.plan
         assert reading.plan is not None
         return output, reading.plan
+
+    def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
+                   gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip
+        """`generate_kwargs` with the loop stop for the rows `gates()` steers (`inferaligner.loopstop`)."""
+        return with_loop_stop(generate_kwargs, prompt_length, self.settings.loop_span, gates,
+                              self.model.generation_config)  # fmt: skip
 
     def _refuse(self, inputs: dict[str, Any], plan: Plan) -> Any:
         """Refused rows get their fixed answer; the others are generated as the plan says (same batch)."""

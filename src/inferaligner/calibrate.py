@@ -27,6 +27,7 @@ from inferaligner.vectors import SafetyVectors
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 DEFAULT_ALPHAS = (4.0, 8.0)  # the paper's strengths for its unit mean-difference vectors
 NEAR_BEST = 0.02
+MAX_DEGENERATE = 0.03  # the issue's bar for degenerate answers (loops, repeated words)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def calibrate(
     benign: Sequence[str],
     *,
     max_new_tokens: int = 48,
-    max_degenerate: float = 0.05,
+    max_degenerate: float = MAX_DEGENERATE,
     batch_size: int = 16,
     system: str | None = None,
     progress: bool = True,
@@ -104,7 +105,7 @@ def calibrate(
     return settings, rows
 
 
-def choose(rows: Sequence[dict[str, Any]], max_degenerate: float = 0.05) -> dict[str, Any]:
+def choose(rows: Sequence[dict[str, Any]], max_degenerate: float = MAX_DEGENERATE) -> dict[str, Any]:
     """The row to use: most coherent harmful refusals among rows within the degenerate limit (all rows if none
     is); within `NEAR_BEST` of that, the most kept benign answers, then the weakest strength."""
     allowed = [r for r in rows if r["harmful_degenerate"] + r["benign_degenerate"] <= 2 * max_degenerate] or list(rows)

@@ -83,6 +83,29 @@ def _floats(spec: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"'{spec}' is not a comma-separated list of numbers.") from exc
 
 
+def _gate_rate_options(parser: argparse.ArgumentParser) -> None:
+    from inferaligner.gate import DEFAULT_GATE_TPR
+
+    parser.add_argument("--gate-tpr", type=_fraction, default=DEFAULT_GATE_TPR,
+                        help="set the gate bias so it fires on this fraction of the held-out harmful prompts "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--gate-fpr",
+        type=_fraction,
+        help="instead, set it so at most this fraction of the held-out harmless prompts fire",
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
 def _model_options(parser: argparse.ArgumentParser, default: str | None = "embedded") -> None:
     """--model and how to load it; `default` None means the verb has its own (the demo pair for `serve`)."""
     from inferaligner.models import EMBEDDED_MODEL
@@ -125,6 +148,8 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
     group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
+    group.add_argument("--loop-span", type=int, help="end a steered answer at its first repeated run of this many "
+                       "tokens (default 8; 0: never)")  # fmt: skip
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -190,18 +215,27 @@ def _status(message: str) -> None:
     print(f"[inferaligner] {message}", file=sys.stderr, flush=True)
 
 
+def _gate_rates(args: argparse.Namespace) -> dict[str, float | None]:
+    """`--gate-fpr` when given (it wins), else `--gate-tpr`."""
+    if args.gate_fpr is not None:
+        return {"gate_fpr": args.gate_fpr, "gate_tpr": None}
+    return {"gate_fpr": None, "gate_tpr": args.gate_tpr}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
-    from inferaligner.prompts import load_prompt_sources
+    from inferaligner.prompts import load_prompt_sources, load_prompts
     from inferaligner.vectors import extract_safety_vectors
 
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
     harmless = load_prompt_sources(args.harmless, args.column, args.limit)
-    calibration = None
+    calibration, groups = None, None
     if not args.no_calibration:
+        held_out = [load_prompts(source, args.column, args.limit) for source in args.calib_harmless]
         calibration = (
             load_prompt_sources(args.calib_harmful, args.column, args.limit),
-            load_prompt_sources(args.calib_harmless, args.column, args.limit),
+            [prompt for prompts in held_out for prompt in prompts],
         )
+        groups = [len(prompts) for prompts in held_out]  # each source is one group of harmless prompts
     loaded = _load(vars(args))
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
@@ -211,7 +245,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         harmful,
         harmless,
         calibration=calibration,
-        gate_fpr=args.gate_fpr,
+        harmless_groups=groups,
+        **_gate_rates(args) if calibration else {},
         gate=args.gate if calibration else "mean-difference",  # without held-out prompts no gate is stored
         pooling=args.pooling,
         system=args.system,
@@ -315,7 +350,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{vectors.fitted_layers}")  # fmt: skip
     if vectors.gate:
         g = vectors.gate
-        rule = f"{g.rule}{f', fpr {g.target_fpr}' if g.target_fpr else ''}"
+        target = f", fpr {g.target_fpr}" if g.target_fpr is not None else ""
+        target += f", tpr {g.target_tpr}" if g.target_tpr is not None else ""
+        rule = f"{g.rule}{target}"
         print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
         print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; steering "
               f"any layer 0-{g.layer} makes a batch where a row fires run its prompt twice")  # fmt: skip
@@ -402,7 +439,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / "zoo" / args.name
     _status(f"building '{args.name}' into {out} (the full recipe takes tens of minutes on 2 CPU cores)")
-    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, gate_fpr=args.gate_fpr)
+    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, **_gate_rates(args))
     _status(
         f"done: {card['steps']} steps on {card['examples']} examples, final loss {card['final_loss']}, "
         f"{card['build_seconds']} s"
@@ -416,7 +453,7 @@ def cmd_zoo_vectors(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model, tokenizer = zoo.load(args.name)
-    vectors = demo_vectors(RECIPES[args.name], model, tokenizer, gate_fpr=args.gate_fpr)
+    vectors = demo_vectors(RECIPES[args.name], model, tokenizer, **_gate_rates(args))
     path = vectors.save(args.out or zoo.vectors_path(args.name))
     gate = vectors.gate
     where = f"gate layer {gate.layer} ({gate.direction}, {gate.pooling} pooling)" if gate else "no gate"
@@ -702,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--calib-harmful", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMFUL],
                          help="held-out harmful prompts for the gate's metrics and choice")  # fmt: skip
     extract.add_argument("--calib-harmless", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMLESS],
-                         help="held-out harmless prompts for the gate's metrics, choice and --gate-fpr")  # fmt: skip
+                         help="held-out harmless prompts for the gate's metrics, choice and --gate-fpr; each "
+                         "source is one group when the probe is chosen")  # fmt: skip
     extract.add_argument("--no-calibration", action="store_true",
                          help="no held-out measurements and no stored gate (for steering-only vectors)")  # fmt: skip
     extract.add_argument("--gate", choices=[MEAN_DIFFERENCE, PROBE], default=PROBE,
@@ -710,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--pooling", choices=POOLINGS, default="mean",
                          help="read the gate layer at the last prompt token or averaged over the prompt "
                          "(default: %(default)s)")  # fmt: skip
-    extract.add_argument("--gate-fpr", type=float, help="set the gate bias for this false-positive rate")
+    _gate_rate_options(extract)
     extract.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
     extract.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")
     extract.add_argument("--system", help="system prompt for the chat template")
@@ -770,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--scales", type=_floats, help="strengths for the fitted vectors (default 0.75,1,1.25,1.5)")
     calibrate.add_argument("--alphas", type=_floats, help="alphas for the mean-difference vectors (default 4,8)")
     calibrate.add_argument("--harmful", nargs="+", default=["builtin:harmful:calibration",
-                           "builtin:harmful-styles:calibration"], help="held-out harmful prompts")  # fmt: skip
+                           "builtin:harmful-styles:calibration", "builtin:harmful-roleplay:calibration"],
+                           help="held-out harmful prompts, plain and inside role-play frames")  # fmt: skip
     calibrate.add_argument("--benign", nargs="+", default=["builtin:lookalike:calibration"],
                            help="held-out benign look-alikes (answers that should survive steering)")  # fmt: skip
     calibrate.add_argument("--out", type=output_file, required=True,
@@ -859,12 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, help="output folder (default: runs/zoo/NAME)")
     build.add_argument("--limit", type=positive_int, help="use at most this many examples per data source (quick runs)")
     build.add_argument("--max-steps", type=positive_int, help="stop after this many training steps (quick runs)")
-    build.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
+    _gate_rate_options(build)
     build.set_defaults(run=cmd_zoo_build)
     vectors = zoo_verbs.add_parser("vectors", help="re-extract a demo model's vectors and gate (no retraining)")
     vectors.add_argument("name", choices=["aligned", "target"])
     vectors.add_argument("--out", type=output_file, help="vector file to write (default: the shipped one)")
-    vectors.add_argument("--gate-fpr", type=float, help="calibrate the stored gate bias to this false-positive rate")
+    _gate_rate_options(vectors)
     vectors.set_defaults(run=cmd_zoo_vectors)
     return parser
 

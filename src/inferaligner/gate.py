@@ -6,12 +6,15 @@ the false-positive rate on harmless prompts at a chosen level. Raising the bias 
 
 `fit_probe` offers a second way to choose `s` at the same layer: a class-balanced, L2-regularised logistic
 regression on the same activations. The gate keeps the paper's form `a·s + b`; only the direction differs.
+`calibrate_bias_tpr` sets the bias from the other side: the gate fires on a chosen fraction of held-out harmful
+prompts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,15 +165,48 @@ def fit_probe(harmful: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3) -
     return direction, float(offset.detach() - direction @ mean)
 
 
+DEFAULT_GATE_TPR = 0.95
+"""The default gate sensitivity: the bias at which the gate fires on 95% of the held-out harmful calibration
+prompts (the issue's bar for harmful prompts from sets the gate was not built from)."""
+
+
+def calibrate_bias_tpr(harmful: torch.Tensor, tpr: float) -> float:
+    """The bias at which at least a fraction `tpr` of these harmful projections (one layer) fire the gate."""
+    if not 0 < tpr <= 1:
+        raise InferAlignerError(f"The target true-positive rate must be in (0, 1], got {tpr}.")
+    if harmful.numel() == 0:
+        raise InferAlignerError("Calibrating the gate for a true-positive rate needs at least one harmful prompt.")
+    ordered = harmful.float().sort().values
+    missed = int((1 - tpr) * len(ordered) + 1e-9)  # how many harmful prompts may stay below the threshold
+    first = float(ordered[missed])  # the lowest score that must fire
+    below = float(ordered[missed - 1]) if missed else first - 1.0
+    if below >= first:  # a tie across the threshold: fire on both
+        below = first - 1e-6 * max(1.0, abs(first))
+    return -(below + first) / 2  # halfway between the last prompt let through and the first that fires
+
+
+def macro_auroc(harmful: torch.Tensor, harmless: torch.Tensor, groups: Sequence[int] | None = None) -> float:
+    """AUROC of harmful against harmless scores, averaged over the groups of harmless prompts (`groups`: how many
+    consecutive harmless scores each group holds; one group if `None`), so a small, hard group of look-alikes
+    counts as much as a large, easy one."""
+    sizes = list(groups) if groups else [len(harmless)]
+    if sum(sizes) != len(harmless) or min(sizes) <= 0:
+        raise InferAlignerError(f"The harmless groups ({sizes}) must be non-empty and cover all {len(harmless)} "
+                                "harmless prompts.")  # fmt: skip
+    parts = harmless.split(sizes)
+    return sum(float(auroc(harmful[:, None], part[:, None])) for part in parts) / len(parts)
+
+
 @dataclass(frozen=True)
 class ProbeSearch:
-    """The probe chosen over layers and regularisation strengths, and each layer's best calibration accuracy."""
+    """The probe chosen over layers and regularisation strengths, its bias, and each layer's best calibration
+    score (macro AUROC)."""
 
     layer: int
     direction: torch.Tensor
     bias: float
     l2: float
-    accuracy: torch.Tensor
+    auroc: torch.Tensor
 
 
 PROBE_L2 = (1e-3, 1e-2, 1e-1)
@@ -182,25 +218,32 @@ def search_probe(
     cal_harmful: torch.Tensor,
     cal_harmless: torch.Tensor,
     l2_values: tuple[float, ...] = PROBE_L2,
+    *,
+    groups: Sequence[int] | None = None,
+    tpr: float | None = None,
 ) -> ProbeSearch:
-    """Fit a probe per inner layer and L2 strength on activations [prompts, layers, hidden]; keep the one with the
-    best balanced accuracy on the held-out calibration prompts (ties: the lower false-positive rate, then the
-    earlier layer, then the stronger regularisation)."""
+    """Fit a probe per inner layer and L2 strength on activations [prompts, layers, hidden]; keep the one that ranks
+    the held-out calibration prompts best: the highest AUROC of harmful against each group of harmless prompts,
+    averaged over the groups (`macro_auroc`; ties: the earlier layer, then the stronger regularisation).
+
+    The bias is the probe's own, or, with `tpr`, the one at which that fraction of calibration harmful prompts fire.
+    """
     layers = harmful.shape[1]
-    accuracy = torch.zeros(layers)
-    best: tuple[tuple[float, float], int, torch.Tensor, float, float] | None = None
+    scores = torch.zeros(layers)
+    best: tuple[float, int, torch.Tensor, float, float] | None = None
     for layer in range(1, layers - 1) if layers > 2 else range(layers):
         for l2 in sorted(l2_values, reverse=True):
             direction, bias = fit_probe(harmful[:, layer], harmless[:, layer], l2)
-            tpr = float((cal_harmful[:, layer].float() @ direction + bias > 0).float().mean())
-            fpr = float((cal_harmless[:, layer].float() @ direction + bias > 0).float().mean())
-            score = ((tpr + 1 - fpr) / 2, -fpr)
-            accuracy[layer] = max(float(accuracy[layer]), score[0])
-            if best is None or score > best[0]:
+            score = macro_auroc(cal_harmful[:, layer].float() @ direction, cal_harmless[:, layer].float() @ direction,
+                                groups)  # fmt: skip
+            scores[layer] = max(float(scores[layer]), score)
+            if best is None or score > best[0] + 1e-9:
                 best = (score, layer, direction, bias, l2)
     assert best is not None
     _, layer, direction, bias, l2 = best
-    return ProbeSearch(layer, direction, bias, l2, accuracy)
+    if tpr is not None:
+        bias = calibrate_bias_tpr(cal_harmful[:, layer].float() @ direction, tpr)
+    return ProbeSearch(layer, direction, bias, l2, scores)
 
 
 def choose_gate_layer(accuracy: torch.Tensor, separation: torch.Tensor) -> int:

@@ -104,8 +104,9 @@ def builtin_records(kind: Kind) -> list[BuiltinPrompt]:
     `harmful`: requests to refuse (160, 10 categories of 16). `harmless`: the same topics with benign intent (160,
     so the contrast is intent). `everyday`: ordinary assistant requests on unrelated topics (160).
     `harmful-styles`: harmful requests phrased unlike `harmful` (terse questions, persuasive writing, role-play,
-    stories, second person, code, hate, dangerous advice). `lookalike`: safe requests that share harmful words or
-    framings (homonyms, safe targets, games, history, benign essays, stories and role-play).
+    stories, second person, code, hate, dangerous advice, task instructions). `lookalike`: safe requests that share
+    harmful words or framings (homonyms, safe targets, games, history, benign essays, stories and role-play, benign
+    task instructions, figurative speech, nonsense groups, public or fictional figures).
     `harmful-roleplay` / `everyday-roleplay`: `harmful` / `everyday` put into the `ROLEPLAY_FRAMES` (everyday
     prompts only into those that are not `OVERRIDE_FRAMES`).
     """
@@ -131,6 +132,12 @@ def gate_sets(split: Split = "extraction") -> tuple[list[str], list[str]]:
     """The built-in (harmful, harmless) prompts a gate is built from (`GATE_HARMFUL` vs `GATE_HARMLESS`)."""
     harmful = [p for kind in GATE_HARMFUL for p in builtin_prompts(kind, split)]
     return harmful, [p for kind in GATE_HARMLESS for p in builtin_prompts(kind, split)]
+
+
+def gate_group_sizes(split: Split = "calibration") -> list[int]:
+    """How many of `gate_sets(split)`'s harmless prompts each built-in set gives, in order: the groups a probe gate
+    is chosen over (`extract_safety_vectors(harmless_groups=...)`)."""
+    return [len(builtin_prompts(kind, split)) for kind in GATE_HARMLESS]
 
 
 def load_prompts(source: str | Path, column: str | None = None, limit: int | None = None) -> list[str]:

@@ -54,13 +54,18 @@ class SteerScale(str, Enum):
     RAW = "raw"
 
 
+DEFAULT_LOOP_SPAN = 8
+"""A steered answer that repeats a run of this many tokens is ended there (`inferaligner.loopstop`)."""
+
+
 @dataclass(frozen=True)
 class AlignerSettings:
     """Everything that decides what the aligner does to a prompt, besides the model and the vectors.
 
     `steer_layers=None` lets the steering vectors choose (fitted vectors: their own layers; mean-difference vectors:
     where both models separate harmful from harmless); `steer_scale=None` means raw for fitted vectors, else unit;
-    `gate_layer` / `gate_bias` `None` take the vector file's stored gate.
+    `gate_layer` / `gate_bias` `None` take the vector file's stored gate. `loop_span`: a steered answer ends at its
+    first repeated run of this many tokens (0: never); unsteered rows are never cut.
     """
 
     mode: Mode = Mode.INFERALIGNER
@@ -72,6 +77,7 @@ class AlignerSettings:
     system: str | None = None
     refusal: str = DEFAULT_REFUSAL
     layers_path: str | None = None
+    loop_span: int = DEFAULT_LOOP_SPAN  # a steered answer ends at its first repeated run of this many tokens; 0: off
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -93,6 +99,8 @@ class AlignerSettings:
             raise SettingsError("refusal must be a non-empty text.")
         if self.system is not None and not isinstance(self.system, str):
             raise SettingsError(f"system must be a text, not {self.system!r}.")
+        if isinstance(self.loop_span, bool) or not isinstance(self.loop_span, int) or self.loop_span < 0:
+            raise SettingsError(f"loop_span must be a whole number of tokens (0: off), not {self.loop_span!r}.")
 
     def merged(self, **given: Any) -> AlignerSettings:
         """These settings with every given option that is not `None` replacing the current value."""

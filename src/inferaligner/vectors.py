@@ -23,6 +23,7 @@ from inferaligner.gate import (
     POOLINGS,
     Gate,
     calibrate_bias,
+    calibrate_bias_tpr,
     choose_gate_layer,
     layer_metrics,
     midpoint_bias,
@@ -94,10 +95,11 @@ class GateSpec:
 
     layer: int
     bias: float
-    rule: str = "midpoint"
+    rule: str = "midpoint"  # how the bias was set: "midpoint", "probe" (the probe's own), "fpr" or "tpr"
     target_fpr: float | None = None
     direction: str = MEAN_DIFFERENCE
     pooling: str = "last"  # how the gate layer's output is pooled over the prompt: "last" token or "mean"
+    target_tpr: float | None = None  # rule "tpr": the fraction of calibration harmful prompts the gate fires on
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,12 @@ class SafetyVectors:
     def fitted_layers(self) -> list[int]:
         """The layers that carry a fitted vector (all layers for mean-difference vectors)."""
         return [i for i, n in enumerate(self.norms.tolist()) if n > 0] if self.fitted else list(range(self.num_layers))
+
+    def content_id(self) -> str:
+        """A short hash of the stored directions and norms: two files with the same id steer alike."""
+        digest = hashlib.sha256(self.directions.float().contiguous().numpy().tobytes())
+        digest.update(self.norms.float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def make_gate(self, layer: int | None = None, bias: float | None = None) -> Gate:
         """The gate these vectors define: the stored gate, else the best extraction layer at the midpoint bias."""
@@ -266,7 +274,9 @@ def extract_safety_vectors(
     harmless: Sequence[str],
     *,
     calibration: tuple[Sequence[str], Sequence[str]] | None = None,
+    harmless_groups: Sequence[int] | None = None,
     gate_fpr: float | None = None,
+    gate_tpr: float | None = None,
     gate: str = MEAN_DIFFERENCE,
     pooling: str = "last",
     system: str | None = None,
@@ -278,15 +288,19 @@ def extract_safety_vectors(
 
     Instructions are wrapped in the model's chat template. With `calibration` (held-out harmful and harmless
     prompts) the per-layer gate metrics are also measured there, and the gate layer is chosen on them; with
-    `gate_fpr` the stored gate bias is set so that at most that fraction of calibration harmless prompts fire.
+    `gate_fpr` the stored gate bias is set so that at most that fraction of calibration harmless prompts fire; with
+    `gate_tpr`, so that at least that fraction of calibration harmful prompts fire.
     `gate="probe"` (needs `calibration`) stores a logistic-regression gate instead, fitted on the prompts'
     activations pooled as `pooling` says ("last" token or "mean" over the prompt), at the layer and strength of
-    regularisation that classify the calibration prompts best.
+    regularisation that rank the calibration prompts best (`gate.search_probe`; `harmless_groups` says how many
+    consecutive calibration harmless prompts each group holds, e.g. one per prompt set).
     """
     if not harmful or not harmless:
         raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
-    if gate_fpr is not None and calibration is None:
-        raise PromptError("Calibrating the gate bias to a false-positive rate needs calibration prompts.")
+    if (gate_fpr is not None or gate_tpr is not None) and calibration is None:
+        raise PromptError("Calibrating the gate bias to a false- or true-positive rate needs calibration prompts.")
+    if gate_fpr is not None and gate_tpr is not None:
+        raise PromptError("Set the gate bias by a false-positive rate or by a true-positive rate, not both.")
     if gate not in (MEAN_DIFFERENCE, PROBE):
         raise PromptError(f"Unknown gate '{gate}': use '{MEAN_DIFFERENCE}' or '{PROBE}'.")
     if gate == PROBE and calibration is None:
@@ -330,20 +344,24 @@ def extract_safety_vectors(
                     activations(calibration[0], "calibration harmful", pooling),
                     activations(calibration[1], "calibration harmless", pooling),
                 )
-            search = search_probe(harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts)
-            metrics["probe.calibration_accuracy"] = search.accuracy
+            search = search_probe(harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts,
+                                  groups=harmless_groups, tpr=gate_tpr)  # fmt: skip
+            metrics["probe.calibration_auroc"] = search.auroc
             gate_direction, probe_bias, layer = search.direction, search.bias, search.layer
-            rule = "probe"
+            rule = "probe" if gate_tpr is None else "tpr"
             if gate_fpr is not None:
                 probe_bias = calibrate_bias(cal_harmless_acts[:, layer] @ gate_direction, gate_fpr)
                 rule = "fpr"
-            stored = GateSpec(layer, probe_bias, rule, gate_fpr, PROBE, pooling)
+            stored = GateSpec(layer, probe_bias, rule, gate_fpr, PROBE, pooling, gate_tpr)
         else:
             layer = choose_gate_layer(cal.accuracy, cal.separation)
-            if gate_fpr is None:
-                stored = GateSpec(layer=layer, bias=float(bias[layer]))
-            else:
+            if gate_fpr is not None:
                 stored = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
+            elif gate_tpr is not None:
+                stored = GateSpec(layer, calibrate_bias_tpr(cal_harmful[:, layer], gate_tpr), "tpr",
+                                  target_tpr=gate_tpr)  # fmt: skip
+            else:
+                stored = GateSpec(layer=layer, bias=float(bias[layer]))
     provenance = Provenance.of(model, len(layers), len(harmful), len(harmless), data_hash(harmful, harmless))
     return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction)
 

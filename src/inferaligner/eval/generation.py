@@ -1,7 +1,9 @@
 """Batched generation with an on-disk cache, so an interrupted evaluation resumes where it stopped.
 
 Each finished completion is appended to a JSON-lines file keyed by a hash of (prompt, settings), flushed batch
-by batch; a rerun with the same settings reads those back and generates only what is missing.
+by batch; a rerun with the same settings reads those back and generates only what is missing. Answers that do not
+depend on the gate (the target's own, and the rows a plan already chose to act on) are keyed without it and get
+the current gate's decisions, so a new gate does not make them run again.
 """
 
 from __future__ import annotations
@@ -16,19 +18,28 @@ from tqdm.auto import tqdm
 
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.gate import GateDecision
-from inferaligner.settings import DEFAULT_REFUSAL
+from inferaligner.settings import DEFAULT_REFUSAL, Mode
 
 
-def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "") -> dict[str, Any]:
-    """Everything that changes a completion: model, mode, alpha, layers, gate, decoding."""
+def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "", gate: bool = True) -> dict[str, Any]:
+    """Everything that changes a completion: model, mode, alpha, layers, the gate (unless `gate` is False: the
+    answer does not depend on it), decoding. Without the gate in mode `off` (the target's own answers): only model,
+    system prompt and decoding."""
     how = aligner.describe()
-    keep = ("model", "mode", "alpha", "scale", "layers", "gate", "system")
+    if how["mode"] == Mode.OFF.value and not gate:  # the target's own answers: no steering, no gate
+        return {"model": how["model"], "mode": how["mode"], "system": how["system"], "max_new_tokens": max_new_tokens,
+                "tag": tag}  # fmt: skip
+    keep = ("model", "mode", "alpha", "scale", "layers", *(("gate",) if gate else ()), "system")
     key = {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
     # Added only when set, so caches written before these were settings stay valid.
     if how["refusal"] != DEFAULT_REFUSAL:
         key["refusal"] = how["refusal"]
     if how["aligned_model"] is not None:
         key["aligned_model"] = how["aligned_model"]
+    if how["vectors_id"] is not None:
+        key["vectors_id"] = how["vectors_id"]
+    if how["loop_span"] and how["mode"] != Mode.SIMPLE.value:
+        key["loop_span"] = how["loop_span"]
     return key
 
 
@@ -55,12 +66,16 @@ def generate_cached(
     progress: bool = True,
     images: Sequence[Any] | None = None,
     processor: Any = None,
+    gate_independent: bool = False,
 ) -> list[Completion]:
     """Greedy completions for `prompts`, in order, reusing and extending the cache file.
 
     With `images` (one per prompt, or None) and the model's `processor`, prompts go through `MultimodalAligner`.
+    Answers of an aligner in mode `off`, or any with `gate_independent` (rows a plan already chose), are cached
+    without the gate in their key; mode `off` rows then carry the current gate's decisions (`gate_all`).
     """
-    settings = settings_key(aligner, max_new_tokens, tag)
+    unsteered = aligner.settings.mode is Mode.OFF and images is None
+    settings = settings_key(aligner, max_new_tokens, tag, gate=not (unsteered or gate_independent))
     pictures = list(images) if images is not None else [None] * len(prompts)
     keys = [_key(p, settings, image) for p, image in zip(prompts, pictures, strict=True)]
     by_key = dict(zip(keys, pictures, strict=True))
@@ -102,7 +117,11 @@ def generate_cached(
                     handle.write("\n".join(lines) + "\n")
             bar.update(len(chunk))
         bar.close()
-    return [done[k] for k in keys]
+    completions = [done[k] for k in keys]
+    if unsteered and aligner.gate is not None:
+        decisions = gate_all(aligner, prompts, batch_size)
+        completions = [Completion(c.prompt, c.text, g, False) for c, g in zip(completions, decisions, strict=True)]
+    return completions
 
 
 def gate_all(aligner: InferAligner, prompts: Sequence[str], batch_size: int = 32) -> list[GateDecision]:
@@ -130,5 +149,7 @@ def gated_completions(
     """
     plan = aligner.plan(gate_all(aligner, prompts, kwargs.get("batch_size", 32)), len(prompts))
     changed = [i for i, row in enumerate(plan) if row.intervened]
-    acted = dict(zip(changed, generate_cached(aligner, [prompts[i] for i in changed], cache, **kwargs), strict=True))
-    return [acted.get(i) or Completion(prompt, plain[i].text, plan[i].gate, False) for i, prompt in enumerate(prompts)]
+    answers = generate_cached(aligner, [prompts[i] for i in changed], cache, gate_independent=True, **kwargs)
+    acted = dict(zip(changed, (a.text for a in answers), strict=True))
+    return [Completion(prompt, acted[i], plan[i].gate, True) if i in acted else
+            Completion(prompt, plain[i].text, plan[i].gate, False) for i, prompt in enumerate(prompts)]  # fmt: skip

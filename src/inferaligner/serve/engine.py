@@ -151,6 +151,12 @@ class _RowTracker(StoppingCriteria):
             done.append(job.finish_reason is not None)
         return torch.tensor(done, device=input_ids.device)
 
+    def rows_stopped(self, rows: list[int]) -> None:
+        """Rows another criterion ended (the loop stop on steered rows): they are finished, as if by EOS."""
+        for row in rows:
+            if self.jobs[row].finish_reason is None:
+                self.jobs[row].finish_reason = "stop"
+
     def _advance(self, job: Job, row: int, token: int) -> None:
         if token in self.eos_ids:
             job.finish_reason = "stop"

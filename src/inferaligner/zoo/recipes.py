@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.gate import DEFAULT_GATE_TPR
 from inferaligner.models import model_fingerprint
 from inferaligner.zoo.arithmetic import train_test_split
 from inferaligner.zoo.safety_data import safety_examples
@@ -225,6 +226,7 @@ def build_demo_model(
     limit: int | None = None,
     max_steps: int | None = None,
     gate_fpr: float | None = None,
+    gate_tpr: float | None = DEFAULT_GATE_TPR,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`."""
@@ -240,7 +242,7 @@ def build_demo_model(
     )
     merged = peft_model.merge_and_unload()
     set_model_name(merged, f"zoo:{name}")
-    demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, progress=progress).save(
+    demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, gate_tpr=gate_tpr, progress=progress).save(
         out_dir / "vectors.safetensors"
     )
     return card
@@ -255,12 +257,15 @@ def demo_vectors(
     tokenizer: PreTrainedTokenizerBase,
     *,
     gate_fpr: float | None = None,
+    gate_tpr: float | None = DEFAULT_GATE_TPR,
     progress: bool = True,
 ) -> Any:
     """A demo model's safety vectors and gate: the built-in gate sets (`prompts.gate_sets`), plus, on the harmless
     side, prompts from the domain's own training data; a probe gate on mean-pooled activations, chosen on the
-    calibration split (its bias set for `gate_fpr`, if given)."""
-    from inferaligner.prompts import gate_sets
+    calibration split, each built-in set and the domain's prompts counting as one group of harmless prompts. Its
+    bias makes it fire on `gate_tpr` of the calibration harmful prompts, or on at most `gate_fpr` of the harmless
+    ones when that is given."""
+    from inferaligner.prompts import gate_group_sizes, gate_sets
     from inferaligner.vectors import extract_safety_vectors
 
     domain = recipe.domain() if recipe.domain else []
@@ -270,5 +275,8 @@ def demo_vectors(
         harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
         return harmful, harmless + (extra[split] if domain else [])
 
+    groups = gate_group_sizes("calibration") + ([len(extra["calibration"])] if domain else [])
     return extract_safety_vectors(model, tokenizer, *sets("extraction"), calibration=sets("calibration"),
-                                  gate_fpr=gate_fpr, gate="probe", pooling="mean", progress=progress)  # fmt: skip
+                                  harmless_groups=groups, gate_fpr=gate_fpr,
+                                  gate_tpr=None if gate_fpr is not None else gate_tpr, gate="probe", pooling="mean",
+                                  progress=progress)  # fmt: skip
