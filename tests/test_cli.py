@@ -53,6 +53,11 @@ def test_extract_sets_the_gate_for_the_harmful_share_by_default(model_dir, tmp_p
     with pytest.raises(SystemExit):
         main(["extract", "--model", str(model_dir), "--out", str(out), "--gate-tpr", "1.5"])
     assert "1.5 is not a fraction between 0 and 1" in capsys.readouterr().err
+    assert main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-tpr", "0"]) == 0
+    assert SafetyVectors.load(out).gate.rule == "probe"  # 0: the probe keeps its own bias
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(model_dir), "--out", str(out), "--gate-fpr", "1"])
+    assert "would fire on everything" in capsys.readouterr().err
 
 
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:

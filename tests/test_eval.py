@@ -293,3 +293,17 @@ def test_the_cache_key_names_the_steering_vectors_and_the_loop_stop() -> None:
     assert settings_key(aligner.variant(loop_span=0), 8) != key
     plain = refitted.variant(mode="off", loop_span=0)  # the target's own answers: neither matters
     assert settings_key(aligner.variant(mode="off"), 8, gate=False) == settings_key(plain, 8, gate=False)
+
+
+def test_rows_a_plan_chose_are_generated_as_it_says_whatever_the_gate_reads_then() -> None:
+    from inferaligner.plan import Action, Plan, RowPlan
+
+    aligner = make_aligner()
+    prompts = HARMFUL + BENIGN
+    decisions = gate_all(aligner, prompts)
+    steer_all = Plan(tuple(RowPlan(Action.STEER, d) for d in decisions))
+    forced = generate_cached(aligner, prompts, None, max_new_tokens=5, progress=False, plan=steer_all)
+    always = generate_cached(aligner.variant(mode="always"), prompts, None, max_new_tokens=5, progress=False)
+    assert all(c.intervened for c in forced) and [c.text for c in forced] == [c.text for c in always]
+    with pytest.raises(Exception, match="A plan for 6 rows was given for 2 prompts"):
+        aligner.complete(prompts[:2], max_new_tokens=2, plan=steer_all)

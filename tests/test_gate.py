@@ -137,16 +137,16 @@ def test_the_probe_is_chosen_by_its_worst_ranked_groups_not_the_crowd() -> None:
     generator = torch.Generator().manual_seed(1)
 
     def sample(n: int, shift_1: float, shift_2: float) -> torch.Tensor:
-        acts = torch.randn(n, 4, 6, generator=generator) * 0.5
+        acts = torch.randn(n, 4, 6, generator=generator)
         acts[:, 1, 0] += shift_1
         acts[:, 2, 0] += shift_2
         return acts
 
-    # Layer 1 separates harmful from the many everyday prompts a little better; only layer 2 also separates the
-    # few look-alikes (which sit with harmful prompts on layer 1).
-    harmful = sample(40, 3.0, 2.0)
-    everyday, lookalike = sample(120, -3.0, -2.0), sample(40, 3.0, -2.0)
-    cal_harmful = sample(30, 3.0, 2.0)
-    cal_everyday, cal_lookalike = sample(90, -3.0, -2.0), sample(6, 3.0, -2.0)
+    # Layer 1 separates harmful prompts from the many everyday ones perfectly but puts the few look-alikes among
+    # them; layer 2 separates both groups, each imperfectly. Pooled, layer 1 ranks best; per group, layer 2.
+    harmful, cal_harmful = sample(40, 6.0, 1.0), sample(30, 6.0, 1.0)
+    everyday, cal_everyday = sample(120, -6.0, -1.0), sample(90, -6.0, -1.0)
+    lookalike, cal_lookalike = sample(40, 6.0, -1.0), sample(6, 6.0, -1.0)
     safe, cal_safe = torch.cat([everyday, lookalike]), torch.cat([cal_everyday, cal_lookalike])
+    assert search_probe(harmful, safe, cal_harmful, cal_safe).layer == 1
     assert search_probe(harmful, safe, cal_harmful, cal_safe, groups=[90, 6]).layer == 2

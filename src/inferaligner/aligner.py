@@ -475,10 +475,18 @@ class InferAligner:
         return ids[: inputs.get("max_new_tokens") or len(ids)]
 
     def answer(
-        self, prompts: Sequence[str], batch: dict[str, torch.Tensor], *, max_new_tokens: int, **generate_kwargs: Any
+        self,
+        prompts: Sequence[str],
+        batch: dict[str, torch.Tensor],
+        *,
+        max_new_tokens: int,
+        plan: Plan | None = None,
+        **generate_kwargs: Any,
     ) -> list[Completion]:
-        """Completions of one encoded batch (from `encode`, or an image-text processor) of these prompts."""
-        output, plan = self.generate(**batch, max_new_tokens=max_new_tokens, return_plan=True, **generate_kwargs)
+        """Completions of one encoded batch (from `encode`, or an image-text processor) of these prompts, planned by
+        the gate or as `plan` says."""
+        output, plan = self.generate(**batch, max_new_tokens=max_new_tokens, plan=plan, return_plan=True,
+                                     **generate_kwargs)  # fmt: skip
         new = _sequences(output)[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [
@@ -493,16 +501,21 @@ class InferAligner:
         max_new_tokens: int = 256,
         batch_size: int = 8,
         progress: bool = False,
+        plan: Plan | None = None,
         **generate_kwargs: Any,
     ) -> list[Completion]:
-        """Answer user instructions (chat-formatted here), greedy unless sampling is asked for."""
+        """Answer user instructions (chat-formatted here), greedy unless sampling is asked for; each row as the gate
+        decides, or as `plan` (one row per prompt) says."""
+        if plan is not None and len(plan) != len(prompts):
+            raise InferAlignerError(f"A plan for {len(plan)} rows was given for {len(prompts)} prompts.")
         generate_kwargs.setdefault("do_sample", False)
         results: list[Completion] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="generating", disable=not progress, unit="batch"):
             chunk = list(prompts[start : start + batch_size])
             batch = self.encode(chunk, max_new_tokens)
-            results += self.answer(chunk, batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+            rows = plan.select(range(start, start + len(chunk))) if plan is not None else None
+            results += self.answer(chunk, batch, max_new_tokens=max_new_tokens, plan=rows, **generate_kwargs)
         return results
 
     def stream(

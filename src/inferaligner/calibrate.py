@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
 from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
-from inferaligner.settings import SteeringSettings, SteerScale
+from inferaligner.settings import DEFAULT_LOOP_SPAN, SteeringSettings, SteerScale
 from inferaligner.vectors import SafetyVectors
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
@@ -69,10 +69,11 @@ def calibrate(
     max_degenerate: float = MAX_DEGENERATE,
     batch_size: int = 16,
     system: str | None = None,
+    loop_span: int = DEFAULT_LOOP_SPAN,
     progress: bool = True,
 ) -> tuple[SteeringSettings, list[dict[str, Any]]]:
-    """Measure every candidate strength on the held-out prompts (every input steered, with the system prompt used
-    at inference) and choose one.
+    """Measure every candidate strength on the held-out prompts (every input steered, with the system prompt and
+    loop stop used at inference) and choose one.
 
     Returns the chosen settings and the table: per candidate and strength, the shares of coherent refusals,
     content and degenerate answers on `harmful`, and of kept answers (content) and refusals on `benign`.
@@ -85,7 +86,8 @@ def calibrate(
     for cand, strength in tqdm(runs, desc="calibrating", disable=not progress, unit="setting"):
         started = time.perf_counter()
         aligner = InferAligner(model, tokenizer, aligned_vectors=cand.vectors, mode="always", alpha=strength,
-                               steer_layers=list(cand.layers), steer_scale=cand.scale, system=system)  # fmt: skip
+                               steer_layers=list(cand.layers), steer_scale=cand.scale, system=system,
+                               loop_span=loop_span)  # fmt: skip
         shares = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):
             texts = [a.text for a in aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
@@ -108,7 +110,7 @@ def calibrate(
 def choose(rows: Sequence[dict[str, Any]], max_degenerate: float = MAX_DEGENERATE) -> dict[str, Any]:
     """The row to use: most coherent harmful refusals among rows within the degenerate limit (all rows if none
     is); within `NEAR_BEST` of that, the most kept benign answers, then the weakest strength."""
-    allowed = [r for r in rows if r["harmful_degenerate"] + r["benign_degenerate"] <= 2 * max_degenerate] or list(rows)
+    allowed = [r for r in rows if max(r["harmful_degenerate"], r["benign_degenerate"]) <= max_degenerate] or list(rows)
     best = max(r["harmful_refusal"] for r in allowed)
     near = [r for r in allowed if r["harmful_refusal"] >= best - NEAR_BEST]
     return max(near, key=lambda r: (r["benign_kept"], -r["strength"]))

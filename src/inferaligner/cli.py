@@ -88,10 +88,10 @@ def _gate_rate_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--gate-tpr", type=_fraction, default=DEFAULT_GATE_TPR,
                         help="set the gate bias so it fires on this fraction of the held-out harmful prompts "
-                        "(default: %(default)s)")  # fmt: skip
+                        "(default: %(default)s; 0: keep the probe's own bias, or the midpoint)")  # fmt: skip
     parser.add_argument(
         "--gate-fpr",
-        type=_fraction,
+        type=_below_one,
         help="instead, set it so at most this fraction of the held-out harmless prompts fire",
     )
 
@@ -103,6 +103,13 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
+def _below_one(text: str) -> float:
+    value = _fraction(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("a false-positive rate of 1 would fire on everything: give less than 1")
     return value
 
 
@@ -216,10 +223,10 @@ def _status(message: str) -> None:
 
 
 def _gate_rates(args: argparse.Namespace) -> dict[str, float | None]:
-    """`--gate-fpr` when given (it wins), else `--gate-tpr`."""
+    """`--gate-fpr` when given (it wins), else `--gate-tpr` (0: neither, the direction's own bias)."""
     if args.gate_fpr is not None:
         return {"gate_fpr": args.gate_fpr, "gate_tpr": None}
-    return {"gate_fpr": None, "gate_tpr": args.gate_tpr}
+    return {"gate_fpr": None, "gate_tpr": args.gate_tpr or None}
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -425,7 +432,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     settings, rows = calibrate(model, tokenizer, candidates, harmful, benign, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, system=args.system)  # fmt: skip
+                               batch_size=args.batch_size, system=args.system, loop_span=args.loop_span)  # fmt: skip
     out: Path = settings.save(args.out)
     picture = plot(rows, out.with_suffix(".png"))
     print(table_markdown(rows, settings))
@@ -676,7 +683,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     paper = None
     if paper_file is not None:  # the paper's vectors with their own steering, the same gate and system prompt
         paper_steering = SteeringSettings.load(paper_file)
-        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal")}
+        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal", "loop_span")}
         paper = (SafetyVectors.load(paper_steering.vectors), resolve(shared, paper_steering))
     elif "inferaligner-paper" in methods:
         methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
@@ -815,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=output_file, required=True,
                            help="settings file to write (.json; a .png beside it)")  # fmt: skip
     calibrate.add_argument("--system", help="system prompt for the chat template (the one you will serve with)")
+    calibrate.add_argument("--loop-span", type=int, default=8,
+                           help="the loop stop you will serve with (default: %(default)s; 0: off)")  # fmt: skip
     calibrate.add_argument("--max-new-tokens", type=positive_int, default=48)
     calibrate.add_argument("--batch-size", type=positive_int, default=16)
     calibrate.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")

@@ -51,7 +51,8 @@ def with_loop_stop(generate_kwargs: dict[str, Any], prompt_length: int, span: in
     """`generate_kwargs` with a `LoopStop` added to the caller's stopping criteria; unchanged when `span` is 0 or
     for beam search (whose beams share one stopping decision). The caller's criteria that track rows themselves
     (a `rows_stopped(rows)` method, as the server's) are told which rows the loop stop ends."""
-    beams = generate_kwargs.get("num_beams", getattr(model_config, "num_beams", 1)) or 1
+    config = generate_kwargs.get("generation_config") or model_config
+    beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
     if span <= 0 or beams > 1:
         return generate_kwargs
     criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])

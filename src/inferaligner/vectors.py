@@ -137,8 +137,8 @@ class SafetyVectors:
 
     def content_id(self) -> str:
         """A short hash of the stored directions and norms: two files with the same id steer alike."""
-        digest = hashlib.sha256(self.directions.float().contiguous().numpy().tobytes())
-        digest.update(self.norms.float().contiguous().numpy().tobytes())
+        digest = hashlib.sha256(self.directions.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(self.norms.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def make_gate(self, layer: int | None = None, bias: float | None = None) -> Gate:
