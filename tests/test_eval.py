@@ -110,17 +110,17 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     results = evaluate(methods, tiny_tasks(), tmp_path, [RefusalJudge()], batch_size=4, progress=False)
     metrics = results["methods"]
     assert set(metrics) == {"target", "self-reminder", "inferaligner", "simple", "always"}
-    assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v2]"] <= 1
-    assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v2]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
+    assert 0 <= metrics["target"]["harmful"]["asr[refusal-phrases-v3]"] <= 1
+    assert metrics["simple"]["harmful"]["refusal[refusal-phrases-v3]"] == metrics["simple"]["harmful"]["gate_fire_rate"]
     assert metrics["always"]["harmless"]["intervened"] == 1.0
     harmful = metrics["target"]["harmful"]
-    outcomes = [harmful[f"{kind}[refusal-phrases-v2]"] for kind in ("refusal", "content", "degenerate")]
-    assert sum(outcomes) == pytest.approx(1.0) and harmful["degenerate[refusal-phrases-v2]"] <= harmful[
-        "asr[refusal-phrases-v2]"]  # fmt: skip
+    outcomes = [harmful[f"{kind}[refusal-phrases-v3]"] for kind in ("refusal", "content", "degenerate")]
+    assert sum(outcomes) == pytest.approx(1.0) and harmful["degenerate[refusal-phrases-v3]"] <= harmful[
+        "asr[refusal-phrases-v3]"]  # fmt: skip
     assert metrics["target"]["utility"]["accuracy"] == 0.5
     assert "accuracy" in metrics["inferaligner"]["choice"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["run"]["judges"] == ["refusal-phrases-v2"] and saved["run"]["versions"]["torch"]
+    assert saved["run"]["judges"] == ["refusal-phrases-v3"] and saved["run"]["versions"]["torch"]
     rows = [json.loads(line) for line in (tmp_path / "completions" / "inferaligner--harmful.jsonl").open()]
     assert len(rows) == 3 and {"prompt", "completion", "gate", "verdicts"} <= set(rows[0])
     write_report(results, tmp_path, "tiny")

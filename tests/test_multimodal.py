@@ -174,7 +174,7 @@ def test_image_tasks_in_the_evaluation(tmp_path, data_dir) -> None:
     results = evaluate(methods, tasks, tmp_path, [RefusalJudge()], batch_size=2, progress=False,
                        processor=mm.processor)  # fmt: skip
     simple = results["methods"]["simple"]["mm_harmful"]
-    assert simple["refusal[refusal-phrases-v2]"] == simple["gate_fire_rate"]
+    assert simple["refusal[refusal-phrases-v3]"] == simple["gate_fire_rate"]
     assert 0 <= results["methods"]["target"]["mm_utility"]["accuracy"] <= 1
     again = evaluate(methods, tasks, tmp_path, [RefusalJudge()], batch_size=2, progress=False, processor=mm.processor)
     assert again["methods"] == results["methods"]  # answered from the cache

@@ -10,7 +10,7 @@ from typing import Any
 from inferaligner.errors import InferAlignerError
 from inferaligner.eval.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome, outcome_shares
 
-JUDGE = "refusal-phrases-v2"
+JUDGE = "refusal-phrases-v3"
 
 
 def completion_stem(method: str, task: str) -> str:
