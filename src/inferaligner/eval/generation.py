@@ -32,7 +32,7 @@ def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "", gate
                 "tag": tag}  # fmt: skip
     keep = ("model", "mode", "alpha", "scale", "layers", *(("gate",) if gate else ()), "system")
     key = {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
-    # Added only when set, so caches written before these were settings stay valid.
+    # Added only where they apply, so caches written before these were settings stay valid for the rest.
     if how["refusal"] != DEFAULT_REFUSAL:
         key["refusal"] = how["refusal"]
     if how["aligned_model"] is not None:
