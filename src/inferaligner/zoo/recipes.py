@@ -127,7 +127,7 @@ RECIPES |= {
     "finance": Recipe(
         name="finance", description="Domain fine-tuning on 500 Financial PhraseBank sentences (AllAgree, fixed "
         "split) labelled positive / negative / neutral; no safety data.", make_examples=_finance,
-        train=_DOMAIN_TRAIN, shipped=False,
+        train=_DOMAIN_TRAIN, shipped=False, domain=_finance_prompts,
     ),
     "safety-sft-arithmetic": Recipe(
         name="safety-sft-arithmetic", description="Safety SFT: the arithmetic training data plus 100 safety "
