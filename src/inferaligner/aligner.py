@@ -316,9 +316,7 @@ class InferAligner:
             if on_plan is not None:
                 on_plan(plan)
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
-            if plan.steers:
-                gates = plan.steer_gates()
-                inputs = self._loop_stop(inputs, input_ids.shape[1], lambda: gates)
+            inputs = self._planned_loop_stop(inputs, input_ids.shape[1], plan)
             if plan.refuses:
                 output = self._refuse(inputs, plan)
             elif plan.delegates:
@@ -375,9 +373,7 @@ class InferAligner:
             plan = self.plan(None, len(input_ids), allowed)
             if on_plan is not None:
                 on_plan(plan)
-            if plan.steers:
-                gates = plan.steer_gates()
-                generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: gates)
+            generate_kwargs = self._planned_loop_stop(generate_kwargs, input_ids.shape[1], plan)
             with self.steered(plan):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
         images = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
@@ -415,6 +411,13 @@ class InferAligner:
         """`generate_kwargs` with the loop stop for the rows `gates()` steers (`inferaligner.loopstop`)."""
         return with_loop_stop(generate_kwargs, prompt_length, self.settings.loop_span, gates,
                               self.model.generation_config)  # fmt: skip
+
+    def _planned_loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int, plan: Plan) -> dict[str, Any]:
+        """`_loop_stop` for the rows a known plan steers (unchanged when it steers none)."""
+        if not plan.steers:
+            return generate_kwargs
+        gates = plan.steer_gates()
+        return self._loop_stop(generate_kwargs, prompt_length, lambda: gates)
 
     def _refuse(self, inputs: dict[str, Any], plan: Plan) -> Any:
         """Refused rows get their fixed answer; the others are generated as the plan says (same batch)."""
