@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
     from inferaligner.gate import POOLINGS
     from inferaligner.prompts import GATE_HARMFUL, GATE_HARMLESS, KINDS
-    from inferaligner.settings import SteerScale
+    from inferaligner.settings import DEFAULT_LOOP_SPAN, SteerScale
     from inferaligner.vectors import MEAN_DIFFERENCE, PROBE
 
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -822,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=output_file, required=True,
                            help="settings file to write (.json; a .png beside it)")  # fmt: skip
     calibrate.add_argument("--system", help="system prompt for the chat template (the one you will serve with)")
-    calibrate.add_argument("--loop-span", type=int, default=8,
+    calibrate.add_argument("--loop-span", type=int, default=DEFAULT_LOOP_SPAN,
                            help="the loop stop you will serve with (default: %(default)s; 0: off)")  # fmt: skip
     calibrate.add_argument("--max-new-tokens", type=positive_int, default=48)
     calibrate.add_argument("--batch-size", type=positive_int, default=16)
