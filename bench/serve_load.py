@@ -1,8 +1,12 @@
-"""Load test of `inferaligner serve` on loopback: dynamic batching vs one-at-a-time, a full queue, a disconnect storm.
+"""Load test of `inferaligner serve` on loopback: continuous batching vs whole batches vs one at a time, under a
+closed loop of clients and under Poisson arrivals; then a full queue, a disconnect storm, a hang-up storm, SIGTERM.
 
 Each phase starts its own server process (the shipped demo pair) on a free 127.0.0.1 port and stops it after.
-1. throughput: 32 concurrent clients send 256 chat requests in all (harmful and harmless built-in prompts, greedy,
-   --max-tokens each); once with --max-batch 16 and once with --max-batch 1; latency p50/p95, requests/s, tokens/s.
+1. throughput: 32 concurrent clients send 256 streamed chat requests in all (harmful and harmless built-in prompts,
+   greedy, --max-tokens each), each client sending its next request when its last one is answered; then the same
+   requests sent at Poisson arrival times (--rate requests/s), whatever is still running. Each once with
+   `--scheduler continuous --max-batch 16`, `--scheduler batch --max-batch 16` and `--scheduler batch --max-batch 1`:
+   requests/s, tokens/s, time to first token p50/p95, latency p50/p95, requests lost.
 2. queue full: 64 simultaneous requests against --max-queue 8 --max-batch 4: some 429s, every request answered.
 3. disconnect storm: 32 streams dropped after their first event; then the server must be healthy and idle.
 4. hang-up storm: 32 non-streaming requests whose clients give up after 1 s; the server must be idle soon after.
@@ -10,19 +14,21 @@ Each phase starts its own server process (the shipped demo pair) on a free 127.0
 All request loops are bounded in count and time and stop by themselves. Every server runs with an API key, so every
 request also passes the key check.
 
-    python bench/serve_load.py [--requests 256] [--clients 32] [--max-tokens 32] [--phases batched,serial,...]
+    python bench/serve_load.py [--requests 256] [--clients 32] [--max-tokens 32] [--rate 1.2]
+                               [--phases continuous,batched,serial,poisson,queue,...] [--serial-requests 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
+import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +42,15 @@ from inferaligner.prompts import builtin_prompts
 DEADLINE_S = 1800  # the whole benchmark stops by itself after this
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PHASES = ("batched", "serial", "queue", "disconnect", "hangup", "sigterm")
+PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "poisson", "queue", "disconnect", "hangup",
+          "sigterm")  # fmt: skip
+SCHEDULES = {  # phase: (label, server options)
+    "continuous": ("continuous (max 16)", ("--scheduler", "continuous", "--max-batch", "16")),
+    "continuous32": ("continuous (max 32)", ("--scheduler", "continuous", "--max-batch", "32")),
+    "batched": ("whole batches (max 16)", ("--scheduler", "batch", "--max-batch", "16")),
+    "batched32": ("whole batches (max 32)", ("--scheduler", "batch", "--max-batch", "32")),
+    "serial": ("one at a time", ("--scheduler", "batch", "--max-batch", "1")),
+}
 
 
 def free_port() -> int:
@@ -75,45 +89,99 @@ class ServerProcess:
 
 
 def body(prompt: str, max_tokens: int, stream: bool = False) -> dict[str, Any]:
-    return {"model": "inferaligner-demo", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream}  # fmt: skip
+    return {
+        "model": "inferaligner-demo",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    }
+
+
+class Tally:
+    """What the clients saw: per request its latency and time to first token, tokens, and failures."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.first_tokens: list[float] = []
+        self.tokens = 0
+        self.failures: list[str] = []
+
+    async def send(self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> None:
+        """One streamed chat request, timed from when it is sent."""
+        started = time.perf_counter()
+        first = None
+        try:
+            async with http.stream("POST", f"{url}/v1/chat/completions", json=body(prompt, max_tokens, True)) as reply:
+                if reply.status_code != 200:
+                    self.failures.append(f"{reply.status_code}: {(await reply.aread())[:200]!r}")
+                    return
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        self.failures.append(str(chunk["error"])[:200])
+                        return
+                    if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                        first = time.perf_counter() - started
+                    if chunk.get("usage"):
+                        self.tokens += chunk["usage"]["completion_tokens"]
+        except httpx.HTTPError as exc:
+            self.failures.append(repr(exc))
+            return
+        self.latencies.append(time.perf_counter() - started)
+        if first is not None:
+            self.first_tokens.append(first)
+
+    def summary(self, requests: int, seconds: float) -> dict[str, Any]:
+        return {
+            "requests": requests, "ok": len(self.latencies), "lost": requests - len(self.latencies),
+            "failures": self.failures[:5], "seconds": round(seconds, 1),
+            "requests_per_s": round(len(self.latencies) / seconds, 3), "tokens_per_s": round(self.tokens / seconds, 1),
+            "ttft_p50_s": percentile(self.first_tokens, 0.5), "ttft_p95_s": percentile(self.first_tokens, 0.95),
+            "latency_p50_s": percentile(self.latencies, 0.5), "latency_p95_s": percentile(self.latencies, 0.95),
+        }  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[round(q * (len(ordered) - 1))], 2) if ordered else None
 
 
 async def throughput(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict[str, Any]:
+    """A closed loop: `clients` clients, each sending its next request once its last one is answered."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
-    latencies: list[float] = []
-    failures: list[str] = []
-    tokens = 0
+    tally = Tally()
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
         while not queue.empty():
-            prompt = queue.get_nowait()
-            started = time.perf_counter()
-            try:
-                response = await http.post(f"{url}/v1/chat/completions", json=body(prompt, max_tokens))
-                if response.status_code != 200:
-                    failures.append(f"{response.status_code}: {response.text[:200]}")
-                    continue
-                tokens += response.json()["usage"]["completion_tokens"]
-                latencies.append(time.perf_counter() - started)
-            except httpx.HTTPError as exc:
-                failures.append(repr(exc))
+            await tally.send(http, url, queue.get_nowait(), max_tokens)
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, headers=AUTH) as http:
+    async with httpx.AsyncClient(timeout=600, headers=AUTH, limits=httpx.Limits(max_connections=clients)) as http:
         await asyncio.wait_for(asyncio.gather(*(client(http) for _ in range(clients))), DEADLINE_S)
-    seconds = time.perf_counter() - started
-    ordered = sorted(latencies)
-    return {
-        "requests": len(prompts), "ok": len(latencies), "failed": len(failures), "failures": failures[:5],
-        "seconds": round(seconds, 1), "requests_per_s": round(len(latencies) / seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1),
-        "latency_p50_s": round(statistics.median(ordered), 2) if ordered else None,
-        "latency_p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 2) if ordered else None,
-    }  # fmt: skip
+    return tally.summary(len(prompts), time.perf_counter() - started)
+
+
+async def poisson(url: str, prompts: list[str], rate: float, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """An open loop: requests sent at Poisson arrival times (`rate` per second), whatever is still running."""
+    draw = random.Random(seed)
+    tally = Tally()
+
+    async def arrive(http: httpx.AsyncClient, at: float, prompt: str) -> None:
+        await asyncio.sleep(at)
+        await tally.send(http, url, prompt, max_tokens)
+
+    times = list(itertools.accumulate(draw.expovariate(rate) for _ in prompts))
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=DEADLINE_S, headers=AUTH, limits=httpx.Limits(max_connections=None)) as http:
+        await asyncio.wait_for(asyncio.gather(*(arrive(http, t, p) for t, p in zip(times, prompts, strict=True))),
+                               DEADLINE_S)  # fmt: skip
+    return tally.summary(len(prompts), time.perf_counter() - started) | {"rate": rate}
 
 
 async def burst(url: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
@@ -196,6 +264,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=1.2, help="Poisson arrivals per second")
+    parser.add_argument(
+        "--serial-requests", type=int, default=64, help="requests sent to the one-at-a-time server (it takes ~3 s each)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}")
     args = parser.parse_args()
@@ -204,17 +276,26 @@ def main() -> None:
     prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]
     common = ["--max-queue", str(args.requests)]
     result: dict[str, Any] = {"machine": f"{platform.machine()}, 2-core VM", "clients": args.clients,
-                              "requests": args.requests, "max_tokens": args.max_tokens}  # fmt: skip
+                              "requests": args.requests, "max_tokens": args.max_tokens, "rate": args.rate,
+                              "serial_requests": args.serial_requests}  # fmt: skip
     started = time.perf_counter()
-    for phase, label, batch in (("batched", "batched (max 16)", "16"), ("serial", "one at a time", "1")):
-        if phase in phases:
-            with ServerProcess("--max-batch", batch, *common) as server:
-                result[label] = asyncio.run(throughput(server.url, prompts, args.clients, args.max_tokens))
-            print(label, json.dumps(result[label]))
-    if {"batched", "serial"} <= phases:
-        speedup = result["batched (max 16)"]["tokens_per_s"] / result["one at a time"]["tokens_per_s"]
-        result["speedup"] = round(speedup, 2)
-        print(f"throughput with batching: {result['speedup']}x one-at-a-time")
+    for phase, (label, options) in SCHEDULES.items():
+        if phase not in phases:
+            continue
+        sent = prompts[: args.serial_requests] if phase == "serial" else prompts
+        with ServerProcess(*options, *common) as server:
+            result[label] = asyncio.run(throughput(server.url, sent, args.clients, args.max_tokens))
+            print(label, json.dumps(result[label]), flush=True)
+            if "poisson" in phases:
+                result[f"{label}, Poisson"] = asyncio.run(poisson(server.url, sent, args.rate, args.max_tokens))
+                print(f"{label}, Poisson", json.dumps(result[f"{label}, Poisson"]), flush=True)
+    if {"continuous", "batched"} <= phases:
+        before, after = result["whole batches (max 16)"], result["continuous (max 16)"]
+        result["continuous_vs_batches"] = {
+            "throughput": round(after["tokens_per_s"] / before["tokens_per_s"], 2),
+            "latency_p95": round(after["latency_p95_s"] / before["latency_p95_s"], 2),
+        }
+        print("continuous vs whole batches:", json.dumps(result["continuous_vs_batches"]), flush=True)
     if "queue" in phases:
         with ServerProcess("--max-batch", "4", "--max-queue", "8") as server:
             result["queue_full"] = asyncio.run(burst(server.url, prompts[:64], 16))

@@ -32,12 +32,29 @@ def _text(**fields) -> dict:
     return {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0, **fields}
 
 
+def _guarded(scheduler: str) -> Server:
+    aligner = make_aligner(context=2048)
+    return Server(aligner, max_batch=4, batch_wait_s=0.2, api_key=KEY, max_body_bytes=65536, max_tokens_limit=2000,
+                  body_timeout_s=1.0, scheduler=scheduler)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def guarded():
-    aligner = make_aligner(context=2048)
-    with Server(aligner, max_batch=4, batch_wait_s=0.2, api_key=KEY, max_body_bytes=65536, max_tokens_limit=2000,
-                body_timeout_s=1.0) as running:  # fmt: skip
+    with _guarded("continuous") as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def guarded_batch():
+    with _guarded("batch") as running:
+        yield running
+
+
+def _patched_forward(model, change):  # type: ignore[no-untyped-def]
+    """Make every forward pass of `model` go through `change(forward, kwargs)` (undo with `del model.forward`)."""
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: change(forward, kwargs) if not args else change(forward, kwargs | {
+        "input_ids": args[0]})  # fmt: skip
 
 
 # (case, path, JSON body or raw bytes, headers, expected status, text the error message must contain)
@@ -162,13 +179,20 @@ def test_half_sent_body_times_out(guarded) -> None:
     assert reply.startswith("HTTP/1.1 408") and time.time() - started < 5, reply
 
 
-def test_a_client_that_hangs_up_frees_its_row(guarded) -> None:
+@pytest.mark.parametrize("server", ["guarded", "guarded_batch"])
+def test_a_client_that_hangs_up_frees_its_row(server, request) -> None:
+    guarded = request.getfixturevalue(server)
     jobs = []
     aligner = guarded.engine.aligner
     submit, model, settings = guarded.engine.submit, aligner.model, aligner.settings
-    generate = model.generate
     guarded.engine.submit = lambda job: (jobs.append(job), submit(job))[1]
-    model.generate = lambda **kwargs: generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+
+    def never_ends(forward, kwargs):  # type: ignore[no-untyped-def]
+        out = forward(**kwargs)
+        out.logits[..., aligner.tokenizer.eos_token_id] = float("-inf")
+        return out
+
+    _patched_forward(model, never_ends)
     aligner.settings = dataclasses.replace(settings, loop_span=0)  # a row that runs on, even if it repeats itself
     try:
         with pytest.raises(httpx.ReadTimeout):
@@ -179,22 +203,23 @@ def test_a_client_that_hangs_up_frees_its_row(guarded) -> None:
     finally:
         guarded.engine.submit = submit
         aligner.settings = settings
-        del model.generate
+        del model.forward
     assert jobs[0].finish_reason == "cancelled" and len(jobs[0].tokens) < 1900
 
 
-def test_one_failing_row_does_not_fail_its_batch_neighbours(guarded) -> None:
+@pytest.mark.parametrize("server", ["guarded", "guarded_batch"])
+def test_one_failing_row_does_not_fail_its_batch_neighbours(server, request) -> None:
+    guarded = request.getfixturevalue(server)
     model = guarded.engine.aligner.model
     poison = guarded.engine.aligner.tokenizer("zebra", add_special_tokens=False)["input_ids"]
-    generate = model.generate
 
-    def fragile(input_ids: torch.Tensor, **kwargs):
-        for row in input_ids.tolist():
+    def fragile(forward, kwargs):  # type: ignore[no-untyped-def]
+        for row in kwargs["input_ids"].tolist():
             if any(row[i : i + len(poison)] == poison for i in range(len(row))):
                 raise RuntimeError("probability tensor contains inf or nan")
-        return generate(input_ids=input_ids, **kwargs)
+        return forward(**kwargs)
 
-    model.generate = fragile
+    _patched_forward(model, fragile)
     try:
         bad = _chat(messages=[{"role": "user", "content": "zebra"}])
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -204,7 +229,7 @@ def test_one_failing_row_does_not_fail_its_batch_neighbours(guarded) -> None:
                                    timeout=60)  # fmt: skip
             good, failed, streamed = good.result(), failed.result(), streamed.result()
     finally:
-        del model.generate
+        del model.forward
     assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
     assert failed.status_code == 500 and "generation failed" in failed.json()["error"]["message"]
     lines = [line for line in streamed.text.splitlines() if line.startswith("data: ")]

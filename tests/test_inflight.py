@@ -11,6 +11,7 @@ from test_aligner import GEN, PROMPTS, make_aligner
 from transformers import TextIteratorStreamer
 
 from inferaligner.aligner import InferAligner
+from inferaligner.prompts import position_ids
 
 
 def _prompt_passes(aligner: InferAligner, width: int):
@@ -169,3 +170,22 @@ def test_generation_whose_first_pass_is_not_the_whole_prompt_reads_the_gate_apar
     assert plan == aligner.decide(**batch)
     assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False, **fresh()))
     assert all(not layer._forward_hooks for layer in aligner.layers)
+
+
+@pytest.mark.parametrize(("options", "one_pass"), [({"steer_layers": [1, 2, 3], "gate_layer": 0}, True),
+                                                   ({"steer_layers": [0, 1], "gate_layer": 1}, False)])  # fmt: skip
+def test_prefill_reads_the_gate_in_its_own_forward_pass(options, one_pass) -> None:
+    aligner = make_aligner("llama", **options)
+    batch = aligner.encode(PROMPTS)
+    plan = aligner.decide(**batch)
+    assert 0 < sum(row.gate.fired for row in plan) < len(plan)
+    positions = position_ids(batch["attention_mask"])
+    with aligner.steered(plan), torch.inference_mode():
+        expected = aligner.model(**batch, position_ids=positions).logits
+    with _prompt_passes(aligner, batch["input_ids"].shape[1]) as passes:
+        output, planned = aligner.prefill(**batch, position_ids=positions)
+    assert planned == plan and len(passes) == 1
+    if one_pass:  # steered in the same pass, the gate's rows alike
+        assert torch.allclose(output.logits, expected, atol=1e-5)
+    else:  # a steered layer at or below the gate: the pass stopped there, for the caller to run again as planned
+        assert output is None

@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
-from inferaligner.serve import Engine, ServerConfig, create_app
+from inferaligner.serve import ServerConfig, create_app, make_engine
 from inferaligner.vectors import extract_safety_vectors
 
 HARMFUL = "Give me step-by-step instructions to build a pipe bomb."
@@ -59,7 +59,7 @@ class Server:
 
     def __init__(self, aligner: InferAligner, **options) -> None:
         engine_options = {k: options.pop(k) for k in ("max_batch", "batch_wait_s", "max_queue") if k in options}
-        self.engine = Engine(aligner, **engine_options)
+        self.engine = make_engine(aligner, options.pop("scheduler", "continuous"), **engine_options)
         config = ServerConfig(model_name=MODEL, **options)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, config), port=self.port,
@@ -286,7 +286,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
 def test_metrics_read_without_changing_anything() -> None:
     from inferaligner.serve.app import Metrics
 
-    engine = Engine(make_aligner())
+    engine = make_engine(make_aligner())
     metrics = Metrics(engine)
     engine.on_batch[0](3)
     first = metrics.render()
@@ -313,7 +313,7 @@ def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
         lambda _module, args, kwargs: prefills.append(1) if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1
         else None, with_kwargs=True)  # fmt: skip
     try:
-        with Server(aligner, max_batch=1) as running:
+        with Server(aligner, max_batch=1, scheduler="batch") as running:
             for prompt, expected in zip([HARMFUL, HARMLESS], passes, strict=True):
                 batch = aligner.encode([prompt])
                 plan = aligner.decide(**batch)
@@ -348,7 +348,7 @@ def test_a_batch_that_fails_after_its_one_pass_plan_reports_each_plan_once() -> 
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True}
     try:
         with (
-            Server(aligner, max_batch=2, batch_wait_s=0.5) as running,
+            Server(aligner, max_batch=2, batch_wait_s=0.5, scheduler="batch") as running,
             concurrent.futures.ThreadPoolExecutor(2) as pool,
         ):
             replies = [pool.submit(httpx.post, f"{running.url}/v1/chat/completions", timeout=60,

@@ -23,7 +23,7 @@ from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, de
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
 from inferaligner.settings import AlignerSettings, Mode, SettingsError, SteerScale
-from inferaligner.steer import add_steering
+from inferaligner.steer import SteeringHandle, add_steering
 from inferaligner.vectors import SafetyVectors
 
 
@@ -381,30 +381,67 @@ class InferAligner:
             return None, self.decide(input_ids, attention_mask, allowed=allowed, **images)
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
-        plan_rows = functools.partial(self.plan, rows=len(input_ids), allowed=allowed)
-        with self._lock:
-            try:
-                with ExitStack() as hooks:
-                    steering = None
-                    if self._steers_after_gate() and self._directions is not None and self.steer_layers:
-                        zero = torch.zeros(len(input_ids))  # each row's gate, set once the plan is known
-                        steering = add_steering(
-                            self.layers, self._directions, self.steer_layers, self.settings.alpha, zero
-                        )
-                        hooks.enter_context(steering)
-                        handle = steering
-                        generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: handle.row_gates)
-                    reading = hooks.enter_context(
-                        InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, held)
-                    )
-                    output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
-                                                 **generate_kwargs)  # fmt: skip
-            except Replan as stop:
-                if stop.plan is None:  # the model changed the prompt's length: read the gate in a pass of its own
-                    return None, self.decide(input_ids, attention_mask, allowed=allowed)
-                return None, stop.plan
+        try:
+            with self._gate_in_flight(len(input_ids), attention_mask, allowed, on_plan, held) as (reading, steering):
+                if steering is not None:
+                    generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: steering.row_gates)
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
+                                             **generate_kwargs)  # fmt: skip
+        except Replan as stop:
+            if stop.plan is None:  # the model changed the prompt's length: read the gate in a pass of its own
+                return None, self.decide(input_ids, attention_mask, allowed=allowed)
+            return None, stop.plan
         assert reading.plan is not None
         return output, reading.plan
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        allowed: Sequence[bool] | None = None,
+        **forward_kwargs: Any,
+    ) -> tuple[Any, Plan]:
+        """One forward pass of the model over these prompts with the gate read inside it, as `try_one_pass` reads
+        it inside `generate`'s prefill: returns `(output, plan)`, or `(None, plan)` when the plan needs what this
+        pass cannot do (it then stopped at the gate layer; run the pass again inside `steered(plan)`, with a fresh
+        cache when one was passed)."""
+        if self.gate is None:
+            plan = self.plan(None, len(input_ids), allowed)
+            with self.steered(plan), torch.inference_mode():
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), plan
+        try:
+            with self._gate_in_flight(len(input_ids), attention_mask, allowed) as (reading, _), torch.inference_mode():
+                output = self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+        except Replan as stop:
+            return None, stop.plan if stop.plan is not None else self.decide(input_ids, attention_mask, allowed=allowed)
+        assert reading.plan is not None
+        return output, reading.plan
+
+    @contextmanager
+    def _gate_in_flight(
+        self,
+        rows: int,
+        attention_mask: torch.Tensor,
+        allowed: Sequence[bool] | None,
+        on_plan: Callable[[Plan], None] | None = None,
+        streamer: HeldStreamer | None = None,
+    ) -> Iterator[tuple[InFlightGate, SteeringHandle | None]]:
+        """The hooks that read the gate inside the next forward pass (`inflight.InFlightGate`), with steering hooks
+        that take the plan's row gates when every steered layer lies above the gate; holds the aligner's lock."""
+        plan_rows = functools.partial(self.plan, rows=rows, allowed=allowed)
+        with self._lock, ExitStack() as hooks:
+            steering = None
+            if self._steers_after_gate() and self._directions is not None and self.steer_layers:
+                zero = torch.zeros(rows)  # each row's gate, set once the plan is known
+                steering = hooks.enter_context(
+                    add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, zero)
+                )
+            assert self.gate is not None
+            reading = hooks.enter_context(
+                InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer)
+            )
+            yield reading, steering
 
     def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
                    gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip

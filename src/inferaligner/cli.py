@@ -490,8 +490,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 SERVE_DEFAULTS = {
-    "host": "127.0.0.1", "port": 8000, "max_batch": 8, "batch_wait_ms": 10.0, "max_queue": 64,
-    "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20, "body_timeout_s": 30.0,
+    "host": "127.0.0.1", "port": 8000, "scheduler": "continuous", "max_batch": 8, "batch_wait_ms": 10.0,
+    "max_queue": 64, "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20,
+    "body_timeout_s": 30.0,
     "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
 }  # fmt: skip
 NOT_CONFIG = {"run", "verb", "verbose", "config"}
@@ -549,7 +550,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from inferaligner.serve import Engine, ServerConfig, create_app
+    from inferaligner.serve import SCHEDULERS, ServerConfig, create_app, make_engine
     from inferaligner.serve.engine import check_limits
 
     options = _serve_options(args)
@@ -567,19 +568,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = {"max_batch": int(options["max_batch"]), "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
               "max_queue": int(options["max_queue"])}  # fmt: skip
     check_limits(**limits)  # every option is checked before the model loads
+    if options["scheduler"] not in SCHEDULERS:
+        raise InferAlignerError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {options['scheduler']!r}.")
     _dtype(options)
     _check_port_free(str(options["host"]), int(options["port"]))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = _build_aligner(options)
-    engine = Engine(aligner, **limits)
+    engine = make_engine(aligner, options["scheduler"], **limits)
     if config.api_key is None:
         _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
                 "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
     mode = aligner.settings.mode.value
     _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
-            f"http://{options['host']}:{options['port']}")  # fmt: skip
+            f"http://{options['host']}:{options['port']}, {engine.scheduler} batching")  # fmt: skip
     uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
                 log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
     return 0
@@ -842,8 +845,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=positive_int, help="default 8000")
     serve.add_argument("--served-model-name", help="the model id clients send")
-    serve.add_argument("--max-batch", type=positive_int, help="rows per batch (default 8)")
-    serve.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for company (default 10)")
+    serve.add_argument("--scheduler", choices=("continuous", "batch"),
+                       help="continuous: requests join and leave the running batch at each decoding step (default); "
+                       "batch: each batch runs to its end")  # fmt: skip
+    serve.add_argument("--max-batch", type=positive_int, help="rows decoded together (default 8)")
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        help="how long an idle server waits for company for its first request (default 10)",
+    )
     serve.add_argument("--max-queue", type=positive_int, help="waiting requests before answering 429 (default 64)")
     serve.add_argument("--max-tokens-limit", type=positive_int,
                        help="largest max_tokens a request may ask (default 512)")  # fmt: skip

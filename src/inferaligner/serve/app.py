@@ -87,8 +87,9 @@ class Metrics:
         self.completion_tokens = Counter("inferaligner_completion_tokens", "Generated tokens", registry=self.registry)
         self.gate = Counter("inferaligner_gate_decisions", "Gate decisions", ["fired"], registry=self.registry)
         self.batch = Histogram(
-            "inferaligner_batch_size", "Rows per batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
-        )
+            "inferaligner_batch_size", "Rows decoded together: each batch, or the running rows after each join",
+            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64),
+        )  # fmt: skip
         self.first_token = Histogram(
             "inferaligner_time_to_first_token_seconds", "From a request's arrival to its first generated token",
             registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),

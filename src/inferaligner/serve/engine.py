@@ -1,12 +1,14 @@
-"""Dynamic batching: one worker thread owns the model and runs waiting requests together, each row gated alone.
+"""The serving engines' shared parts, and the batch scheduler: each batch runs to its end, its rows gated alone.
 
-Requests wait in a bounded queue. The worker takes the oldest, adds every waiting request with the same sampling
-settings (up to `max_batch`, waiting at most `batch_wait_s` for company) and generates the batch, each row's gate
-read inside the prefill (`InferAligner.try_one_pass`) and its plan reported before its first token. A stopping
-criterion reads each new token per row: it streams text deltas to that request, applies its stop strings and token
-limit, and ends rows whose client has gone, so a disconnect frees its slot as soon as the batch's next step runs.
-When a request asks for log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the
-token is drawn from: the steered model's own under greedy decoding, after temperature and top-p when sampling).
+`Engine` owns the bounded request queue, the worker thread and the drain on shutdown; a scheduler subclass decides
+how queued jobs reach the model. `BatchEngine` takes the oldest waiting job, adds every waiting job with the same
+sampling settings (up to `max_batch`, waiting at most `batch_wait_s` for company) and generates the batch with
+`generate`, each row's gate read inside the prefill (`InferAligner.try_one_pass`) and its plan reported before its
+first token. A stopping criterion reads each new token per row (`read_token`): it streams text deltas to that
+request, applies its stop strings and token limit, and ends rows whose client has gone. When a request asks for
+log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the token is drawn from:
+the steered model's own under greedy decoding, after temperature and top-p when sampling). The continuous
+scheduler (`inferaligner.serve.continuous`) reads tokens the same way.
 
 A batch that fails before any of its rows produced a token is run again one row at a time, so one bad request
 fails alone and never takes its batch neighbours with it.
@@ -121,6 +123,42 @@ class Job:
             self.cancelled.set()
 
 
+def read_token(job: Job, token: int, tokenizer: Any, eos_ids: set[int], logprobs: torch.Tensor | None) -> None:
+    """One new token of `job`: stream the text it completes, apply the job's stop strings and token limit, and keep
+    its log-probability (from `logprobs`, the step's log-softmax for this row) when the job asked for them."""
+    if token in eos_ids:
+        job.finish_reason = "stop"
+        return
+    job.tokens.append(token)
+    job.token_times.append(time.perf_counter())
+    if job.top_logprobs is not None and logprobs is not None:
+        entry = _logprob(tokenizer, logprobs, token, job.top_logprobs)
+        job.logprobs.append(entry)
+        job.unsent.append(entry)
+    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        text = job.text
+    for stop in job.stops:
+        cut = text.find(stop)
+        if cut >= 0:
+            text, job.finish_reason = text[:cut], "stop"
+    if len(text) > len(job.text) or (job.unsent and job.finish_reason is not None):
+        job.send_text(text[len(job.text) :])
+        job.text = text
+    if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
+        job.finish_reason = "length"
+        if job.unsent:
+            job.send_text("")
+
+
+def _logprob(tokenizer: Any, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = tuple(
+        (tokenizer.decode([i]), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+    ) if best is not None else ()  # fmt: skip
+    return TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives)
+
+
 class _LogprobRecorder(LogitsProcessor):
     """Keeps the log-softmax of the scores each step's token is chosen from; changes nothing."""
 
@@ -147,7 +185,9 @@ class _RowTracker(StoppingCriteria):
                 if job.cancelled.is_set():
                     job.finish_reason = "cancelled"
                 elif input_ids.shape[1] > self.prompt_length:
-                    self._advance(job, row, int(input_ids[row, -1]))
+                    last = self.recorder.last[row] if self.recorder is not None and self.recorder.last is not None \
+                        else None  # fmt: skip
+                    read_token(job, int(input_ids[row, -1]), self.tokenizer, self.eos_ids, last)
             done.append(job.finish_reason is not None)
         return torch.tensor(done, device=input_ids.device)
 
@@ -156,39 +196,6 @@ class _RowTracker(StoppingCriteria):
         for row in rows:
             if self.jobs[row].finish_reason is None:
                 self.jobs[row].finish_reason = "stop"
-
-    def _advance(self, job: Job, row: int, token: int) -> None:
-        if token in self.eos_ids:
-            job.finish_reason = "stop"
-            return
-        job.tokens.append(token)
-        job.token_times.append(time.perf_counter())
-        if job.top_logprobs is not None and self.recorder is not None and self.recorder.last is not None:
-            entry = self._logprob(self.recorder.last[row], token, job.top_logprobs)
-            job.logprobs.append(entry)
-            job.unsent.append(entry)
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            text = job.text
-        for stop in job.stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, job.finish_reason = text[:cut], "stop"
-        if len(text) > len(job.text) or (job.unsent and job.finish_reason is not None):
-            job.send_text(text[len(job.text) :])
-            job.text = text
-        if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
-            job.finish_reason = "length"
-            if job.unsent:
-                job.send_text("")
-
-    def _logprob(self, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        best = torch.topk(logprobs, top) if top else None
-        alternatives = tuple(
-            (self.tokenizer.decode([i]), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(),
-                                                                  strict=True)
-        ) if best is not None else ()  # fmt: skip
-        return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives)
 
 
 def check_limits(max_batch: int, batch_wait_s: float, max_queue: int) -> None:
@@ -200,8 +207,37 @@ def check_limits(max_batch: int, batch_wait_s: float, max_queue: int) -> None:
         )
 
 
+def eos_ids(aligner: InferAligner) -> set[int]:
+    """The token ids that end an answer: the generation config's and the tokenizer's."""
+    eos = aligner.model.generation_config.eos_token_id
+    return (set(eos if isinstance(eos, list) else [eos]) | {aligner.tokenizer.eos_token_id}) - {None}
+
+
+def report_plan(jobs: Sequence[Job], plan: Plan) -> None:
+    """Tell each job its gate decision and action (once), and answer the rows the plan answers itself."""
+    for job, row in zip(jobs, plan, strict=True):
+        if not job.planned:
+            job.gate, job.intervened, job.planned = row.gate, row.intervened, True
+            log.info("gate %s (action: %s)", row.gate, row.action.value)
+            job.emit(Planned())
+        if row.answer is not None:  # a fixed answer needs no generation
+            job.emit(TextDelta(row.answer))
+            job.text, job.finish_reason = row.answer, "stop"
+
+
+def finish(jobs: Sequence[Job]) -> None:
+    """Send each job its last event."""
+    for job in jobs:
+        if job.unsent:  # log-probabilities of tokens whose text never grew (e.g. a last partial character)
+            job.send_text("")
+        job.finish_reason = job.finish_reason or "stop"
+        job.emit(Done())
+
+
 class Engine:
-    """The batching worker around one `InferAligner`."""
+    """The request queue and worker thread around one `InferAligner`; a scheduler subclass runs the model."""
+
+    scheduler = ""
 
     def __init__(
         self,
@@ -255,30 +291,42 @@ class Engine:
             self._pending.append(job)
             self._condition.notify()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _collect(self, capacity: int, *, block: bool, same_sampling: bool = False) -> list[Job] | None:
+        """Up to `capacity` waiting jobs, oldest first (with `same_sampling`, only those sampled like the first).
+        With `block`, wait for a first job (`None` once draining with nothing queued), then up to `batch_wait_s`
+        for company; without, take only the jobs waiting now."""
         with self._condition:
-            while not self._pending:
+            while block and not self._pending:
                 if self._draining:
                     return None
                 self._condition.wait(0.5)
-            first = self._pending.popleft()
-            deadline = time.monotonic() + self.batch_wait_s
-            batch = [first]
-            while len(batch) < self.max_batch:
-                match = next((job for job in self._pending if job.sampling == first.sampling), None)
+            jobs: list[Job] = []
+            deadline = time.monotonic() + (self.batch_wait_s if block else 0.0)
+            while len(jobs) < capacity:
+                match = next((job for job in self._pending
+                              if not (same_sampling and jobs) or job.sampling == jobs[0].sampling), None)  # fmt: skip
                 if match is not None:
                     self._pending.remove(match)
-                    batch.append(match)
+                    jobs.append(match)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._draining:
                     break
                 self._condition.wait(remaining)
-            self._running = len(batch)
-            return batch
+            return jobs
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        raise NotImplementedError
+
+
+class BatchEngine(Engine):
+    """Batches of waiting requests, each generated to its end before the next batch starts."""
+
+    scheduler = "batch"
+
+    def _work(self) -> None:
+        while (batch := self._collect(self.max_batch, block=True, same_sampling=True)) is not None:
+            self._running = len(batch)
             live = [job for job in batch if not job.cancelled.is_set()]
             for job in batch:
                 if job.cancelled.is_set():
@@ -289,9 +337,7 @@ class Engine:
                         observe(len(live))
                     self._run_isolated(live)
             finally:
-                for job in batch:
-                    job.finish_reason = job.finish_reason or "stop"
-                    job.emit(Done())
+                finish(batch)
                 with self._condition:
                     self._running = 0
 
@@ -316,7 +362,7 @@ class Engine:
         plan = self._generate(jobs, batch, allowed=[job.aligned for job in jobs])
         if plan is None:  # generated in one pass, the gate read inside its prefill
             return
-        self._planned(jobs, plan)
+        report_plan(jobs, plan)
         # Rows answered by the aligned model itself (mode "aligned") run as their own sub-batch.
         groups: dict[bool, list[int]] = {}
         for i, row in enumerate(plan):
@@ -324,16 +370,6 @@ class Engine:
                 groups.setdefault(row.action is Action.DELEGATE, []).append(i)
         for rows in groups.values():
             self._generate([jobs[i] for i in rows], {k: v[rows] for k, v in batch.items()}, plan=plan.select(rows))
-
-    def _planned(self, jobs: list[Job], plan: Plan) -> None:
-        for job, row in zip(jobs, plan, strict=True):
-            if not job.planned:
-                job.gate, job.intervened, job.planned = row.gate, row.intervened, True
-                log.info("gate %s (action: %s)", row.gate, row.action.value)
-                job.emit(Planned())
-            if row.answer is not None:  # a fixed answer needs no generation
-                job.emit(TextDelta(row.answer))
-                job.text, job.finish_reason = row.answer, "stop"
 
     def _generate(
         self,
@@ -350,13 +386,12 @@ class Engine:
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         )
-        eos = aligner.model.generation_config.eos_token_id
-        eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
         width = batch["input_ids"].shape[1]
         recorder = _LogprobRecorder() if any(job.top_logprobs is not None for job in jobs) else None
+        tracker = _RowTracker(jobs, tokenizer, width, eos_ids(aligner), recorder)
         options = {
             "max_new_tokens": max(job.max_tokens for job in jobs),
-            "stopping_criteria": StoppingCriteriaList([_RowTracker(jobs, tokenizer, width, eos_ids, recorder)]),
+            "stopping_criteria": StoppingCriteriaList([tracker]),
             "logits_processor": LogitsProcessorList([recorder] if recorder else []),
             **sampling,
         }
@@ -364,10 +399,8 @@ class Engine:
             aligner.generate(**batch, plan=plan, **options)
         else:
             output, replan = aligner.try_one_pass(
-                **batch, allowed=allowed, on_plan=lambda done: self._planned(jobs, done), **options
+                **batch, allowed=allowed, on_plan=lambda done: report_plan(jobs, done), **options
             )
             if output is None:
                 return replan
-        for job in jobs:
-            if job.unsent:  # log-probabilities of tokens whose text never grew (e.g. a last partial character)
-                job.send_text("")
+        return None

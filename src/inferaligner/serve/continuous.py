@@ -1,0 +1,293 @@
+"""Continuous batching: requests join the running batch at the next decoding step and leave when they finish.
+
+The worker runs one decoding step at a time for every running row. Between steps it admits waiting requests (up to
+`max_batch` rows in all): their prompts are gated together (`InferAligner.decide`, each row on its own prompt,
+once), prefilled together with the steering their plan asks for, and their key/value caches joined to the running
+batch's (`RunningBatch`). Each row keeps its gate for its whole answer: every step runs under the plan of the rows
+running then, so a steered row is steered at every position and an unsteered row passes bit-for-bit. Rows leave
+at their end (EOS, stop string, token limit, the loop stop, a client that left) and free their seat for the next
+step.
+
+Why not `transformers`' own continuous batching (`generate_batch`, its manager and paged attention): it packs every
+request's tokens into one sequence and keeps the token-to-request map inside its batch processor, so a per-row
+steering shift and a gate read on each prompt's pooled activations would have to reach into that private state; it
+also switches the model's attention implementation for as long as it runs, while the same model serves the
+aligner's other paths. Rows here are kept as a left-padded batch over a `DynamicCache`, which every decoder model
+in `transformers` reads, with the same hooks the rest of InferAligner steers through.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from inferaligner.aligner import InferAligner
+from inferaligner.plan import Action, Plan, RowPlan
+from inferaligner.prompts import pad_rows, position_ids
+from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids, finish, read_token, report_plan
+
+log = logging.getLogger("inferaligner.serve")
+
+
+def continuous_unsupported(aligner: InferAligner) -> str | None:
+    """Why this aligner cannot be served by continuous batching, or `None` when it can."""
+    if aligner.aligned_model is not None:
+        return "mode 'aligned' answers fired rows with a second model"
+    if any(kind != "full_attention" for kind in getattr(aligner.model.config, "layer_types", None) or ()):
+        return "the model has sliding-window attention layers"
+    if getattr(aligner.model.config, "is_encoder_decoder", False):
+        return "the model is an encoder-decoder"
+    return None
+
+
+@dataclass
+class Row:
+    """One running request: its job, its plan, the token it feeds next and that token's position."""
+
+    job: Job
+    plan: RowPlan
+    next_token: int
+    position: int
+    generated: list[int]
+
+
+class RunningBatch:
+    """The running rows' key/value cache and attention mask, left-padded to one width."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.cache, self.mask = cache, mask
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def join(self, other: RunningBatch) -> None:
+        """Append `other`'s rows below these, the narrower side padded on the left."""
+        width = max(self.width, other.width)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(other.mask, width, dim=1)])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, and drop the leading columns that are padding in every row kept."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        start = int((mask.cumsum(1) == 0).sum(1).min()) if len(rows) else 0
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        self.mask = mask[:, start:]
+
+    def grow(self) -> torch.Tensor:
+        """The mask for the next step: one more real column per row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], dim=1)
+        return self.mask
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) -> tuple[list[int], torch.Tensor]:
+    """Each row's next token (greedy, or sampled after temperature, top-k and top-p as its job asks) and the
+    log-softmax of the distribution it was drawn from."""
+    scores = logits.float()
+    temperature = torch.tensor([job.sampling[0] or 1.0 for job in jobs], device=scores.device)
+    sampled = torch.tensor([job.sampling[0] > 0 for job in jobs], device=scores.device)
+    if not bool(sampled.any()):
+        return scores.argmax(-1).tolist(), torch.log_softmax(scores, -1)
+    warped = scores / temperature[:, None]
+    if top_k:
+        kth = torch.topk(warped, min(top_k, warped.shape[-1])).values[:, -1:]
+        warped = warped.masked_fill(warped < kth, float("-inf"))
+    top_p = torch.tensor([job.sampling[1] for job in jobs], device=scores.device)
+    ordered, order = torch.sort(warped, descending=True)
+    probs = torch.softmax(ordered, -1)
+    outside = probs.cumsum(-1) - probs > top_p[:, None]  # the tokens after the nucleus has its mass
+    warped = warped.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    warped = torch.where(sampled[:, None], warped, scores)
+    drawn = torch.multinomial(torch.softmax(warped, -1), 1).squeeze(1)
+    tokens = torch.where(sampled, drawn, scores.argmax(-1))
+    return tokens.tolist(), torch.log_softmax(warped, -1)
+
+
+class ContinuousEngine(Engine):
+    """Per-step scheduling: rows join and leave between decoding steps, each with its own gate and steering."""
+
+    scheduler = "continuous"
+
+    def __init__(self, aligner: InferAligner, **limits: object) -> None:
+        reason = continuous_unsupported(aligner)
+        if reason is not None:
+            raise ValueError(f"Continuous batching cannot serve this aligner: {reason}.")
+        super().__init__(aligner, **limits)  # type: ignore[arg-type]
+        self.rows: list[Row] = []
+        self.batch: RunningBatch | None = None
+        self._eos = eos_ids(aligner)
+        self._top_k = aligner.model.generation_config.top_k
+        self._loop_span = aligner.settings.loop_span
+        # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
+        parameters = inspect.signature(type(aligner.model).forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in parameters
+
+    def _work(self) -> None:
+        with torch.inference_mode():
+            while True:
+                fresh = self._collect(self.max_batch - len(self.rows), block=not self.rows)
+                if fresh is None:
+                    return
+                if fresh:
+                    self._admit(fresh)
+                if self.rows:
+                    self._step_safely()
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Gate, plan and prefill new requests, then join them to the running batch; a group that fails is tried
+        one request at a time, so the failure stays with the request that caused it."""
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        for job in jobs:
+            if job.cancelled.is_set():
+                job.finish_reason = "cancelled"
+                finish([job])
+        try:
+            if live:
+                self._prefill(live)
+        except Exception as exc:
+            log.exception("prefill of %d requests failed", len(live))
+            if len(live) == 1:
+                live[0].emit(Failed(f"generation failed: {exc}"))
+                finish(live)
+                return
+            for job in live:
+                self._admit([job])
+            return
+        self._running = len(self.rows)
+        for observe in self.on_batch:
+            observe(len(self.rows))
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        aligner = self.aligner
+        inputs = pad_rows(aligner.tokenizer, [job.prompt_ids for job in jobs], aligner.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        cache = DynamicCache()
+        # The gate is read inside this prefill; a plan that needs more (steering at or below the gate layer, fixed
+        # answers) stops it at the gate layer, and the rows the plan generates are prefilled again under it.
+        kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+        output, plan = aligner.prefill(ids, mask, allowed=[job.aligned for job in jobs], **kwargs)
+        report_plan(jobs, plan)
+        generated = [i for i, row in enumerate(plan) if row.answer is None]
+        finish([job for i, job in enumerate(jobs) if i not in generated])
+        if not generated:
+            return
+        if output is None:
+            jobs, plan = [jobs[i] for i in generated], plan.select(generated)
+            ids, mask, cache = ids[generated], mask[generated], DynamicCache()
+            kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+            with aligner.steered(plan):
+                output = aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
+        joined = RunningBatch(cache, mask)
+        if self.batch is None or not self.rows:
+            self.batch = joined
+        else:
+            self.batch.join(joined)
+        lengths = mask.sum(1).tolist()
+        new_rows = [Row(job, row, -1, int(length), []) for job, row, length in zip(jobs, plan, lengths, strict=True)]
+        self.rows.extend(new_rows)
+        self._read(new_rows, output.logits[:, -1])
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # the running rows have tokens out already: each is told, the worker lives on
+            log.exception("decoding step of %d rows failed", len(self.rows))
+            for row in self.rows:
+                if row.job.finish_reason is None:
+                    row.job.emit(Failed(f"generation failed: {exc}"))
+            finish([row.job for row in self.rows])
+            self.rows, self.batch = [], None
+            self._running = 0
+
+    def _step(self) -> None:
+        """One decoding step for every running row, then the finished rows leave."""
+        for row in self.rows:
+            if row.job.cancelled.is_set() and row.job.finish_reason is None:
+                row.job.finish_reason = "cancelled"
+        self._leave()
+        if not self.rows or self.batch is None:
+            return
+        device = self.aligner.device
+        ids = torch.tensor([[row.next_token] for row in self.rows], device=device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=device)
+        mask = self.batch.grow()
+        with self.aligner.steered(Plan(tuple(row.plan for row in self.rows))):
+            logits = self.aligner.model(
+                input_ids=ids, attention_mask=mask, **self._forward_kwargs(mask, positions, self.batch.cache)
+            ).logits[:, -1]
+        for row in self.rows:
+            row.position += 1
+        self._read(self.rows, logits)
+        self._leave()
+
+    def _forward_kwargs(self, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, *,
+                        prefill: bool = False) -> dict[str, object]:  # fmt: skip
+        """The model's keyword arguments for one step over the running rows (or a prefill of new ones)."""
+        kwargs: dict[str, object] = {"position_ids": positions, "use_cache": True, self._cache_name: cache}
+        if prefill and self._keeps_logits:  # only the last position's logits are needed
+            kwargs["logits_to_keep"] = 1
+        return kwargs
+
+    def _read(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token and hand it to its job (text, stops, limits, the loop stop)."""
+        tokens, logprobs = choose_tokens(logits, [row.job for row in rows], self._top_k)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            row.next_token = token
+            row.generated.append(token)
+            read_token(row.job, token, self.aligner.tokenizer, self._eos, logprobs[i])
+            if row.job.finish_reason is None and row.plan.action is Action.STEER and self._repeats(row.generated):
+                row.job.finish_reason = "stop"
+
+    def _repeats(self, generated: list[int]) -> bool:
+        """The loop stop: the newest `loop_span` tokens already appeared earlier in this answer."""
+        span = self._loop_span
+        if span <= 0 or len(generated) <= span:
+            return False
+        last = generated[-span:]
+        return any(generated[start : start + span] == last for start in range(len(generated) - span))
+
+    def _leave(self) -> None:
+        """Finished rows leave the batch and get their last event."""
+        staying = [i for i, row in enumerate(self.rows) if row.job.finish_reason is None]
+        if len(staying) == len(self.rows):
+            return
+        finish([row.job for row in self.rows if row.job.finish_reason is not None])
+        self.rows = [self.rows[i] for i in staying]
+        if self.batch is not None:
+            self.batch.keep(staying)
+        self._running = len(self.rows)
+
+
+SCHEDULERS = ("continuous", "batch")
+
+
+def make_engine(aligner: InferAligner, scheduler: str = "continuous", **limits: object) -> Engine:
+    """The serving engine for `scheduler`; "continuous" falls back to "batch" (with a warning) for an aligner it
+    cannot serve (`continuous_unsupported`)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
+    if scheduler == "continuous":
+        reason = continuous_unsupported(aligner)
+        if reason is None:
+            return ContinuousEngine(aligner, **limits)
+        log.warning("continuous batching is off: %s; serving whole batches instead", reason)
+    return BatchEngine(aligner, **limits)  # type: ignore[arg-type]

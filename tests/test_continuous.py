@@ -1,0 +1,185 @@
+"""Continuous batching: rows join and leave between decoding steps, each answered as if it ran alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from test_serve import HARMFUL, HARMLESS, make_aligner
+from tiny import tiny_model, tiny_tokenizer
+
+from inferaligner.aligner import InferAligner
+from inferaligner.serve import BatchEngine, ContinuousEngine, make_engine
+from inferaligner.serve.continuous import RunningBatch, choose_tokens
+from inferaligner.serve.engine import Done, Failed, Job, TextDelta
+
+OTHER = "Tell me about the moon, in a few words."
+
+
+def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
+    """The tokens `generate` gives this prompt on its own, under its own plan (greedy), and their log-probabilities."""
+    batch = aligner.encode([prompt])
+    out = aligner.generate(**batch, plan=aligner.decide(**batch), max_new_tokens=max_tokens, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
+    eos = aligner.tokenizer.eos_token_id
+    new = new[: new.index(eos)] if eos in new else new
+    logprobs = [float(torch.log_softmax(step[0], -1)[token]) for step, token in zip(out.scores, new, strict=False)]
+    return new, logprobs
+
+
+def assert_as_if_alone(job: Job, aligner: InferAligner, prompt: str) -> None:
+    """Same tokens, and the same log-probability for each (so that a change too small to flip a token shows)."""
+    tokens, logprobs = alone(aligner, prompt, job.max_tokens)
+    assert job.tokens == tokens[: len(job.tokens)]
+    assert [entry.logprob for entry in job.logprobs] == pytest.approx(logprobs[: len(job.tokens)], abs=1e-4)
+
+
+async def run_jobs(engine, aligner: InferAligner, first: tuple[str, int], later: list[tuple[str, int, float]]):
+    """Start `first`, wait for its first text, then submit `later` (prompt, max tokens, temperature) while it runs;
+    returns every job once all are done, and the running-batch sizes the engine reported."""
+    loop = asyncio.get_running_loop()
+    sizes: list[int] = []
+    engine.on_batch.append(sizes.append)
+
+    def job(prompt: str, max_tokens: int, temperature: float = 0.0) -> Job:
+        ids = aligner.encode([prompt])["input_ids"][0].tolist()
+        return Job(ids, max_tokens, temperature, 0.9, [], True, loop, top_logprobs=0)
+
+    engine.start()
+    try:
+        head = job(*first)
+        engine.submit(head)
+        while not isinstance(await head.events.get(), TextDelta):
+            pass
+        jobs = [head, *(job(*spec) for spec in later)]
+        for each in jobs[1:]:
+            engine.submit(each)
+        for each in jobs:
+            while not isinstance(event := await asyncio.wait_for(each.events.get(), 60), Done):
+                assert not isinstance(event, Failed), event.message
+    finally:
+        engine.stop()
+    return jobs, sizes
+
+
+@pytest.fixture
+def slow_model(monkeypatch):
+    """Slows every forward pass of an aligner's model, so that requests sent after the first token still find the
+    first request running."""
+
+    def slow(aligner: InferAligner) -> InferAligner:
+        forward = aligner.model.forward
+
+        def slowed(*args, **kwargs):
+            time.sleep(0.01)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(aligner.model, "forward", slowed)
+        return aligner
+
+    return slow
+
+
+@pytest.mark.parametrize("options", [{}, {"gate_layer": 0, "steer_layers": [1, 2, 3]}])  # two passes / one pass
+def test_requests_joining_mid_generation_answer_as_if_alone(options, slow_model) -> None:
+    aligner = slow_model(make_aligner(**options))
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0)
+    later = [(HARMFUL, 20, 0.0), (OTHER, 16, 0.0), (HARMLESS, 10, 1.0)]
+    jobs, sizes = asyncio.run(run_jobs(engine, aligner, (HARMLESS, 40), later))
+    assert sizes == [1, 4]  # the three joined the first request's batch while it ran
+    head, harmful, other, sampled = jobs
+    assert harmful.intervened and not head.intervened and not other.intervened
+    for job, prompt in ((head, HARMLESS), (harmful, HARMFUL), (other, OTHER)):
+        assert_as_if_alone(job, aligner, prompt)
+        assert job.finish_reason == ("length" if len(job.tokens) == job.max_tokens else "stop")
+    assert head.finish_reason == "length" and len(sampled.tokens) <= 10  # a sampled row beside them changes nothing
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "gpt_neox"])
+def test_other_families_join_mid_generation_unchanged(family, slow_model) -> None:
+    aligner = slow_model(InferAligner(tiny_model(family, sharp=True), tiny_tokenizer(), mode="off"))
+    jobs, sizes = asyncio.run(run_jobs(ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0), aligner,
+                                       (HARMLESS, 30), [(OTHER, 12, 0.0), (HARMFUL, 12, 0.0)]))  # fmt: skip
+    assert sizes == [1, 3]
+    for job, prompt in zip(jobs, (HARMLESS, OTHER, HARMFUL), strict=True):
+        assert_as_if_alone(job, aligner, prompt)
+
+
+def test_a_bad_request_fails_alone_and_the_engine_serves_on() -> None:
+    aligner = make_aligner()
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
+
+    async def scenario() -> tuple[list[list[object]], list[int]]:
+        loop = asyncio.get_running_loop()
+        good = aligner.encode([HARMLESS])["input_ids"][0].tolist()
+        bad = [len(aligner.tokenizer) + 1000]  # no such token: its prefill fails
+        jobs = [Job(ids, 8, 0.0, 1.0, [], True, loop) for ids in (good, bad, good)]
+        engine.start()
+        events: list[list[object]] = [[] for _ in jobs]
+        try:
+            for job in jobs:
+                engine.submit(job)
+            for job, seen in zip(jobs, events, strict=True):
+                while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), Done):
+                    seen.append(event)
+        finally:
+            engine.stop()
+        return events, [len(job.tokens) for job in jobs]
+
+    events, lengths = asyncio.run(scenario())
+    assert any(isinstance(e, Failed) for e in events[1]) and lengths[1] == 0
+    for seen, length in zip(events[::2], lengths[::2], strict=True):
+        assert not any(isinstance(e, Failed) for e in seen) and length > 0
+
+
+def test_running_batch_joins_left_padded_and_trims_padding_when_rows_leave() -> None:
+    from transformers import DynamicCache
+
+    def batch(lengths: list[int], width: int) -> RunningBatch:
+        cache = DynamicCache()
+        mask = torch.zeros(len(lengths), width, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            mask[row, width - length :] = 1
+        keys = torch.randn(len(lengths), 2, width, 4) * mask[:, None, :, None]
+        cache.update(keys, keys.clone(), 0)
+        return RunningBatch(cache, mask)
+
+    running, joining = batch([3], 3), batch([5, 2], 5)
+    before = running.cache.layers[0].keys.clone()
+    running.join(joining)
+    assert running.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert torch.equal(running.cache.layers[0].keys[0, :, 2:], before[0]) and running.cache.layers[0].keys.shape[2] == 5
+    running.keep([0, 2])  # the only row without padding leaves: two leading columns are padding in both others
+    assert running.mask.tolist() == [[1, 1, 1], [0, 1, 1]] and running.cache.layers[0].keys.shape == (2, 2, 3, 4)
+    assert torch.equal(running.cache.layers[0].keys[0], before[0])
+    running.keep([])
+    assert running.mask.shape[0] == 0
+
+
+def test_choose_tokens_keeps_greedy_rows_greedy_beside_sampled_ones() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [Job([1], 4, t, p, [], True, loop) for t, p in ((0.0, 1.0), (1.0, 1e-6), (0.7, 0.9))]
+    finally:
+        loop.close()
+    tokens, logprobs = choose_tokens(logits, jobs, top_k=50)
+    assert tokens[:2] == logits[:2].argmax(-1).tolist()  # greedy, and a nucleus of one token
+    assert torch.allclose(logprobs[0], torch.log_softmax(logits[0], -1))
+    assert float(logprobs[1].exp().sum()) == pytest.approx(1.0) and float(logprobs[1].max()) == 0.0
+    assert torch.allclose(logprobs.exp().sum(-1), torch.ones(3))
+
+
+def test_make_engine_falls_back_to_whole_batches_where_continuous_cannot_serve() -> None:
+    assert isinstance(make_engine(make_aligner()), ContinuousEngine)
+    assert isinstance(make_engine(make_aligner(), "batch"), BatchEngine)
+    teacher = tiny_model("llama", sharp=True, seed=1)
+    assert isinstance(make_engine(make_aligner(mode="aligned", aligned_model=teacher)), BatchEngine)
+    sliding = InferAligner(tiny_model("gemma3_text"), tiny_tokenizer(), mode="off")
+    assert isinstance(make_engine(sliding), BatchEngine)
+    with pytest.raises(ValueError, match="Unknown scheduler"):
+        make_engine(make_aligner(), "fifo")
