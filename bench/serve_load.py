@@ -7,6 +7,8 @@ Each phase starts its own server process (the shipped demo pair) on a free 127.0
    requests sent at Poisson arrival times (--rate requests/s), whatever is still running. Each once with
    `--scheduler continuous --max-batch 16`, `--scheduler batch --max-batch 16` and `--scheduler batch --max-batch 1`:
    requests/s, tokens/s, time to first token p50/p95, latency p50/p95, requests lost.
+   With `ray`: the same against `serve --ray --replicas 2 --cpus-per-replica 1` (a local Ray instance); with
+   `ray-kill`: 128 requests from clients that retry failures (up to 3 times), one replica killed 15 s in.
 2. queue full: 64 simultaneous requests against --max-queue 8 --max-batch 4: some 429s, every request answered.
 3. disconnect storm: 32 streams dropped after their first event; then the server must be healthy and idle.
 4. hang-up storm: 32 non-streaming requests whose clients give up after 1 s; the server must be idle soon after.
@@ -42,8 +44,10 @@ from inferaligner.prompts import builtin_prompts
 DEADLINE_S = 1800  # the whole benchmark stops by itself after this
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "poisson", "queue", "disconnect", "hangup",
-          "sigterm")  # fmt: skip
+PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "poisson", "ray", "ray-kill", "queue",
+          "disconnect", "hangup", "sigterm")  # fmt: skip
+RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1", "--scheduler", "continuous", "--max-batch", "16")
+RAY_LABEL = "Ray Serve, 2 replicas (continuous, max 16 each)"
 SCHEDULES = {  # phase: (label, server options)
     "continuous": ("continuous (max 16)", ("--scheduler", "continuous", "--max-batch", "16")),
     "continuous32": ("continuous (max 32)", ("--scheduler", "continuous", "--max-batch", "32")),
@@ -107,33 +111,47 @@ class Tally:
         self.first_tokens: list[float] = []
         self.tokens = 0
         self.failures: list[str] = []
+        self.retried = 0
 
-    async def send(self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> None:
-        """One streamed chat request, timed from when it is sent."""
+    async def send(self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, retries: int = 0) -> None:
+        """One streamed chat request, timed from when it is first sent; an attempt that fails (an HTTP error
+        status, an error event, a dropped connection) is sent again, up to `retries` times."""
         started = time.perf_counter()
-        first = None
+        for attempt in range(retries + 1):
+            failure = await self._attempt(http, url, prompt, max_tokens, started)
+            if failure is None:
+                return
+            if attempt == retries:
+                self.failures.append(failure)
+                return
+            self.retried += 1
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _attempt(self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                       started: float) -> str | None:  # fmt: skip
+        """One attempt: `None` when answered in full, else what went wrong."""
+        first, tokens = None, 0
         try:
             async with http.stream("POST", f"{url}/v1/chat/completions", json=body(prompt, max_tokens, True)) as reply:
                 if reply.status_code != 200:
-                    self.failures.append(f"{reply.status_code}: {(await reply.aread())[:200]!r}")
-                    return
+                    return f"{reply.status_code}: {(await reply.aread())[:200]!r}"
                 async for line in reply.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        self.failures.append(str(chunk["error"])[:200])
-                        return
+                        return str(chunk["error"])[:200]
                     if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                         first = time.perf_counter() - started
                     if chunk.get("usage"):
-                        self.tokens += chunk["usage"]["completion_tokens"]
+                        tokens = chunk["usage"]["completion_tokens"]
         except httpx.HTTPError as exc:
-            self.failures.append(repr(exc))
-            return
+            return repr(exc)
+        self.tokens += tokens
         self.latencies.append(time.perf_counter() - started)
         if first is not None:
             self.first_tokens.append(first)
+        return None
 
     def summary(self, requests: int, seconds: float) -> dict[str, Any]:
         return {
@@ -142,6 +160,7 @@ class Tally:
             "requests_per_s": round(len(self.latencies) / seconds, 3), "tokens_per_s": round(self.tokens / seconds, 1),
             "ttft_p50_s": percentile(self.first_tokens, 0.5), "ttft_p95_s": percentile(self.first_tokens, 0.95),
             "latency_p50_s": percentile(self.latencies, 0.5), "latency_p95_s": percentile(self.latencies, 0.95),
+            "retried": self.retried,
         }  # fmt: skip
 
 
@@ -150,7 +169,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[round(q * (len(ordered) - 1))], 2) if ordered else None
 
 
-async def throughput(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict[str, Any]:
+async def throughput(url: str, prompts: list[str], clients: int, max_tokens: int, retries: int = 0) -> dict[str, Any]:
     """A closed loop: `clients` clients, each sending its next request once its last one is answered."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
@@ -159,7 +178,7 @@ async def throughput(url: str, prompts: list[str], clients: int, max_tokens: int
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            await tally.send(http, url, queue.get_nowait(), max_tokens)
+            await tally.send(http, url, queue.get_nowait(), max_tokens, retries)
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, headers=AUTH, limits=httpx.Limits(max_connections=clients)) as http:
@@ -182,6 +201,37 @@ async def poisson(url: str, prompts: list[str], rate: float, max_tokens: int, se
         await asyncio.wait_for(asyncio.gather(*(arrive(http, t, p) for t, p in zip(times, prompts, strict=True))),
                                DEADLINE_S)  # fmt: skip
     return tally.summary(len(prompts), time.perf_counter() - started) | {"rate": rate}
+
+
+async def replicas(url: str, count: int, exclude: frozenset[str] = frozenset(), timeout: float = 600) -> set[str]:
+    """The server ids of `count` different replicas (other than `exclude`), as /health answers them."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=10) as http:
+        while len(seen) < count and time.monotonic() < deadline:
+            try:
+                server = (await http.get(f"{url}/health")).json()["server"]
+                if server not in exclude:
+                    seen.add(server)
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            await asyncio.sleep(0.1)
+    return seen
+
+
+async def replica_kill(url: str, prompts: list[str], clients: int, max_tokens: int, after_s: float) -> dict[str, Any]:
+    """The closed-loop load with clients that retry failed requests (up to 3 times); one replica's process is
+    killed (SIGKILL) `after_s` seconds in. Reports what the clients saw and when Ray had a replacement serving."""
+    servers = await replicas(url, 2)
+    victim = sorted(servers)[0]
+    load = asyncio.create_task(throughput(url, prompts, clients, max_tokens, retries=3))
+    await asyncio.sleep(after_s)
+    os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+    killed = time.perf_counter()
+    replacement = await replicas(url, 1, exclude=frozenset(servers))
+    replaced_after = round(time.perf_counter() - killed, 1) if replacement else None
+    return await load | {"replicas_before": sorted(servers), "killed": victim, "killed_after_s": after_s,
+                         "replacement": sorted(replacement), "replacement_serving_after_s": replaced_after}  # fmt: skip
 
 
 async def burst(url: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
@@ -296,6 +346,19 @@ def main() -> None:
             "latency_p95": round(after["latency_p95_s"] / before["latency_p95_s"], 2),
         }
         print("continuous vs whole batches:", json.dumps(result["continuous_vs_batches"]), flush=True)
+    if phases & {"ray", "ray-kill"}:
+        with ServerProcess(*RAY, *common) as server:
+            if "ray" in phases:
+                result[RAY_LABEL] = asyncio.run(throughput(server.url, prompts, args.clients, args.max_tokens))
+                print(RAY_LABEL, json.dumps(result[RAY_LABEL]), flush=True)
+                if "poisson" in phases:
+                    result[f"{RAY_LABEL}, Poisson"] = asyncio.run(poisson(server.url, prompts, args.rate,
+                                                                          args.max_tokens))  # fmt: skip
+                    print(f"{RAY_LABEL}, Poisson", json.dumps(result[f"{RAY_LABEL}, Poisson"]), flush=True)
+            if "ray-kill" in phases:
+                result["ray_replica_kill"] = asyncio.run(replica_kill(server.url, prompts[:128], args.clients,
+                                                                      args.max_tokens, after_s=15.0))  # fmt: skip
+                print("Ray replica killed under load", json.dumps(result["ray_replica_kill"]), flush=True)
     if "queue" in phases:
         with ServerProcess("--max-batch", "4", "--max-queue", "8") as server:
             result["queue_full"] = asyncio.run(burst(server.url, prompts[:64], 16))

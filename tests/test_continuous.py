@@ -167,7 +167,8 @@ def test_choose_tokens_keeps_greedy_rows_greedy_beside_sampled_ones() -> None:
         jobs = [Job([1], 4, t, p, [], True, loop) for t, p in ((0.0, 1.0), (1.0, 1e-6), (0.7, 0.9))]
     finally:
         loop.close()
-    tokens, logprobs = choose_tokens(logits, jobs, top_k=50)
+    tokens, scores = choose_tokens(logits, jobs, top_k=50)
+    logprobs = torch.log_softmax(scores, -1)
     assert tokens[:2] == logits[:2].argmax(-1).tolist()  # greedy, and a nucleus of one token
     assert torch.allclose(logprobs[0], torch.log_softmax(logits[0], -1))
     assert float(logprobs[1].exp().sum()) == pytest.approx(1.0) and float(logprobs[1].max()) == 0.0

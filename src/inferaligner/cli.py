@@ -199,7 +199,7 @@ def _dtype(options: Mapping[str, Any]) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
+def build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
     """The aligner the options describe, and the model's processor (image-text models; else None)."""
     from inferaligner.aligner import InferAligner
 
@@ -283,7 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.image and len(images) != len(prompts):
         raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
                                 "(write 'none' for a prompt without an image).")  # fmt: skip
-    aligner, processor = _build_aligner(vars(args))
+    aligner, processor = build_aligner(vars(args))
     if args.image:
         from inferaligner.multimodal import MultimodalAligner
 
@@ -315,7 +315,7 @@ def _gate_line(gate: object, intervened: bool) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    aligner, _ = _build_aligner(vars(args))
+    aligner, _ = build_aligner(vars(args))
     kwargs = _generation_kwargs(args)
     print("Chat with the target model under InferAligner. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -574,17 +574,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port_free(str(options["host"]), int(options["port"]))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    aligner, _ = _build_aligner(options)
-    engine = make_engine(aligner, options["scheduler"], **limits)
     if config.api_key is None:
         _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
                 "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
+    if options.get("ray"):
+        return _serve_on_ray(options, config, limits)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    aligner, _ = build_aligner(options)
+    engine = make_engine(aligner, options["scheduler"], **limits)
     mode = aligner.settings.mode.value
     _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
             f"http://{options['host']}:{options['port']}, {engine.scheduler} batching")  # fmt: skip
     uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
                 log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
+    return 0
+
+
+def build_replica_aligner(options: Mapping[str, Any]) -> InferAligner:
+    """The aligner one Ray Serve replica serves (`serve --ray`)."""
+    return build_aligner(options)[0]
+
+
+def _serve_on_ray(options: dict[str, Any], config: Any, limits: dict[str, Any]) -> int:
+    """`serve --ray`: the same app as replicas on Ray Serve (`inferaligner.serve.rayserve`)."""
+    from inferaligner.serve import rayserve
+
+    rayserve.ray_serve()  # installed? (a one-line error before anything loads)
+    _alignment(options)  # the vector files and settings are checked here, before any replica loads a model
+    app = rayserve.application(build_replica_aligner, options, config, limits,
+                               replicas=int(options.get("replicas") or 1),
+                               max_replicas=options.get("max_replicas"),
+                               cpus_per_replica=float(options.get("cpus_per_replica") or 1.0))  # fmt: skip
+    _status(f"deploying '{config.model_name}' on Ray Serve: {options.get('replicas') or 1} replica(s), "
+            f"{options['scheduler']} batching")  # fmt: skip
+    rayserve.run(app, str(options["host"]), int(options["port"]), options.get("ray_address"), status=_status)
     return 0
 
 
@@ -868,6 +891,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='let a request switch InferAligner off with {"inferaligner": {"enabled": false}}',
     )
+    ray = serve.add_argument_group("scale-out on Ray Serve (pip install 'inferaligner[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        default=None,
+        help="serve the same app as Ray Serve replicas behind Ray's HTTP proxy on --host/--port",
+    )
+    ray.add_argument("--replicas", type=positive_int, help="replicas (default 1; the minimum with --max-replicas)")
+    ray.add_argument(
+        "--max-replicas",
+        type=positive_int,
+        help="autoscale between --replicas and this many, on the requests each replica holds",
+    )
+    ray.add_argument(
+        "--cpus-per-replica", type=float, help="CPUs Ray reserves per replica, and its torch threads (default 1)"
+    )
+    ray.add_argument("--ray-address", help="join a running Ray cluster ('auto', or ray://HEAD:10001); default: start "
+                     "a local instance")  # fmt: skip
     serve.set_defaults(run=cmd_serve)
 
     evaluation = verbs.add_parser("eval", help="measure ASR, jailbreak ASR, over-refusal and utility per method")

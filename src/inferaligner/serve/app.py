@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ from inferaligner.serve.guard import RequestGuard
 from inferaligner.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("inferaligner.serve")
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (/health), e.g. among Ray replicas
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -152,7 +155,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth,
-                "in_flight": engine.in_flight, "mode": engine.aligner.settings.mode.value}  # fmt: skip
+                "in_flight": engine.in_flight, "mode": engine.aligner.settings.mode.value,
+                "scheduler": engine.scheduler, "server": SERVER_ID}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -217,7 +221,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     def extension(job: Job) -> dict[str, Any]:
         return {"gate": job.gate.as_dict() if job.gate else None, "intervened": job.intervened,
-                "mode": engine.aligner.settings.mode.value, "enabled": job.aligned}  # fmt: skip
+                "mode": engine.aligner.settings.mode.value, "enabled": job.aligned, "server": SERVER_ID}  # fmt: skip
 
     def usage(job: Job) -> dict[str, int]:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),

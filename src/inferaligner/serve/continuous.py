@@ -99,13 +99,13 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) -> tuple[list[int], torch.Tensor]:
-    """Each row's next token (greedy, or sampled after temperature, top-k and top-p as its job asks) and the
-    log-softmax of the distribution it was drawn from."""
+    """Each row's next token (greedy, or sampled after temperature, top-k and top-p as its job asks) and the scores
+    it was drawn from (their softmax is that distribution)."""
     scores = logits.float()
     temperature = torch.tensor([job.sampling[0] or 1.0 for job in jobs], device=scores.device)
     sampled = torch.tensor([job.sampling[0] > 0 for job in jobs], device=scores.device)
     if not bool(sampled.any()):
-        return scores.argmax(-1).tolist(), torch.log_softmax(scores, -1)
+        return scores.argmax(-1).tolist(), scores
     warped = scores / temperature[:, None]
     if top_k:
         kth = torch.topk(warped, min(top_k, warped.shape[-1])).values[:, -1:]
@@ -118,7 +118,7 @@ def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) 
     warped = torch.where(sampled[:, None], warped, scores)
     drawn = torch.multinomial(torch.softmax(warped, -1), 1).squeeze(1)
     tokens = torch.where(sampled, drawn, scores.argmax(-1))
-    return tokens.tolist(), torch.log_softmax(warped, -1)
+    return tokens.tolist(), warped
 
 
 class ContinuousEngine(Engine):
@@ -249,11 +249,12 @@ class ContinuousEngine(Engine):
 
     def _read(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token and hand it to its job (text, stops, limits, the loop stop)."""
-        tokens, logprobs = choose_tokens(logits, [row.job for row in rows], self._top_k)
+        tokens, scores = choose_tokens(logits, [row.job for row in rows], self._top_k)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.next_token = token
             row.generated.append(token)
-            read_token(row.job, token, self.aligner.tokenizer, self._eos, logprobs[i])
+            logprobs = torch.log_softmax(scores[i], -1) if row.job.top_logprobs is not None else None
+            read_token(row.job, token, self.aligner.tokenizer, self._eos, logprobs)
             if row.job.finish_reason is None and row.plan.action is Action.STEER and self._repeats(row.generated):
                 row.job.finish_reason = "stop"
 

@@ -1,0 +1,98 @@
+"""Scale-out on Ray Serve: the same engine and OpenAI routes as `inferaligner serve`, as replicas behind Ray's proxy.
+
+Each replica loads its own model, builds its own aligner and engine from the server's options, and serves the app
+`create_app` makes, so a request sees exactly what one `inferaligner serve` process would answer: its gate, its
+steering, streaming, 429s from the replica's own queue, `/metrics` of the replica that answered. Ray Serve's HTTP
+proxy spreads requests over the replicas, and its controller replaces a replica whose process dies; requests that
+replica was answering fail with an HTTP error the client can retry (they are not moved).
+
+Needs `pip install 'inferaligner[ray]'`. `inferaligner serve --ray --replicas N` starts a local Ray instance (or joins
+one: `--ray-address auto` / `ray://host:10001`) and deploys the application there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from inferaligner.errors import InferAlignerError
+from inferaligner.serve.app import ServerConfig, create_app
+from inferaligner.serve.continuous import make_engine
+
+APP_NAME = "inferaligner"
+
+
+def ray_serve() -> Any:
+    """The `ray.serve` module, or a one-line error saying how to install it."""
+    try:
+        from ray import serve
+    except ImportError as exc:
+        raise InferAlignerError("Serving on Ray needs Ray Serve: pip install 'inferaligner[ray]'.") from exc
+    return serve
+
+
+class Replica:
+    """One replica: a model, its aligner and engine, and the FastAPI app around them (started by the app's
+    lifespan, which Ray Serve runs)."""
+
+    def __init__(self, build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any], config: ServerConfig,
+                 limits: Mapping[str, Any], threads: int) -> None:  # fmt: skip
+        import torch
+
+        torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
+        aligner = build(options)
+        self.engine = make_engine(aligner, str(options.get("scheduler") or "continuous"), **limits)
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this, after __init__, for the replica's app
+        return create_app(self.engine, self.config)
+
+
+def application(build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any], config: ServerConfig,
+                limits: Mapping[str, Any], *, replicas: int, max_replicas: int | None = None,
+                cpus_per_replica: float = 1.0) -> Any:  # fmt: skip
+    """The Ray Serve application: `replicas` replicas, or between `replicas` and `max_replicas` with autoscaling
+    on the number of requests each replica holds. Each replica calls `build(options)` for its `InferAligner` (a
+    module-level function, so Ray can ship it by name)."""
+    serve = ray_serve()
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or cpus_per_replica <= 0:
+        raise InferAlignerError(
+            f"Ray Serve needs --replicas >= 1 (got {replicas}), --max-replicas >= --replicas (got {max_replicas}) "
+            f"and --cpus-per-replica > 0 (got {cpus_per_replica})."
+        )
+    holds = int(limits["max_batch"]) + int(limits["max_queue"])  # the replica's own queue answers 429 beyond this
+    scaling: dict[str, Any] = {"num_replicas": replicas}
+    if max_replicas is not None:
+        scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
+                                          "target_ongoing_requests": int(limits["max_batch"])}}  # fmt: skip
+    deployment = serve.deployment(serve.ingress()(Replica), name="InferAligner", max_ongoing_requests=holds,
+                                  ray_actor_options={"num_cpus": cpus_per_replica}, **scaling)  # fmt: skip
+    return deployment.bind(build, dict(options), config, dict(limits), max(1, int(cpus_per_replica)))
+
+
+def run(app: Any, host: str, port: int, address: str | None, status: Any = print) -> None:
+    """Deploy `app` on Ray (a local instance when `address` is None) with Ray's HTTP proxy on host:port, and serve
+    until SIGTERM or Ctrl-C; then the application is deleted and a local instance shut down."""
+    import ray
+
+    serve = ray_serve()
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        status(f"Ray Serve application '{APP_NAME}' is up on http://{host}:{port} (pid {os.getpid()})")
+        while not stop.wait(1.0):
+            pass
+    finally:
+        status("shutting down the Ray Serve application")
+        started = time.monotonic()
+        serve.shutdown()
+        ray.shutdown()
+        status(f"shut down in {time.monotonic() - started:.1f} s")
