@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -23,9 +24,9 @@ def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int
     batch = aligner.encode([prompt])
     out = aligner.generate(**batch, plan=aligner.decide(**batch), max_new_tokens=max_tokens, do_sample=False,
                            output_scores=True, return_dict_in_generate=True)  # fmt: skip
-    new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
-    eos = aligner.tokenizer.eos_token_id
-    new = new[: new.index(eos)] if eos in new else new
+    new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()[: len(out.scores)]  # alone: its steps only
+    if new and new[-1] == aligner.tokenizer.eos_token_id:
+        new = new[:-1]
     logprobs = [float(torch.log_softmax(step[0], -1)[token]) for step, token in zip(out.scores, new, strict=False)]
     return new, logprobs
 
@@ -33,8 +34,8 @@ def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int
 def assert_as_if_alone(job: Job, aligner: InferAligner, prompt: str) -> None:
     """Same tokens, and the same log-probability for each (so that a change too small to flip a token shows)."""
     tokens, logprobs = alone(aligner, prompt, job.max_tokens)
-    assert job.tokens == tokens[: len(job.tokens)]
-    assert [entry.logprob for entry in job.logprobs] == pytest.approx(logprobs[: len(job.tokens)], abs=1e-4)
+    assert job.tokens == tokens
+    assert [entry.logprob for entry in job.logprobs] == pytest.approx(logprobs[: len(tokens)], abs=1e-4)
 
 
 async def run_jobs(engine, aligner: InferAligner, first: tuple[str, int], later: list[tuple[str, int, float]]):
@@ -46,7 +47,7 @@ async def run_jobs(engine, aligner: InferAligner, first: tuple[str, int], later:
 
     def job(prompt: str, max_tokens: int, temperature: float = 0.0) -> Job:
         ids = aligner.encode([prompt])["input_ids"][0].tolist()
-        return Job(ids, max_tokens, temperature, 0.9, [], True, loop, top_logprobs=0)
+        return Job(ids, max_tokens, temperature, 0.5, [], True, loop, top_logprobs=5)
 
     engine.start()
     try:
@@ -96,6 +97,8 @@ def test_requests_joining_mid_generation_answer_as_if_alone(options, slow_model)
         assert_as_if_alone(job, aligner, prompt)
         assert job.finish_reason == ("length" if len(job.tokens) == job.max_tokens else "stop")
     assert head.finish_reason == "length" and len(sampled.tokens) <= 10  # a sampled row beside them changes nothing
+    # Its log-probabilities are the model's own, before temperature and top-p: finite for every alternative.
+    assert sampled.logprobs and all(math.isfinite(p) for e in sampled.logprobs for _, p in (*e.top, ("", e.logprob)))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "gpt_neox"])
@@ -135,6 +138,65 @@ def test_a_bad_request_fails_alone_and_the_engine_serves_on() -> None:
         assert not any(isinstance(e, Failed) for e in seen) and length > 0
 
 
+def test_a_group_that_fails_before_joining_is_retried_one_request_at_a_time(monkeypatch) -> None:
+    import inferaligner.serve.continuous as continuous
+
+    aligner = make_aligner()
+    choose = continuous.choose_tokens
+
+    def fragile(logits, jobs, top_k):  # type: ignore[no-untyped-def]
+        if any(job.max_tokens == 7 for job in jobs):  # the marked request breaks its group's token choice
+            raise RuntimeError("probability tensor contains inf or nan")
+        return choose(logits, jobs, top_k)
+
+    monkeypatch.setattr(continuous, "choose_tokens", fragile)
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
+
+    async def scenario() -> list[Job]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(aligner.encode([prompt])["input_ids"][0].tolist(), tokens, 0.0, 1.0, [], True, loop)
+                for prompt, tokens in ((HARMLESS, 12), (OTHER, 7), (HARMFUL, 12))]  # fmt: skip
+        engine.start()
+        try:
+            for job in jobs:
+                engine.submit(job)
+            for job in jobs:
+                while not isinstance(await asyncio.wait_for(job.events.get(), 60), Done):
+                    pass
+        finally:
+            engine.stop()
+        return jobs
+
+    good, bad, steered = asyncio.run(scenario())
+    assert bad.finish_reason == "stop" and not bad.tokens  # failed alone
+    for job, prompt in ((good, HARMLESS), (steered, HARMFUL)):
+        assert job.tokens == alone(aligner, prompt, 12)[0]  # prefilled once: two rows would write twice
+
+
+@pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, (1, 1)),
+                                                 ({}, (2, 1))])  # fmt: skip
+def test_the_gate_is_read_inside_the_prefill(options, passes) -> None:
+    """One pass over each prompt when every steered layer lies above the gate; a fired row whose steering starts at
+    or below the gate layer is prefilled a second time, under its plan."""
+    aligner = make_aligner(**options)
+    prompts: list[int] = []
+
+    def count(_module, args, kwargs):  # type: ignore[no-untyped-def]
+        if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1:
+            prompts.append(1)
+
+    handle = aligner.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        for prompt, expected in zip((HARMFUL, HARMLESS), passes, strict=True):
+            before = len(prompts)
+            engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0)
+            jobs, _ = asyncio.run(run_jobs(engine, aligner, (prompt, 4), []))
+            assert len(prompts) - before == expected
+            assert jobs[0].intervened == (prompt == HARMFUL)
+    finally:
+        handle.remove()
+
+
 def test_running_batch_joins_left_padded_and_trims_padding_when_rows_leave() -> None:
     from transformers import DynamicCache
 
@@ -167,12 +229,12 @@ def test_choose_tokens_keeps_greedy_rows_greedy_beside_sampled_ones() -> None:
         jobs = [Job([1], 4, t, p, [], True, loop) for t, p in ((0.0, 1.0), (1.0, 1e-6), (0.7, 0.9))]
     finally:
         loop.close()
-    tokens, scores = choose_tokens(logits, jobs, top_k=50)
-    logprobs = torch.log_softmax(scores, -1)
+    tokens = choose_tokens(logits, jobs, top_k=50)
     assert tokens[:2] == logits[:2].argmax(-1).tolist()  # greedy, and a nucleus of one token
-    assert torch.allclose(logprobs[0], torch.log_softmax(logits[0], -1))
-    assert float(logprobs[1].exp().sum()) == pytest.approx(1.0) and float(logprobs[1].max()) == 0.0
-    assert torch.allclose(logprobs.exp().sum(-1), torch.ones(3))
+    probs, order = torch.sort(torch.softmax(logits[2] / 0.7, -1), descending=True)
+    nucleus = set(order[(probs.cumsum(0) - probs) <= 0.9].tolist())
+    draws = {choose_tokens(logits, jobs, top_k=50)[2] for _ in range(50)}
+    assert draws <= nucleus and len(draws) > 1  # sampled, within the top-p set
 
 
 def test_make_engine_falls_back_to_whole_batches_where_continuous_cannot_serve() -> None:
@@ -184,3 +246,6 @@ def test_make_engine_falls_back_to_whole_batches_where_continuous_cannot_serve()
     assert isinstance(make_engine(sliding), BatchEngine)
     with pytest.raises(ValueError, match="Unknown scheduler"):
         make_engine(make_aligner(), "fifo")
+    penalised = make_aligner()
+    penalised.model.generation_config.repetition_penalty = 1.3  # `generate` applies it; this scheduler would not
+    assert isinstance(make_engine(penalised), BatchEngine)

@@ -65,3 +65,11 @@ def test_loop_span_must_be_a_whole_number() -> None:
     for bad in (-1, 2.5, True):
         with pytest.raises(SettingsError, match="loop_span must be a whole number"):
             AlignerSettings(loop_span=bad)
+
+
+def test_repeats_finds_the_newest_run_earlier_in_the_answer() -> None:
+    from inferaligner.loopstop import repeats
+
+    assert repeats([5, 6, 7, 5, 6], 2) and not repeats([5, 6, 7, 6, 5], 2)
+    assert not repeats([5, 6, 5, 6], 0) and not repeats([5, 6], 2)  # off, or too short to repeat
+    assert repeats([1, 1, 1], 2)  # overlapping runs count

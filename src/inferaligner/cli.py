@@ -494,6 +494,7 @@ SERVE_DEFAULTS = {
     "max_queue": 64, "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20,
     "body_timeout_s": 30.0,
     "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
+    "ray": False, "replicas": 1, "max_replicas": 0, "cpus_per_replica": 1.0, "ray_address": "",  # 0 / "": none
 }  # fmt: skip
 NOT_CONFIG = {"run", "verb", "verbose", "config"}
 
@@ -601,13 +602,12 @@ def _serve_on_ray(options: dict[str, Any], config: Any, limits: dict[str, Any]) 
 
     rayserve.ray_serve()  # installed? (a one-line error before anything loads)
     _alignment(options)  # the vector files and settings are checked here, before any replica loads a model
-    app = rayserve.application(build_replica_aligner, options, config, limits,
-                               replicas=int(options.get("replicas") or 1),
-                               max_replicas=options.get("max_replicas"),
-                               cpus_per_replica=float(options.get("cpus_per_replica") or 1.0))  # fmt: skip
-    _status(f"deploying '{config.model_name}' on Ray Serve: {options.get('replicas') or 1} replica(s), "
+    app = rayserve.application(build_replica_aligner, options, config, limits, replicas=int(options["replicas"]),
+                               max_replicas=int(options["max_replicas"]) or None,
+                               cpus_per_replica=float(options["cpus_per_replica"]))  # fmt: skip
+    _status(f"deploying '{config.model_name}' on Ray Serve: {options['replicas']} replica(s), "
             f"{options['scheduler']} batching")  # fmt: skip
-    rayserve.run(app, str(options["host"]), int(options["port"]), options.get("ray_address"), status=_status)
+    rayserve.run(app, str(options["host"]), int(options["port"]), options["ray_address"] or None, status=_status)
     return 0
 
 

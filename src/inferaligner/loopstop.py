@@ -46,6 +46,15 @@ class LoopStop(StoppingCriteria):
         return done
 
 
+def repeats(tokens: Sequence[int], span: int) -> bool:
+    """Whether the newest `span` of these answer tokens already appeared, as a run, earlier in the answer (the test
+    `LoopStop` applies to each steered row; `span` 0: never)."""
+    if span <= 0 or len(tokens) <= span:
+        return False
+    last = list(tokens[-span:])
+    return any(list(tokens[start : start + span]) == last for start in range(len(tokens) - span))
+
+
 def with_loop_stop(generate_kwargs: dict[str, Any], prompt_length: int, span: int,
                    gates: Callable[[], torch.Tensor | None], model_config: Any) -> dict[str, Any]:  # fmt: skip
     """`generate_kwargs` with a `LoopStop` added to the caller's stopping criteria; unchanged when `span` is 0 or

@@ -1,12 +1,13 @@
 """Continuous batching: requests join the running batch at the next decoding step and leave when they finish.
 
 The worker runs one decoding step at a time for every running row. Between steps it admits waiting requests (up to
-`max_batch` rows in all): their prompts are gated together (`InferAligner.decide`, each row on its own prompt,
-once), prefilled together with the steering their plan asks for, and their key/value caches joined to the running
-batch's (`RunningBatch`). Each row keeps its gate for its whole answer: every step runs under the plan of the rows
-running then, so a steered row is steered at every position and an unsteered row passes bit-for-bit. Rows leave
-at their end (EOS, stop string, token limit, the loop stop, a client that left) and free their seat for the next
-step.
+`max_batch` rows in all): they are prefilled together, each row's gate read on its own prompt inside that pass
+(`InferAligner.prefill`; a plan that steers at or below the gate layer prefills its rows again under the plan), and
+their key/value caches are joined to the running batch's (`RunningBatch`). Each row keeps its gate for its whole
+answer: every step runs under the plan of the rows running then, so a steered row is steered at every position and
+an unsteered row is not touched (its tokens are the ones `generate` gives it alone; its numbers differ from those
+only by the rounding of a wider, padded batch). Rows leave at their end (EOS, stop string, token limit, the loop
+stop, a client that left) and free their seat for the next step.
 
 Why not `transformers`' own continuous batching (`generate_batch`, its manager and paged attention): it packs every
 request's tokens into one sequence and keeps the token-to-request map inside its batch processor, so a per-row
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
+from inferaligner.loopstop import repeats
 from inferaligner.plan import Action, Plan, RowPlan
 from inferaligner.prompts import pad_rows, position_ids
 from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids, finish, read_token, report_plan
@@ -35,8 +37,22 @@ from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids,
 log = logging.getLogger("inferaligner.serve")
 
 
+# Generation-config settings that change decoding beyond temperature, top-k and top-p, with their neutral values:
+# `generate` applies them, the continuous scheduler does not, so a model that sets one is served in whole batches.
+UNSUPPORTED_GENERATION = {"repetition_penalty": (None, 1.0), "min_p": (None,), "typical_p": (None, 1.0),
+                          "no_repeat_ngram_size": (None, 0), "suppress_tokens": (None, []),
+                          "begin_suppress_tokens": (None, []), "bad_words_ids": (None,), "sequence_bias": (None,),
+                          "min_new_tokens": (None, 0), "min_length": (None, 0), "epsilon_cutoff": (None, 0.0),
+                          "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
+                          "forced_bos_token_id": (None,), "forced_eos_token_id": (None,)}  # fmt: skip
+
+
 def continuous_unsupported(aligner: InferAligner) -> str | None:
     """Why this aligner cannot be served by continuous batching, or `None` when it can."""
+    config = aligner.model.generation_config
+    changed = [key for key, neutral in UNSUPPORTED_GENERATION.items() if getattr(config, key, None) not in neutral]
+    if changed:
+        return f"the model's generation config sets {', '.join(changed)}, which this scheduler does not apply"
     if aligner.aligned_model is not None:
         return "mode 'aligned' answers fired rows with a second model"
     if any(kind != "full_attention" for kind in getattr(aligner.model.config, "layer_types", None) or ()):
@@ -98,14 +114,13 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return F.pad(tensor, pad)
 
 
-def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) -> tuple[list[int], torch.Tensor]:
-    """Each row's next token (greedy, or sampled after temperature, top-k and top-p as its job asks) and the scores
-    it was drawn from (their softmax is that distribution)."""
+def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) -> list[int]:
+    """Each row's next token: greedy, or sampled after temperature, top-k and top-p, as its job asks."""
     scores = logits.float()
     temperature = torch.tensor([job.sampling[0] or 1.0 for job in jobs], device=scores.device)
     sampled = torch.tensor([job.sampling[0] > 0 for job in jobs], device=scores.device)
     if not bool(sampled.any()):
-        return scores.argmax(-1).tolist(), scores
+        return scores.argmax(-1).tolist()
     warped = scores / temperature[:, None]
     if top_k:
         kth = torch.topk(warped, min(top_k, warped.shape[-1])).values[:, -1:]
@@ -117,8 +132,7 @@ def choose_tokens(logits: torch.Tensor, jobs: Sequence[Job], top_k: int | None) 
     warped = warped.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
     warped = torch.where(sampled[:, None], warped, scores)
     drawn = torch.multinomial(torch.softmax(warped, -1), 1).squeeze(1)
-    tokens = torch.where(sampled, drawn, scores.argmax(-1))
-    return tokens.tolist(), warped
+    return torch.where(sampled, drawn, scores.argmax(-1)).tolist()
 
 
 class ContinuousEngine(Engine):
@@ -134,8 +148,6 @@ class ContinuousEngine(Engine):
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
         self._eos = eos_ids(aligner)
-        self._top_k = aligner.model.generation_config.top_k
-        self._loop_span = aligner.settings.loop_span
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
@@ -165,16 +177,21 @@ class ContinuousEngine(Engine):
                 self._prefill(live)
         except Exception as exc:
             log.exception("prefill of %d requests failed", len(live))
-            if len(live) == 1:
-                live[0].emit(Failed(f"generation failed: {exc}"))
-                finish(live)
-                return
+            running = {id(row.job) for row in self.rows}
+            # Only a request that has no answer yet and is not running is tried again; any other is told.
+            retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
+            if len(live) > 1:
+                for job in retry:
+                    self._admit([job])
             for job in live:
-                self._admit([job])
-            return
-        self._running = len(self.rows)
-        for observe in self.on_batch:
-            observe(len(self.rows))
+                if job.finish_reason is None and id(job) not in running and (len(live) == 1 or job not in retry):
+                    job.emit(Failed(f"generation failed: {exc}"))
+                    finish([job])
+        with self._condition:
+            self._running = len(self.rows)
+        if live and self.rows:
+            for observe in self.on_batch:
+                observe(len(self.rows))
 
     def _prefill(self, jobs: list[Job]) -> None:
         aligner = self.aligner
@@ -196,6 +213,9 @@ class ContinuousEngine(Engine):
             kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
             with aligner.steered(plan):
                 output = aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
+        logits = output.logits[:, -1]
+        tokens = choose_tokens(logits, jobs, self.aligner.model.generation_config.top_k)
+        # Nothing joins the running batch until here, so a failure above leaves it as it was.
         joined = RunningBatch(cache, mask)
         if self.batch is None or not self.rows:
             self.batch = joined
@@ -204,7 +224,7 @@ class ContinuousEngine(Engine):
         lengths = mask.sum(1).tolist()
         new_rows = [Row(job, row, -1, int(length), []) for job, row, length in zip(jobs, plan, lengths, strict=True)]
         self.rows.extend(new_rows)
-        self._read(new_rows, output.logits[:, -1])
+        self._take(new_rows, tokens, logits)
 
     def _step_safely(self) -> None:
         try:
@@ -216,7 +236,8 @@ class ContinuousEngine(Engine):
                     row.job.emit(Failed(f"generation failed: {exc}"))
             finish([row.job for row in self.rows])
             self.rows, self.batch = [], None
-            self._running = 0
+            with self._condition:
+                self._running = 0
 
     def _step(self) -> None:
         """One decoding step for every running row, then the finished rows leave."""
@@ -234,9 +255,10 @@ class ContinuousEngine(Engine):
             logits = self.aligner.model(
                 input_ids=ids, attention_mask=mask, **self._forward_kwargs(mask, positions, self.batch.cache)
             ).logits[:, -1]
+        tokens = choose_tokens(logits, [row.job for row in self.rows], self.aligner.model.generation_config.top_k)
         for row in self.rows:
             row.position += 1
-        self._read(self.rows, logits)
+        self._take(self.rows, tokens, logits)
         self._leave()
 
     def _forward_kwargs(self, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, *,
@@ -247,35 +269,30 @@ class ContinuousEngine(Engine):
             kwargs["logits_to_keep"] = 1
         return kwargs
 
-    def _read(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token and hand it to its job (text, stops, limits, the loop stop)."""
-        tokens, scores = choose_tokens(logits, [row.job for row in rows], self._top_k)
+    def _take(self, rows: list[Row], tokens: list[int], logits: torch.Tensor) -> None:
+        """Hand each row its next token (text, stops, limits, the loop stop). Log-probabilities are the model's
+        own distribution at the step (before temperature and top-p), as the batch scheduler reports them."""
+        span = self.aligner.settings.loop_span
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.next_token = token
             row.generated.append(token)
-            logprobs = torch.log_softmax(scores[i], -1) if row.job.top_logprobs is not None else None
+            logprobs = torch.log_softmax(logits[i].float(), -1) if row.job.top_logprobs is not None else None
             read_token(row.job, token, self.aligner.tokenizer, self._eos, logprobs)
-            if row.job.finish_reason is None and row.plan.action is Action.STEER and self._repeats(row.generated):
+            if row.job.finish_reason is None and row.plan.action is Action.STEER and repeats(row.generated, span):
                 row.job.finish_reason = "stop"
-
-    def _repeats(self, generated: list[int]) -> bool:
-        """The loop stop: the newest `loop_span` tokens already appeared earlier in this answer."""
-        span = self._loop_span
-        if span <= 0 or len(generated) <= span:
-            return False
-        last = generated[-span:]
-        return any(generated[start : start + span] == last for start in range(len(generated) - span))
 
     def _leave(self) -> None:
         """Finished rows leave the batch and get their last event."""
         staying = [i for i, row in enumerate(self.rows) if row.job.finish_reason is None]
         if len(staying) == len(self.rows):
             return
-        finish([row.job for row in self.rows if row.job.finish_reason is not None])
-        self.rows = [self.rows[i] for i in staying]
         if self.batch is not None:
             self.batch.keep(staying)
-        self._running = len(self.rows)
+        leaving = [row.job for row in self.rows if row.job.finish_reason is not None]
+        self.rows = [self.rows[i] for i in staying]
+        with self._condition:
+            self._running = len(self.rows)
+        finish(leaving)
 
 
 SCHEDULERS = ("continuous", "batch")

@@ -6,9 +6,9 @@ sampling settings (up to `max_batch`, waiting at most `batch_wait_s` for company
 `generate`, each row's gate read inside the prefill (`InferAligner.try_one_pass`) and its plan reported before its
 first token. A stopping criterion reads each new token per row (`read_token`): it streams text deltas to that
 request, applies its stop strings and token limit, and ends rows whose client has gone. When a request asks for
-log-probabilities, a logits processor keeps each step's log-softmax (of the distribution the token is drawn from:
-the steered model's own under greedy decoding, after temperature and top-p when sampling). The continuous
-scheduler (`inferaligner.serve.continuous`) reads tokens the same way.
+log-probabilities, a logits processor keeps each step's log-softmax of the (steered) model's own distribution:
+`generate` runs it before temperature, top-k and top-p. The continuous scheduler (`inferaligner.serve.continuous`)
+reads tokens and reports log-probabilities the same way.
 
 A batch that fails before any of its rows produced a token is run again one row at a time, so one bad request
 fails alone and never takes its batch neighbours with it.
@@ -160,7 +160,8 @@ def _logprob(tokenizer: Any, logprobs: torch.Tensor, token: int, top: int) -> To
 
 
 class _LogprobRecorder(LogitsProcessor):
-    """Keeps the log-softmax of the scores each step's token is chosen from; changes nothing."""
+    """Keeps the log-softmax of each step's scores (the model's own: `generate` applies temperature, top-k and top-p
+    after it); changes nothing."""
 
     def __init__(self) -> None:
         self.last: torch.Tensor | None = None
@@ -313,6 +314,7 @@ class Engine:
                 if remaining <= 0 or self._draining:
                     break
                 self._condition.wait(remaining)
+            self._running += len(jobs)  # counted as running from here, so `in_flight` never misses them
             return jobs
 
     def _work(self) -> None:
@@ -326,7 +328,6 @@ class BatchEngine(Engine):
 
     def _work(self) -> None:
         while (batch := self._collect(self.max_batch, block=True, same_sampling=True)) is not None:
-            self._running = len(batch)
             live = [job for job in batch if not job.cancelled.is_set()]
             for job in batch:
                 if job.cancelled.is_set():

@@ -24,6 +24,7 @@ from inferaligner.serve.app import ServerConfig, create_app
 from inferaligner.serve.continuous import make_engine
 
 APP_NAME = "inferaligner"
+DRAIN_S = 60.0  # how long a stopping replica may take to finish its requests (as `inferaligner serve` on SIGTERM)
 
 
 def ray_serve() -> Any:
@@ -64,19 +65,27 @@ def application(build: Callable[[Mapping[str, Any]], Any], options: Mapping[str,
             f"Ray Serve needs --replicas >= 1 (got {replicas}), --max-replicas >= --replicas (got {max_replicas}) "
             f"and --cpus-per-replica > 0 (got {cpus_per_replica})."
         )
-    holds = int(limits["max_batch"]) + int(limits["max_queue"])  # the replica's own queue answers 429 beyond this
+    holds = int(limits["max_batch"]) + int(limits["max_queue"])  # what one replica runs and queues
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if max_replicas is not None:
         scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
                                           "target_ongoing_requests": int(limits["max_batch"])}}  # fmt: skip
-    deployment = serve.deployment(serve.ingress()(Replica), name="InferAligner", max_ongoing_requests=holds,
-                                  ray_actor_options={"num_cpus": cpus_per_replica}, **scaling)  # fmt: skip
+    # Beyond what the replicas hold, Ray's proxy queues at most --max-queue requests more and answers the rest 429
+    # with Retry-After, as one server's full queue does (Ray's own error body, not the OpenAI schema). Replicas
+    # get as long as one server to drain on shutdown.
+    deployment = serve.deployment(
+        serve.ingress()(Replica), name="InferAligner", max_ongoing_requests=holds,
+        max_queued_requests=int(limits["max_queue"]), graceful_shutdown_timeout_s=DRAIN_S,
+        backpressure_config={"status_code": 429, "retry_after_s": config.retry_after_s},
+        ray_actor_options={"num_cpus": cpus_per_replica}, **scaling,
+    )  # fmt: skip
     return deployment.bind(build, dict(options), config, dict(limits), max(1, int(cpus_per_replica)))
 
 
 def run(app: Any, host: str, port: int, address: str | None, status: Any = print) -> None:
     """Deploy `app` on Ray (a local instance when `address` is None) with Ray's HTTP proxy on host:port, and serve
-    until SIGTERM or Ctrl-C; then the application is deleted and a local instance shut down."""
+    until SIGTERM or Ctrl-C; then this application is deleted (other applications on a shared cluster keep
+    running) and a local instance is shut down."""
     import ray
 
     serve = ray_serve()
@@ -93,6 +102,9 @@ def run(app: Any, host: str, port: int, address: str | None, status: Any = print
     finally:
         status("shutting down the Ray Serve application")
         started = time.monotonic()
-        serve.shutdown()
+        if address is None:  # our own local instance: Serve and Ray go with it
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
         ray.shutdown()
         status(f"shut down in {time.monotonic() - started:.1f} s")
