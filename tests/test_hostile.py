@@ -325,11 +325,15 @@ def _cli_cases(root) -> list[tuple[str, list[str], str]]:
         ("serve with a negative batch wait", ["serve", "--batch-wait-ms", "-5"], "batch wait"),
         ("serve with a default above the limit", ["serve", "--max-tokens-limit", "8", "--default-max-tokens", "9"],
          "default max_tokens"),
+        ("Ray: fewer max replicas than replicas", ["serve", "--ray", "--replicas", "2", "--max-replicas", "1",
+                                                   "--port", str(free_port())], "--max-replicas >= --replicas"),
+        ("Ray: no CPU per replica", ["serve", "--ray", "--cpus-per-replica", "0", "--port", str(free_port())],
+         "--cpus-per-replica > 0"),
         ("an unknown option", ["generate", "--alpah", "3"], "unrecognized arguments"),
     ]  # fmt: skip
 
 
-CLI_CASE_COUNT = 28
+CLI_CASE_COUNT = 30
 
 
 @pytest.mark.parametrize("index", range(CLI_CASE_COUNT))

@@ -573,13 +573,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InferAlignerError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {options['scheduler']!r}.")
     _dtype(options)
     _check_port_free(str(options["host"]), int(options["port"]))
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
-    # make that handler a clean exit, so a drained server ends with status 0.
     if config.api_key is None:
         _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
                 "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
     if options.get("ray"):
         return _serve_on_ray(options, config, limits)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
+    # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
     engine = make_engine(aligner, options["scheduler"], **limits)
