@@ -34,10 +34,9 @@ class LoopStop(StoppingCriteria):
         new = input_ids[:, self.prompt_length :]
         if gates is None or new.shape[1] <= self.span or not bool((gates != 0).any()):
             return done
-        steered = (gates != 0).repeat_interleave(len(input_ids) // len(gates)).to(input_ids.device)
-        last = new[:, -self.span :]
-        earlier = new[:, :-1].unfold(1, self.span, 1)  # every earlier run of `span` tokens: [rows, runs, span]
-        done = (earlier == last[:, None, :]).all(-1).any(-1) & steered
+        steered = (gates != 0).repeat_interleave(len(input_ids) // len(gates))
+        for row in torch.nonzero(steered).flatten().tolist():
+            done[row] = repeats(new[row].tolist(), self.span)
         fresh = [row for row in torch.nonzero(done).flatten().tolist() if row not in self.stopped]
         if fresh:
             self.stopped.update(fresh)
@@ -47,8 +46,8 @@ class LoopStop(StoppingCriteria):
 
 
 def repeats(tokens: Sequence[int], span: int) -> bool:
-    """Whether the newest `span` of these answer tokens already appeared, as a run, earlier in the answer (the test
-    `LoopStop` applies to each steered row; `span` 0: never)."""
+    """Whether the newest `span` of these answer tokens already appeared, as a run, earlier in the answer: the loop
+    stop's test, applied to each steered row (`LoopStop`, and the server's continuous scheduler); `span` 0: never."""
     if span <= 0 or len(tokens) <= span:
         return False
     last = list(tokens[-span:])
