@@ -70,7 +70,6 @@ class Row:
     plan: RowPlan
     next_token: int
     position: int
-    generated: list[int]
 
 
 class RunningBatch:
@@ -222,7 +221,7 @@ class ContinuousEngine(Engine):
         else:
             self.batch.join(joined)
         lengths = mask.sum(1).tolist()
-        new_rows = [Row(job, row, -1, int(length), []) for job, row, length in zip(jobs, plan, lengths, strict=True)]
+        new_rows = [Row(job, row, -1, int(length)) for job, row, length in zip(jobs, plan, lengths, strict=True)]
         self.rows.extend(new_rows)
         self._take(new_rows, tokens, logits)
 
@@ -275,10 +274,10 @@ class ContinuousEngine(Engine):
         span = self.aligner.settings.loop_span
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.next_token = token
-            row.generated.append(token)
             logprobs = torch.log_softmax(logits[i].float(), -1) if row.job.top_logprobs is not None else None
             read_token(row.job, token, self.aligner.tokenizer, self._eos, logprobs)
-            if row.job.finish_reason is None and row.plan.action is Action.STEER and repeats(row.generated, span):
+            # A row still open has every token it generated in `job.tokens` (an EOS would have ended it).
+            if row.job.finish_reason is None and row.plan.action is Action.STEER and repeats(row.job.tokens, span):
                 row.job.finish_reason = "stop"
 
     def _leave(self) -> None:
