@@ -363,6 +363,8 @@ def test_serve_config_values_of_the_wrong_type_are_errors(tmp_path, capsys) -> N
     for bad, needle in (({"port": "80"}, "'port' must be a int"),
                         ({"dtype": "float64", **free}, "dtype must be one of"),
                         ({"max_batch": True, **free}, "'max_batch' must be a int"), ([1], "JSON object"),
+                        ({"scheduler": "fifo", **free}, "--scheduler must be one of continuous, batch"),
+                        ({"max_replicas": "8", **free}, "'max_replicas' must be a int"),
                         ({"port": busy.getsockname()[1]}, "Cannot serve on")):  # fmt: skip
         config.write_text(json.dumps(bad))
         code = _exit_code(["serve", "--config", str(config)])
