@@ -7,6 +7,7 @@ Each phase starts its own server process (the shipped demo pair) on a free 127.0
    requests sent at Poisson arrival times (--rate requests/s), whatever is still running. Each once with
    `--scheduler continuous --max-batch 16`, `--scheduler batch --max-batch 16` and `--scheduler batch --max-batch 1`:
    requests/s, tokens/s, time to first token p50/p95, latency p50/p95, requests lost.
+   With `today` (and `--today-src`): the same against the server before this issue, from another checkout.
    With `ray`: the same against `serve --ray --replicas 2 --cpus-per-replica 1` (a local Ray instance); with
    `ray-kill`: 128 requests from clients that retry failures (up to 3 times), one replica killed 15 s in.
 2. queue full: 64 simultaneous requests against --max-queue 8 --max-batch 4: some 429s, every request answered.
@@ -18,6 +19,7 @@ request also passes the key check.
 
     python bench/serve_load.py [--requests 256] [--clients 32] [--max-tokens 32] [--rate 1.2]
                                [--phases continuous,batched,serial,poisson,queue,...] [--serial-requests 64]
+                               [--today-src CHECKOUT]
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ from inferaligner.prompts import builtin_prompts
 DEADLINE_S = 1800  # the whole benchmark stops by itself after this
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "poisson", "ray", "ray-kill", "queue",
-          "disconnect", "hangup", "sigterm")  # fmt: skip
+PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "today", "poisson", "ray", "ray-kill",
+          "queue", "disconnect", "hangup", "sigterm")  # fmt: skip
+TODAY = "the server before issue 15 (whole batches, max 16)"
 RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1", "--scheduler", "continuous", "--max-batch", "16")
 RAY_LABEL = "Ray Serve, 2 replicas (continuous, max 16 each)"
 SCHEDULES = {  # phase: (label, server options)
@@ -64,12 +67,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *options: str) -> None:
+    def __init__(self, *options: str, source: Path | None = None) -> None:
+        """`inferaligner serve` with `options`; `source`: another checkout whose `src` is served instead."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "inferaligner.cli", "serve", "--port", str(self.port), "--api-key", KEY,
                    *options]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {**os.environ, "PYTHONPATH": str(source.resolve() / "src")} if source is not None else None
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
     def __enter__(self) -> ServerProcess:
         deadline = time.time() + 300
@@ -318,8 +323,14 @@ def main() -> None:
     parser.add_argument(
         "--serial-requests", type=int, default=64, help="requests sent to the one-at-a-time server (it takes ~3 s each)"
     )
+    parser.add_argument("--today-src", type=Path, help="phase `today`: a checkout of the server before issue 15, "
+                        "e.g. `git worktree add /tmp/today ae23701`")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}")
+    parser.add_argument(
+        "--phases",
+        default=",".join(p for p in PHASES if p != "today"),
+        help=f"comma-separated subset of {', '.join(PHASES)} (default: all but `today`)",
+    )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     pool = builtin_prompts("harmful", "all") + builtin_prompts("everyday", "all") + builtin_prompts("harmless", "all")
@@ -328,12 +339,15 @@ def main() -> None:
     result: dict[str, Any] = {"machine": f"{platform.machine()}, 2-core VM", "clients": args.clients,
                               "requests": args.requests, "max_tokens": args.max_tokens, "rate": args.rate,
                               "serial_requests": args.serial_requests}  # fmt: skip
+    if "today" in phases and args.today_src is None:
+        parser.error("phase `today` needs --today-src")
     started = time.perf_counter()
-    for phase, (label, options) in SCHEDULES.items():
+    schedules = {**SCHEDULES, "today": (TODAY, ("--max-batch", "16"))}
+    for phase, (label, options) in schedules.items():
         if phase not in phases:
             continue
         sent = prompts[: args.serial_requests] if phase == "serial" else prompts
-        with ServerProcess(*options, *common) as server:
+        with ServerProcess(*options, *common, source=args.today_src if phase == "today" else None) as server:
             result[label] = asyncio.run(throughput(server.url, sent, args.clients, args.max_tokens))
             print(label, json.dumps(result[label]), flush=True)
             if "poisson" in phases:
@@ -346,6 +360,16 @@ def main() -> None:
             "latency_p95": round(after["latency_p95_s"] / before["latency_p95_s"], 2),
         }
         print("continuous vs whole batches:", json.dumps(result["continuous_vs_batches"]), flush=True)
+    if "today" in phases:
+        result["today_src"] = subprocess.run(["git", "-C", str(args.today_src), "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        for label, _ in SCHEDULES.values():
+            if label in result:
+                result[f"{label} vs {TODAY}"] = {
+                    "throughput": round(result[label]["tokens_per_s"] / result[TODAY]["tokens_per_s"], 2),
+                    "latency_p95": round(result[label]["latency_p95_s"] / result[TODAY]["latency_p95_s"], 2),
+                }
+                print(f"{label} vs {TODAY}:", json.dumps(result[f"{label} vs {TODAY}"]), flush=True)
     if phases & {"ray", "ray-kill"}:
         with ServerProcess(*RAY, *common) as server:
             if "ray" in phases:

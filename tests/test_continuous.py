@@ -84,7 +84,7 @@ def slow_model(monkeypatch):
     return slow
 
 
-@pytest.mark.parametrize("options", [{}, {"gate_layer": 0, "steer_layers": [1, 2, 3]}])  # two passes / one pass
+@pytest.mark.parametrize("options", [{}, {"gate_layer": 0, "steer_layers": [1, 2, 3]}])  # blocks run again / not
 def test_requests_joining_mid_generation_answer_as_if_alone(options, slow_model) -> None:
     aligner = slow_model(make_aligner(**options))
     engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0)
@@ -173,12 +173,16 @@ def test_a_group_that_fails_before_joining_is_retried_one_request_at_a_time(monk
         assert job.tokens == alone(aligner, prompt, 12)[0]  # prefilled once: two rows would write twice
 
 
-@pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, (1, 1)),
-                                                 ({}, (2, 1))])  # fmt: skip
-def test_the_gate_is_read_inside_the_prefill(options, passes) -> None:
-    """One pass over each prompt when every steered layer lies above the gate; a fired row whose steering starts at
-    or below the gate layer is prefilled a second time, under its plan."""
+@pytest.mark.parametrize(("options", "replay", "passes"),
+                         [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, True, (1, 1)), ({}, True, (1, 1)),
+                          ({}, False, (2, 1))])  # fmt: skip
+def test_the_gate_is_read_inside_the_prefill(options, replay, passes, monkeypatch) -> None:
+    """One pass over each prompt: steered layers above the gate are steered in it, and blocks from a steered layer
+    at or below the gate to the gate run again inside it; where they cannot, a fired row is prefilled a second
+    time, under its plan, and answers the same."""
     aligner = make_aligner(**options)
+    if not replay:
+        monkeypatch.setattr(aligner, "_replay_from", lambda _kwargs: None)
     prompts: list[int] = []
 
     def count(_module, args, kwargs):  # type: ignore[no-untyped-def]
@@ -193,6 +197,7 @@ def test_the_gate_is_read_inside_the_prefill(options, passes) -> None:
             jobs, _ = asyncio.run(run_jobs(engine, aligner, (prompt, 4), []))
             assert len(prompts) - before == expected
             assert jobs[0].intervened == (prompt == HARMFUL)
+            assert jobs[0].tokens == alone(aligner, prompt, 4)[0]
     finally:
         handle.remove()
 

@@ -14,8 +14,8 @@ from inferaligner.aligner import InferAligner
 from inferaligner.prompts import position_ids
 
 
-def _prompt_passes(aligner: InferAligner, width: int):
-    """Counts the forward passes over the whole prompt (gate passes and prefills) that reach block 0."""
+def _prompt_passes(aligner: InferAligner, width: int, block: int = 0):
+    """Counts the runs of `block` over the whole prompt (at block 0: gate passes and prefills)."""
     calls: list[int] = []
 
     def count(_module, args, kwargs):
@@ -25,7 +25,7 @@ def _prompt_passes(aligner: InferAligner, width: int):
 
     @contextmanager
     def counting():
-        handle = aligner.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+        handle = aligner.layers[block].register_forward_pre_hook(count, with_kwargs=True)
         try:
             yield calls
         finally:
@@ -62,21 +62,61 @@ def test_one_pass_gives_the_two_pass_tokens_in_one_pass(model_type: str) -> None
     assert all(not layer._forward_hooks for layer in aligner.layers)
 
 
-def test_steered_layers_below_the_gate_run_again_only_when_a_row_fires() -> None:
-    aligner = make_aligner("llama", steer_layers=[1, 2], gate_layer=2)
-    assert aligner.gating == "one pass unless a row fires"
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "qwen3"])
+def test_steered_layers_below_the_gate_run_again_in_the_same_pass_only_when_a_row_fires(model_type: str) -> None:
+    """Blocks 1-2 run a second time, steered, inside the one prefill; the cache holds one run's keys and values."""
+    aligner = make_aligner(model_type, steer_layers=[1, 2], gate_layer=2)
+    assert aligner.gating == "one pass, blocks 1-2 again when a row fires"
     batch = aligner.encode(PROMPTS)
     width = batch["input_ids"].shape[1]
-    with _prompt_passes(aligner, width) as passes:
-        output = aligner.generate(**batch, **GEN, do_sample=False)
-    assert len(passes) == 2  # stopped at the gate layer, then generated with the plan
-    assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False))
+    expected = _two_pass(aligner, batch, **GEN, do_sample=False)
+    with (
+        _prompt_passes(aligner, width) as passes,
+        _prompt_passes(aligner, width, block=1) as replayed,
+        _prompt_passes(aligner, width, block=3) as above,
+    ):
+        output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    assert 0 < sum(row.gate.fired for row in plan) < len(plan)
+    assert (len(passes), len(replayed), len(above)) == (1, 2, 1)
+    assert torch.equal(output, expected)
     quiet = variant_with_bias(aligner, 1e9)
-    with _prompt_passes(quiet, width) as passes:
+    with _prompt_passes(quiet, width) as passes, _prompt_passes(quiet, width, block=1) as replayed:
         output = quiet.generate(**batch, **GEN, do_sample=False)
-    assert len(passes) == 1
+    assert (len(passes), len(replayed)) == (1, 1)
     assert torch.equal(output, aligner.model.generate(**batch, **GEN, do_sample=False, pad_token_id=0))
-    assert all(not layer._forward_hooks for layer in aligner.layers)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in aligner.layers)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "options"),
+    [("gemma3_text", {}), ("llama", {"output_hidden_states": True, "return_dict_in_generate": True})],
+)
+def test_fired_batches_run_again_where_blocks_cannot_be_replayed(model_type: str, options) -> None:
+    """Sliding-window caches drop old entries, and collected hidden states would gain entries: a fired batch stops at
+    the gate layer and is generated again with the plan."""
+    aligner = make_aligner(model_type, steer_layers=[1, 2], gate_layer=2)
+    if not options:
+        assert aligner.gating == "one pass unless a row fires"
+    batch = aligner.encode(PROMPTS)
+    expected = _two_pass(aligner, batch, **GEN, do_sample=False, **options)
+    with _prompt_passes(aligner, batch["input_ids"].shape[1]) as passes:
+        output = aligner.generate(**batch, **GEN, do_sample=False, **options)
+    assert len(passes) == 2  # stopped at the gate layer, then generated with the plan
+    if options:
+        assert torch.equal(output.sequences, expected.sequences)
+        assert len(output.hidden_states[0]) == len(expected.hidden_states[0])
+    else:
+        assert torch.equal(output, expected)
+
+
+def test_mode_always_runs_the_blocks_below_the_gate_twice_in_one_pass() -> None:
+    aligner = make_aligner("llama", mode="always", steer_layers=[1, 2], gate_layer=2)
+    assert aligner.gating == "one pass, blocks 1-2 twice"
+    batch = aligner.encode(PROMPTS)
+    with _prompt_passes(aligner, batch["input_ids"].shape[1]) as passes:
+        output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    assert len(passes) == 1 and all(row.action.name == "STEER" for row in plan)
+    assert torch.equal(output, _two_pass(aligner, batch, **GEN, do_sample=False))
 
 
 def variant_with_bias(aligner: InferAligner, lowered: float) -> InferAligner:
@@ -172,20 +212,23 @@ def test_generation_whose_first_pass_is_not_the_whole_prompt_reads_the_gate_apar
     assert all(not layer._forward_hooks for layer in aligner.layers)
 
 
-@pytest.mark.parametrize(("options", "one_pass"), [({"steer_layers": [1, 2, 3], "gate_layer": 0}, True),
-                                                   ({"steer_layers": [0, 1], "gate_layer": 1}, False)])  # fmt: skip
-def test_prefill_reads_the_gate_in_its_own_forward_pass(options, one_pass) -> None:
-    aligner = make_aligner("llama", **options)
+@pytest.mark.parametrize(("model_type", "options", "one_pass"),
+                         [("llama", {"steer_layers": [1, 2, 3], "gate_layer": 0}, True),
+                          ("llama", {"steer_layers": [0, 1], "gate_layer": 1}, True),
+                          ("gemma3_text", {"steer_layers": [0, 1], "gate_layer": 1}, False)])  # fmt: skip
+def test_prefill_reads_the_gate_in_its_own_forward_pass(model_type, options, one_pass) -> None:
+    aligner = make_aligner(model_type, **options)
     batch = aligner.encode(PROMPTS)
     plan = aligner.decide(**batch)
     assert 0 < sum(row.gate.fired for row in plan) < len(plan)
     positions = position_ids(batch["attention_mask"])
     with aligner.steered(plan), torch.inference_mode():
         expected = aligner.model(**batch, position_ids=positions).logits
-    with _prompt_passes(aligner, batch["input_ids"].shape[1]) as passes:
+    last = len(aligner.layers) - 1  # above the gate: every pass that goes on reaches it once
+    with _prompt_passes(aligner, batch["input_ids"].shape[1], block=last) as passes:
         output, planned = aligner.prefill(**batch, position_ids=positions)
-    assert planned == plan and len(passes) == 1
-    if one_pass:  # steered in the same pass, the gate's rows alike
+    assert planned == plan and len(passes) == (1 if one_pass else 0)
+    if one_pass:  # steered in the same pass (blocks at or below the gate run again), the gate's rows alike
         assert torch.allclose(output.logits, expected, atol=1e-5)
-    else:  # a steered layer at or below the gate: the pass stopped there, for the caller to run again as planned
+    else:  # blocks that cannot run again (sliding window): the pass stopped there, for the caller to run as planned
         assert output is None

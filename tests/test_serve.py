@@ -305,7 +305,7 @@ def test_aligned_mode_serves_fired_rows_from_the_aligned_model() -> None:
 
 
 @pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, [1, 1]),
-                                                 ({}, [2, 1])])  # fmt: skip
+                                                 ({}, [1, 1])])  # fmt: skip
 def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
     aligner = make_aligner(**options)
     prefills: list[int] = []

@@ -45,6 +45,9 @@ class Completion:
         }
 
 
+# Arguments and config flags under which the model collects each block's output (a block run twice would add one)
+_RECORDS_BLOCKS = ("output_hidden_states", "output_attentions")
+
 # generate() arguments whose first forward pass is not the whole prompt (or that bring a cache a stopped pass fills)
 _NOT_IN_FLIGHT = ("pixel_values", "image_sizes", "past_key_values", "cache", "inputs_embeds", "prefill_chunk_size",
                   "prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")  # fmt: skip
@@ -337,15 +340,20 @@ class InferAligner:
     @property
     def gating(self) -> str:
         """How the gate costs: `one pass` (read inside generation's prefill; steered layers all above the gate),
-        `one pass unless a row fires` (a fired batch stops at the gate layer and runs again, as the plan says),
-        `two passes` (mode `always` steering layers at or below the gate), or `no gate`."""
+        `one pass, blocks a-b again when a row fires` (steered layers at or below the gate: a fired batch runs those
+        blocks once more, steered), `one pass unless a row fires` (a fired batch stops at the gate layer and runs
+        again, as the plan says), `two passes` (mode `always` where blocks cannot run again), or `no gate`."""
         if self.gate is None:
             return "no gate"
-        if self.settings.mode is Mode.ALWAYS and not self._steers_after_gate():
-            return "two passes"  # every row is steered, and blocks at or below the gate already ran unsteered
-        if self.settings.mode in (Mode.SIMPLE, Mode.ALIGNED) or not self._steers_after_gate():
+        if self.settings.mode in (Mode.SIMPLE, Mode.ALIGNED):
             return "one pass unless a row fires"
-        return "one pass"
+        if self._steers_after_gate():
+            return "one pass"
+        replay_from = self._replay_from({})
+        if replay_from is not None:
+            when = "twice" if self.settings.mode is Mode.ALWAYS else "again when a row fires"
+            return f"one pass, blocks {replay_from}-{self.gate.layer} {when}"
+        return "two passes" if self.settings.mode is Mode.ALWAYS else "one pass unless a row fires"
 
     def _steers_after_gate(self) -> bool:
         return self.gate is not None and all(layer > self.gate.layer for layer in self.steer_layers)
@@ -382,7 +390,8 @@ class InferAligner:
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
         try:
-            with self._gate_in_flight(len(input_ids), attention_mask, allowed, on_plan, held) as (reading, steering):
+            with self._gate_in_flight(len(input_ids), attention_mask, allowed, on_plan, held,
+                                      generate_kwargs) as (reading, steering):  # fmt: skip
                 if steering is not None:
                     generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: steering.row_gates)
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
@@ -411,7 +420,8 @@ class InferAligner:
             with self.steered(plan), torch.inference_mode():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), plan
         try:
-            with self._gate_in_flight(len(input_ids), attention_mask, allowed) as (reading, _), torch.inference_mode():
+            in_flight = self._gate_in_flight(len(input_ids), attention_mask, allowed, forward_kwargs=forward_kwargs)
+            with in_flight as (reading, _), torch.inference_mode():
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         except Replan as stop:
             return None, stop.plan if stop.plan is not None else self.decide(input_ids, attention_mask, allowed=allowed)
@@ -426,22 +436,45 @@ class InferAligner:
         allowed: Sequence[bool] | None,
         on_plan: Callable[[Plan], None] | None = None,
         streamer: HeldStreamer | None = None,
+        forward_kwargs: dict[str, Any] | None = None,
     ) -> Iterator[tuple[InFlightGate, SteeringHandle | None]]:
         """The hooks that read the gate inside the next forward pass (`inflight.InFlightGate`), with steering hooks
-        that take the plan's row gates when every steered layer lies above the gate; holds the aligner's lock."""
+        that take the plan's row gates when every steered layer lies above the gate, or when the blocks from the
+        lowest steered layer to the gate can run again (`forward_kwargs`: the pass's arguments); holds the
+        aligner's lock."""
+        forward_kwargs = forward_kwargs or {}
         plan_rows = functools.partial(self.plan, rows=rows, allowed=allowed)
+        replay_from = self._replay_from(forward_kwargs)
         with self._lock, ExitStack() as hooks:
             steering = None
-            if self._steers_after_gate() and self._directions is not None and self.steer_layers:
+            steers_in_pass = self._steers_after_gate() or replay_from is not None
+            if self._directions is not None and self.steer_layers and steers_in_pass:
                 zero = torch.zeros(rows)  # each row's gate, set once the plan is known
                 steering = hooks.enter_context(
                     add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, zero)
                 )
             assert self.gate is not None
             reading = hooks.enter_context(
-                InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer)
+                InFlightGate(
+                    self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer, replay_from
+                )
             )
             yield reading, steering
+
+    def _replay_from(self, forward_kwargs: dict[str, Any]) -> int | None:
+        """The lowest steered layer, when it lies at or below the gate layer and a pass whose plan steers may run the
+        blocks from there to the gate layer again (`inflight.BlockReplay`); `None` otherwise."""
+        if self.gate is None or not self.steer_layers or self._steers_after_gate():
+            return None
+        config = self.model.config
+        if any(forward_kwargs.get(key) or getattr(config, key, False) for key in _RECORDS_BLOCKS):
+            return None  # the blocks' outputs are being collected: running some twice would add entries
+        if self._sliding_window():
+            return None  # its cache layers drop old entries, so the first run's cannot be taken back
+        return min(self.steer_layers)
+
+    def _sliding_window(self) -> bool:
+        return any(kind != "full_attention" for kind in getattr(self.model.config, "layer_types", None) or ())
 
     def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
                    gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip

@@ -362,11 +362,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rule = f"{g.rule}{target}"
         print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
         print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; steering "
-              f"any layer 0-{g.layer} makes a batch where a row fires run its prompt twice")  # fmt: skip
-    if vectors.fitted:
-        low = min(vectors.fitted_layers)
-        print(f"  one pass with a gate below layer {low}; with the gate at {low} or above, a batch where a row fires "
-              "runs its prompt twice")  # fmt: skip
+              f"a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again (the whole "
+              "prompt again on sliding-window models)")  # fmt: skip
     names = sorted(vectors.metrics)
     print("layer  norm    " + "  ".join(f"{n:>22}" for n in names))
     for layer in range(vectors.num_layers):

@@ -5,8 +5,13 @@ the gate and makes the plan before any later block runs. What happens next depen
 
 - all of them above the gate layer: the steering hooks on those layers read the row gates just set, so fired rows
   are steered in the same pass and nothing runs twice;
-- some at or below it: those blocks have already run unsteered, so a plan that steers any row stops the pass there
-  (`Replan`) and the caller generates again with the plan; a plan that steers nothing carries on, in one pass.
+- some at or below it: those blocks have already run unsteered. A plan that steers a row runs the blocks from the
+  lowest steered layer up to the gate layer once more, on their recorded inputs, now steered (`BlockReplay`), drops
+  the key/value entries the first run of those blocks wrote, and the pass goes on from the gate layer with the
+  replayed output: one pass, plus a few blocks when a row fires. Where those blocks cannot be replayed safely
+  (a cache other than a plain `DynamicCache`, as in sliding-window models, or a block not fed by the one before
+  it), such a plan stops the pass there (`Replan`) and the caller generates again with the plan. A plan that
+  steers nothing carries on, in one pass.
 
 Plans that refuse or delegate rows also stop the pass (their rows are answered some other way). Stopping costs a
 `generate` call's set-up and the prompt's forward pass up to the gate layer; callers pass no cache of their own
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from inferaligner.gate import Gate, pool
@@ -61,12 +67,91 @@ class HeldStreamer(BaseStreamer):
         self.streamer.end()
 
 
+class BlockReplay:
+    """Records what blocks `first`..`last` are called with in the next forward pass, so that they can be run once
+    more on the same inputs (`run_again`), with whatever steering hooks are set by then.
+
+    The key/value entries the first run wrote into a `DynamicCache` are dropped before each block runs again, so the
+    cache ends as if the blocks had run once, steered. `replayable` is False when that cannot be done safely: a
+    cache layer of another kind (sliding window, static, quantized), or a block whose input is not the previous
+    block's output.
+    """
+
+    def __init__(self, layers: nn.ModuleList, first: int, last: int) -> None:
+        self.layers, self.first, self.last = layers, first, last
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self._chained = True  # each recorded block's input is the previous block's output
+        self._start: torch.Tensor | None = None  # block `first`'s input
+        self._previous: torch.Tensor | None = None  # the last recorded block's output
+        self._handles = []
+        for index in range(first, last + 1):
+            self._handles.append(layers[index].register_forward_pre_hook(self._record, with_kwargs=True))
+            self._handles.append(layers[index].register_forward_hook(self._follow))
+
+    def _record(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            self._chained = False
+        elif not self.calls:
+            self._start = hidden.clone()
+        elif hidden is not self._previous:
+            self._chained = False
+        self.calls.append((args, kwargs))
+
+    def _follow(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        self._previous = block_hidden(output)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether every block ran once, fed by the one before, and wrote its keys and values (if any) to a layer
+        of a plain `DynamicCache` (checked once the blocks have run: a cache may add its layers as they run)."""
+        if not self._chained or len(self.calls) != self.last - self.first + 1:
+            return False
+        for index, (args, kwargs) in zip(range(self.first, self.last + 1), self.calls, strict=True):
+            caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
+            if kwargs.get("use_cache") and not caches:
+                return False  # a cache the block reaches some other way: its entries could not be taken back
+            if not all(_plain_dynamic_layer(cache, index) for cache in caches):
+                return False
+        return True
+
+    def run_again(self) -> Any:
+        """Blocks `first`..`last` once more from `first`'s recorded input; returns block `last`'s new output."""
+        self.remove()
+        assert self.replayable and self._start is not None
+        hidden, output = self._start, None
+        for index, (args, kwargs) in zip(range(self.first, self.last + 1), self.calls, strict=True):
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, Cache):  # drop what the first run of this block appended
+                    layer = value.layers[index]
+                    layer.keys = layer.keys[..., : -hidden.shape[1], :]
+                    layer.values = layer.values[..., : -hidden.shape[1], :]
+            if args:
+                output = self.layers[index](hidden, *args[1:], **kwargs)
+            else:
+                output = self.layers[index](**{**kwargs, "hidden_states": hidden})
+            hidden = block_hidden(output)
+        return output
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _plain_dynamic_layer(cache: Cache, index: int) -> bool:
+    """Whether `cache` keeps block `index`'s keys and values in a plain `DynamicLayer` (grown by concatenation)."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and index < len(layers) and type(layers[index]) is DynamicLayer
+
+
 class InFlightGate:
     """Hooks that read the gate in the prefill of the next forward pass and act on the plan in the same pass.
 
     `make_plan(decisions)` turns the gate's decisions into the batch's plan; `steering` (hooks on the steered
-    layers, all above the gate, with zero gates until the plan is known) steers the plan's steered rows, or is `None`
-    when some steered layer lies at or below the gate (a plan that steers then stops the pass).
+    layers, with zero gates until the plan is known) steers the plan's steered rows. When some steered layer lies at
+    or below the gate, `replay_from` names the lowest one: a plan that steers then runs the blocks from there to the
+    gate layer again (`BlockReplay`), or stops the pass when they cannot be replayed or `steering` is `None`.
     `on_plan(plan)` is called as soon as the pass goes on with the plan.
     """
 
@@ -79,14 +164,20 @@ class InFlightGate:
         steering: SteeringHandle | None,
         on_plan: Any = None,
         streamer: HeldStreamer | None = None,
+        replay_from: int | None = None,
     ) -> None:
         self.gate, self.mask, self.make_plan = gate, mask, make_plan
         self.steering, self.on_plan, self.streamer = steering, on_plan, streamer
         self.plan: Plan | None = None
+        self.replayed = False
+        self._replay = BlockReplay(layers, replay_from, gate.layer) if replay_from is not None else None
         self._handle = layers[gate.layer].register_forward_hook(self._read)
 
-    def _read(self, _module: nn.Module, _args: Any, output: Any) -> None:
+    def _read(self, _module: nn.Module, _args: Any, output: Any) -> Any:
         self._handle.remove()  # the prefill only: decoding steps pay nothing
+        replay, self._replay = self._replay, None
+        if replay is not None:
+            replay.remove()
         hidden = block_hidden(output)
         rows = len(self.mask)
         if hidden.shape[1] != self.mask.shape[1] or hidden.shape[0] % rows:
@@ -94,21 +185,30 @@ class InFlightGate:
         hidden = hidden[:: hidden.shape[0] // rows]  # sequences expanded per prompt (beams, samples) are alike
         plan = self.make_plan(self.gate.decide(pool(hidden, self.mask.to(hidden.device), self.gate.pooling)))
         self.plan = plan
-        if plan.refuses or plan.delegates or (plan.steers and self.steering is None):
+        # Steered rows need the steering hooks, and the blocks at or below the gate (if any are steered) run again.
+        cannot_steer = self.steering is None or (replay is not None and not replay.replayable)
+        if plan.refuses or plan.delegates or (plan.steers and cannot_steer):
             raise Replan(plan)
+        replayed = None
         if self.steering is not None:
             if plan.steers:
                 self.steering.row_gates = plan.steer_gates()
+                if replay is not None:
+                    replayed = replay.run_again()
+                    self.replayed = True
             else:
                 self.steering.remove()
         if self.on_plan is not None:
             self.on_plan(plan)
         if self.streamer is not None:
             self.streamer.release()
+        return replayed
 
     def remove(self) -> None:
-        """Detach the gate hook (the steering hooks belong to the caller)."""
+        """Detach the gate hook and any recording hooks (the steering hooks belong to the caller)."""
         self._handle.remove()
+        if self._replay is not None:
+            self._replay.remove()
 
     def __enter__(self) -> InFlightGate:
         return self

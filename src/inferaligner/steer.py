@@ -38,20 +38,31 @@ class SteeringHandle:
         if bad:
             raise VectorMismatchError(f"Steering layers {bad} are outside 0..{len(layers) - 1}.")
         self.alpha = float(alpha)
-        self.row_gates = row_gates
+        self._row_gates = row_gates
+        # Each layer's shift, built once per batch shape (no host-to-device copy per decoding step) and dropped when
+        # the row gates change.
+        self._shifts: dict[tuple[int, torch.device, torch.dtype, int], torch.Tensor] = {}
         self._handles = [
-            layers[i].register_forward_hook(self._make_hook(directions[i].detach().clone())) for i in layer_ids
+            layers[i].register_forward_hook(self._make_hook(i, directions[i].detach().clone())) for i in layer_ids
         ]
 
-    def _make_hook(self, direction: torch.Tensor) -> Any:
-        shifts: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+    @property
+    def row_gates(self) -> torch.Tensor | None:
+        """Each row's gate (`None`: every row steered at full strength)."""
+        return self._row_gates
 
+    @row_gates.setter
+    def row_gates(self, gates: torch.Tensor | None) -> None:
+        self._row_gates = gates
+        self._shifts.clear()
+
+    def _make_hook(self, layer: int, direction: torch.Tensor) -> Any:
         def hook(_module: nn.Module, args: Any, output: Any) -> Any:
             hidden = block_hidden(output)
-            key = (hidden.device, hidden.dtype, hidden.shape[0])
-            shift = shifts.get(key)
-            if shift is None:  # computed once per batch shape: no host-to-device copy per decoding step
-                shift = shifts[key] = self._shift(direction, hidden)
+            key = (layer, hidden.device, hidden.dtype, hidden.shape[0])
+            shift = self._shifts.get(key)
+            if shift is None:
+                shift = self._shifts[key] = self._shift(direction, hidden)
             # Out of place while fitting (autograd needs the block's output intact) and when the block hands back
             # its input or a view of another tensor (adding in place would change that tensor too).
             if hidden.requires_grad or hidden._base is not None or (args and hidden is args[0]):

@@ -33,6 +33,7 @@ from inferaligner.errors import InferAlignerError
 from inferaligner.gate import GateDecision
 from inferaligner.plan import Action, Plan
 from inferaligner.prompts import pad_rows
+from inferaligner.serve.openmp import release_openmp_threads
 
 log = logging.getLogger("inferaligner.serve")
 
@@ -272,6 +273,9 @@ class Engine:
         return len(self._pending) + self._running
 
     def start(self) -> None:
+        """Start the worker thread; the calling thread's idle OpenMP threads are ended first, so the worker's own
+        pool has the cores to itself (`inferaligner.serve.openmp`)."""
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._work, name="inferaligner-engine", daemon=True)
         self._thread.start()
 

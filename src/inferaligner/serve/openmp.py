@@ -1,0 +1,28 @@
+"""Free the calling thread's idle OpenMP threads before the serving engine's worker thread takes over the model.
+
+PyTorch's CPU operators run on GNU OpenMP, which keeps a pool of threads for every thread that ever ran a parallel
+region. A server loads its model on one thread and runs it on the engine's worker thread: two pools. Once the
+pools' threads outnumber the CPU cores, libgomp stops spinning between parallel regions and parks its threads
+instead, so every operator pays a wake-up: on the development machine (2 cores) a decoding step of the embedded
+model took ~35% longer on the worker thread than the same step on the loading thread, and releasing the loading
+thread's pool (OpenMP 5.0's `omp_pause_resource_all`) took that back (`docs/DESIGN_NOTES.md`, "Serving threads").
+A no-op where PyTorch does not run on GNU OpenMP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_PAUSE_SOFT = 1  # omp_pause_soft: threads ended, settings kept
+
+
+def release_openmp_threads() -> bool:
+    """End the calling thread's pool of OpenMP threads (a later parallel region starts a new one); `True` if one
+    was ended or there was none, `False` where GNU OpenMP is not loaded or cannot pause."""
+    try:  # the libgomp PyTorch already loaded, never a second copy
+        library = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LOCAL)
+    except (OSError, AttributeError):
+        return False
+    pause = getattr(library, "omp_pause_resource_all", None)
+    return pause is not None and pause(_PAUSE_SOFT) == 0
