@@ -5,8 +5,9 @@ built-in prompts. Two layouts of the aligner:
 
 - one pass: gate at layer 8, steering layers 9-22 (every steered layer above the gate): the gate is read inside
   generate's own prefill and fired rows are steered in the same pass;
-- layers below the gate: gate at 19, steering 12, 16, 20, 24 (the shipped demo layout): one pass while no row
-  fires; a fired batch stops at the gate layer and is generated again with the plan.
+- layers below the gate: gate at 19, steering 12, 16, 20, 24 (the demo layout of issue 14): one pass while no row
+  fires; in a fired batch blocks 12-19 run a second time, steered, inside the same pass (before commit ce457fc
+  such a batch stopped at the gate layer and was generated again with the plan).
 
 Methods, run in paired rounds (every method once per round, in a new random order each round): plain
 `model.generate`, plain again (the A/A pair: the machine's own noise), gate off, gate on (one pass), and gate on with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import contextmanager
 
@@ -79,6 +80,9 @@ def test_steered_layers_below_the_gate_run_again_in_the_same_pass_only_when_a_ro
     assert 0 < sum(row.gate.fired for row in plan) < len(plan)
     assert (len(passes), len(replayed), len(above)) == (1, 2, 1)
     assert torch.equal(output, expected)
+    plain = aligner.model.generate(**batch, **GEN, do_sample=False, pad_token_id=aligner.tokenizer.pad_token_id)
+    for row, planned in enumerate(plan):
+        assert torch.equal(output[row], plain[row]) != planned.gate.fired
     quiet = variant_with_bias(aligner, 1e9)
     with _prompt_passes(quiet, width) as passes, _prompt_passes(quiet, width, block=1) as replayed:
         output = quiet.generate(**batch, **GEN, do_sample=False)
@@ -89,24 +93,32 @@ def test_steered_layers_below_the_gate_run_again_in_the_same_pass_only_when_a_ro
 
 @pytest.mark.parametrize(
     ("model_type", "options"),
-    [("gemma3_text", {}), ("llama", {"output_hidden_states": True, "return_dict_in_generate": True})],
+    [
+        ("gemma3_text", {}),
+        ("llama", {"output_hidden_states": True, "return_dict_in_generate": True}),
+        ("llama", {"generation_config": "hidden states"}),
+    ],
 )
 def test_fired_batches_run_again_where_blocks_cannot_be_replayed(model_type: str, options) -> None:
-    """Sliding-window caches drop old entries, and collected hidden states would gain entries: a fired batch stops at
-    the gate layer and is generated again with the plan."""
+    """Sliding-window caches drop old entries, and collected hidden states (asked for in the call or in a generation
+    config) would gain entries: a fired batch stops at the gate layer and is generated again with the plan."""
     aligner = make_aligner(model_type, steer_layers=[1, 2], gate_layer=2)
     if not options:
         assert aligner.gating == "one pass unless a row fires"
+    if options.get("generation_config"):
+        config = copy.deepcopy(aligner.model.generation_config)
+        config.update(output_hidden_states=True, return_dict_in_generate=True)
+        options = {"generation_config": config}
     batch = aligner.encode(PROMPTS)
     expected = _two_pass(aligner, batch, **GEN, do_sample=False, **options)
     with _prompt_passes(aligner, batch["input_ids"].shape[1]) as passes:
         output = aligner.generate(**batch, **GEN, do_sample=False, **options)
     assert len(passes) == 2  # stopped at the gate layer, then generated with the plan
-    if options:
-        assert torch.equal(output.sequences, expected.sequences)
-        assert len(output.hidden_states[0]) == len(expected.hidden_states[0])
-    else:
+    if isinstance(output, torch.Tensor):
         assert torch.equal(output, expected)
+    else:
+        assert torch.equal(output.sequences, expected.sequences)
+        assert len(output.hidden_states[0]) == len(expected.hidden_states[0]) == len(aligner.layers) + 1
 
 
 def test_mode_always_runs_the_blocks_below_the_gate_twice_in_one_pass() -> None:
@@ -232,3 +244,21 @@ def test_prefill_reads_the_gate_in_its_own_forward_pass(model_type, options, one
         assert torch.allclose(output.logits, expected, atol=1e-5)
     else:  # blocks that cannot run again (sliding window): the pass stopped there, for the caller to run as planned
         assert output is None
+
+
+def test_a_cache_layer_of_another_kind_stops_a_fired_prefill_at_the_gate_layer() -> None:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class OtherLayer(DynamicLayer):
+        """Grows like a `DynamicLayer` but is another kind: a replay cannot vouch for taking its entries back."""
+
+    aligner = make_aligner("llama", steer_layers=[1, 2], gate_layer=2)
+    batch = aligner.encode(PROMPTS)
+    positions = position_ids(batch["attention_mask"])
+    for layer_kind, replayed in ((DynamicLayer, True), (OtherLayer, False)):
+        cache = DynamicCache()
+        cache.layer_class_to_replicate = layer_kind
+        output, plan = aligner.prefill(**batch, position_ids=positions, cache=cache, use_cache=True)
+        assert plan.steers and (output is not None) == replayed
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in aligner.layers)

@@ -27,6 +27,13 @@ from inferaligner.steer import SteeringHandle, add_steering
 from inferaligner.vectors import SafetyVectors
 
 
+def _flag(source: Any, key: str) -> bool:
+    """Whether `source` (keyword arguments, a generation config or a model config) sets `key`."""
+    if isinstance(source, dict):
+        return bool(source.get(key))
+    return bool(getattr(source, key, False)) if source is not None else False
+
+
 @dataclass(frozen=True)
 class Completion:
     """One generated answer and what the gate said about its prompt."""
@@ -46,7 +53,7 @@ class Completion:
 
 
 # Arguments and config flags under which the model collects each block's output (a block run twice would add one)
-_RECORDS_BLOCKS = ("output_hidden_states", "output_attentions")
+_RECORDS_BLOCKS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 # generate() arguments whose first forward pass is not the whole prompt (or that bring a cache a stopped pass fills)
 _NOT_IN_FLIGHT = ("pixel_values", "image_sizes", "past_key_values", "cache", "inputs_embeds", "prefill_chunk_size",
@@ -447,8 +454,10 @@ class InferAligner:
         replay_from = self._replay_from(forward_kwargs)
         with self._lock, ExitStack() as hooks:
             steering = None
-            steers_in_pass = self._steers_after_gate() or replay_from is not None
-            if self._directions is not None and self.steer_layers and steers_in_pass:
+            can_steer = self._directions is not None and bool(self.steer_layers)
+            if not can_steer:
+                replay_from = None  # nothing could steer the blocks run again
+            if can_steer and (self._steers_after_gate() or replay_from is not None):
                 zero = torch.zeros(rows)  # each row's gate, set once the plan is known
                 steering = hooks.enter_context(
                     add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, zero)
@@ -466,15 +475,17 @@ class InferAligner:
         blocks from there to the gate layer again (`inflight.BlockReplay`); `None` otherwise."""
         if self.gate is None or not self.steer_layers or self._steers_after_gate():
             return None
-        config = self.model.config
-        if any(forward_kwargs.get(key) or getattr(config, key, False) for key in _RECORDS_BLOCKS):
+        settings = (forward_kwargs, forward_kwargs.get("generation_config"), self.model.generation_config,
+                    self.model.config)  # fmt: skip
+        if any(_flag(source, key) for source in settings for key in _RECORDS_BLOCKS):
             return None  # the blocks' outputs are being collected: running some twice would add entries
         if self._sliding_window():
             return None  # its cache layers drop old entries, so the first run's cannot be taken back
         return min(self.steer_layers)
 
     def _sliding_window(self) -> bool:
-        return any(kind != "full_attention" for kind in getattr(self.model.config, "layer_types", None) or ())
+        config = self.model.config.get_text_config(decoder=True)
+        return any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
 
     def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
                    gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip

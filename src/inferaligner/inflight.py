@@ -80,9 +80,11 @@ class BlockReplay:
     def __init__(self, layers: nn.ModuleList, first: int, last: int) -> None:
         self.layers, self.first, self.last = layers, first, last
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self._chained = True  # each recorded block's input is the previous block's output
+        self.caches: list[Cache] = []  # the caches the blocks were handed, each once
+        self._sound = True  # each block fed by the previous one, and appending to its own cache layer only
         self._start: torch.Tensor | None = None  # block `first`'s input
         self._previous: torch.Tensor | None = None  # the last recorded block's output
+        self._lengths: list[list[int]] = []  # each cache's layer lengths before the block now running
         self._handles = []
         for index in range(first, last + 1):
             self._handles.append(layers[index].register_forward_pre_hook(self._record, with_kwargs=True))
@@ -91,29 +93,40 @@ class BlockReplay:
     def _record(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor):
-            self._chained = False
+            self._sound = False
         elif not self.calls:
             self._start = hidden.clone()
         elif hidden is not self._previous:
-            self._chained = False
+            self._sound = False
+        caches = list({id(v): v for v in (*args, *kwargs.values()) if isinstance(v, Cache)}.values())
+        if kwargs.get("use_cache") and not caches:
+            self._sound = False  # a cache the block reaches some other way: its entries could not be taken back
+        if self.calls and [id(c) for c in caches] != [id(c) for c in self.caches]:
+            self._sound = False
+        self.caches = caches
+        self._lengths = [_layer_lengths(cache) for cache in caches]
         self.calls.append((args, kwargs))
 
     def _follow(self, _module: nn.Module, _args: Any, output: Any) -> None:
         self._previous = block_hidden(output)
+        index, added = self.first + len(self.calls) - 1, self._previous.shape[1]
+        for cache, before in zip(self.caches, self._lengths, strict=True):
+            after = _layer_lengths(cache)
+            before = before + [0] * (len(after) - len(before))  # a cache may add its layers as blocks first write
+            if after != [n + added if i == index else n for i, n in enumerate(before)]:
+                self._sound = False  # the block wrote elsewhere than its own layer, or not the pass's positions
 
     @property
     def replayable(self) -> bool:
-        """Whether every block ran once, fed by the one before, and wrote its keys and values (if any) to a layer
-        of a plain `DynamicCache` (checked once the blocks have run: a cache may add its layers as they run)."""
-        if not self._chained or len(self.calls) != self.last - self.first + 1:
+        """Whether every block ran once, fed by the one before, appending this pass's positions to its own layer of
+        a plain `DynamicCache` held on its device (checked once the blocks have run: a cache may add its layers as
+        they run)."""
+        if not self._sound or len(self.calls) != self.last - self.first + 1:
             return False
-        for index, (args, kwargs) in zip(range(self.first, self.last + 1), self.calls, strict=True):
-            caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
-            if kwargs.get("use_cache") and not caches:
-                return False  # a cache the block reaches some other way: its entries could not be taken back
-            if not all(_plain_dynamic_layer(cache, index) for cache in caches):
-                return False
-        return True
+        if any(getattr(cache, "offloading", False) for cache in self.caches):
+            return False  # offloaded layers have moved off the device by now
+        return all(_plain_dynamic_layer(cache, index) for cache in self.caches
+                   for index in range(self.first, self.last + 1))  # fmt: skip
 
     def run_again(self) -> Any:
         """Blocks `first`..`last` once more from `first`'s recorded input; returns block `last`'s new output."""
@@ -121,11 +134,10 @@ class BlockReplay:
         assert self.replayable and self._start is not None
         hidden, output = self._start, None
         for index, (args, kwargs) in zip(range(self.first, self.last + 1), self.calls, strict=True):
-            for value in (*args, *kwargs.values()):
-                if isinstance(value, Cache):  # drop what the first run of this block appended
-                    layer = value.layers[index]
-                    layer.keys = layer.keys[..., : -hidden.shape[1], :]
-                    layer.values = layer.values[..., : -hidden.shape[1], :]
+            for cache in self.caches:  # drop what the first run of this block appended
+                layer = cache.layers[index]
+                layer.keys = layer.keys[..., : -hidden.shape[1], :]
+                layer.values = layer.values[..., : -hidden.shape[1], :]
             if args:
                 output = self.layers[index](hidden, *args[1:], **kwargs)
             else:
@@ -137,6 +149,10 @@ class BlockReplay:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _layer_lengths(cache: Cache) -> list[int]:
+    return [layer.get_seq_length() for layer in getattr(cache, "layers", ())]
 
 
 def _plain_dynamic_layer(cache: Cache, index: int) -> bool:
@@ -169,7 +185,6 @@ class InFlightGate:
         self.gate, self.mask, self.make_plan = gate, mask, make_plan
         self.steering, self.on_plan, self.streamer = steering, on_plan, streamer
         self.plan: Plan | None = None
-        self.replayed = False
         self._replay = BlockReplay(layers, replay_from, gate.layer) if replay_from is not None else None
         self._handle = layers[gate.layer].register_forward_hook(self._read)
 
@@ -195,7 +210,6 @@ class InFlightGate:
                 self.steering.row_gates = plan.steer_gates()
                 if replay is not None:
                     replayed = replay.run_again()
-                    self.replayed = True
             else:
                 self.steering.remove()
         if self.on_plan is not None:
