@@ -73,8 +73,8 @@ class BlockReplay:
 
     The key/value entries the first run wrote into a `DynamicCache` are dropped before each block runs again, so the
     cache ends as if the blocks had run once, steered. `replayable` is False when that cannot be done safely: a
-    cache layer of another kind (sliding window, static, quantized), or a block whose input is not the previous
-    block's output.
+    cache layer of another kind (sliding window, static, quantized, offloaded), a block whose input is not the
+    previous block's output, or one that wrote elsewhere than this pass's positions of its own cache layer.
     """
 
     def __init__(self, layers: nn.ModuleList, first: int, last: int) -> None:

@@ -4,7 +4,7 @@ PyTorch's CPU operators run on GNU OpenMP, which keeps a pool of threads for eve
 region. A server loads its model on one thread and runs it on the engine's worker thread: two pools. Once the
 pools' threads outnumber the CPU cores, libgomp stops spinning between parallel regions and parks its threads
 instead, so every operator pays a wake-up: on the development machine (2 cores) a decoding step of the embedded
-model took ~35% longer on the worker thread than the same step on the loading thread, and releasing the loading
+model took 40-50% longer on the worker thread than the same step on the loading thread, and releasing the loading
 thread's pool (OpenMP 5.0's `omp_pause_resource_all`) took that back (`docs/DESIGN_NOTES.md`, "Serving threads").
 This is GNU OpenMP's behaviour (per-thread pools); a no-op where PyTorch does not run on libgomp (macOS, Windows,
 builds on LLVM's or Intel's OpenMP).
