@@ -257,6 +257,9 @@ def main() -> None:
     parser.add_argument("--peer-rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="also time steering-vectors and repeng (their venvs)")
+    parser.add_argument("--below-gate-layer", type=int, default=BELOW_GATE["gate_layer"],
+                        help="gate layer of the 'layers below the gate' layout (steering 12, 16, 20, 24; the demo "
+                        "pair's gate reads layer 14)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/gating_overhead.json"))
     args = parser.parse_args()
 
@@ -265,13 +268,14 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(range(min(args.threads, os.cpu_count() or 1))))
     model, tokenizer = load_model()
+    below_gate = {**BELOW_GATE, "gate_layer": args.below_gate_layer}
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful"), builtin_prompts("harmless"), progress=False
     )
     common = {"target_vectors": vectors, "aligned_vectors": vectors}
     aligners = {
         "one pass": InferAligner(model, tokenizer, **common, **ONE_PASS),
-        "below gate": InferAligner(model, tokenizer, **common, **BELOW_GATE),
+        "below gate": InferAligner(model, tokenizer, **common, **below_gate),
     }
     for name, aligner in aligners.items():
         print(f"{name}: gate layer {aligner.gate.layer}, steered {aligner.steer_layers}: {aligner.gating}")
@@ -294,7 +298,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "ttft_rounds": args.ttft_rounds,
         "peer_rounds": args.peer_rounds if args.peers else None,
-        "layouts": {"one pass": ONE_PASS, "layers below the gate": BELOW_GATE},
+        "layouts": {"one pass": ONE_PASS, "layers below the gate": below_gate},
         "throughput": rows,
         "time_to_first_token": ttft,
         "steering_step": operations,
