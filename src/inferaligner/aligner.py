@@ -19,7 +19,14 @@ from inferaligner.errors import InferAlignerError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
 from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
 from inferaligner.loopstop import with_loop_stop
-from inferaligner.models import EMBEDDED_MODEL, block_hidden, context_length, decoder_layers, model_fingerprint
+from inferaligner.models import (
+    EMBEDDED_MODEL,
+    block_hidden,
+    context_length,
+    decoder_layers,
+    has_sliding_window,
+    model_fingerprint,
+)
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
 from inferaligner.settings import AlignerSettings, Mode, SettingsError, SteerScale
@@ -479,13 +486,9 @@ class InferAligner:
                     self.model.config)  # fmt: skip
         if any(_flag(source, key) for source in settings for key in _RECORDS_BLOCKS):
             return None  # the blocks' outputs are being collected: running some twice would add entries
-        if self._sliding_window():
+        if has_sliding_window(self.model):
             return None  # its cache layers drop old entries, so the first run's cannot be taken back
         return min(self.steer_layers)
-
-    def _sliding_window(self) -> bool:
-        config = self.model.config.get_text_config(decoder=True)
-        return any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
 
     def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
                    gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip

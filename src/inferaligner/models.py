@@ -227,6 +227,11 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def has_sliding_window(model: PreTrainedModel) -> bool:
+    """Whether some attention layer of the language part is not full attention (sliding window, chunked, ...)."""
+    return any(kind != "full_attention" for kind in getattr(text_config(model), "layer_types", None) or ())
+
+
 def context_length(model: PreTrainedModel) -> int | None:
     """How many tokens the model's positions cover, if its config says."""
     return getattr(text_config(model), "max_position_embeddings", None)

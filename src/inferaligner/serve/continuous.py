@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
 from inferaligner.loopstop import repeats
+from inferaligner.models import has_sliding_window
 from inferaligner.plan import Action, Plan, RowPlan
 from inferaligner.prompts import pad_rows, position_ids
 from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids, finish, read_token, report_plan
@@ -55,7 +56,7 @@ def continuous_unsupported(aligner: InferAligner) -> str | None:
         return f"the model's generation config sets {', '.join(changed)}, which this scheduler does not apply"
     if aligner.aligned_model is not None:
         return "mode 'aligned' answers fired rows with a second model"
-    if any(kind != "full_attention" for kind in getattr(aligner.model.config, "layer_types", None) or ()):
+    if has_sliding_window(aligner.model):
         return "the model has sliding-window attention layers"
     if getattr(aligner.model.config, "is_encoder_decoder", False):
         return "the model is an encoder-decoder"
