@@ -5,6 +5,7 @@ its next request when its last one is done), greedy, `--max-tokens` each. The mo
 kind: prefill (the prompt) or decoding step (one token per running row).
 
     python bench/engine_ab.py [--requests 128] [--clients 32] [--max-batch 16] [--max-tokens 32]
+                              [--schedulers continuous,no-prefix-cache,batch]
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.demo import demo_aligner
-from inferaligner.prompts import builtin_prompts, format_chats
+from inferaligner.prompts import builtin_prompts, chat_token_ids
 from inferaligner.serve import BatchEngine, ContinuousEngine
 from inferaligner.serve.engine import Done, Job
 
+SCHEDULERS = {
+    "continuous": lambda aligner, **limits: ContinuousEngine(aligner, **limits),
+    "no-prefix-cache": lambda aligner, **limits: ContinuousEngine(aligner, prefix_cache=False, **limits),
+    "batch": lambda aligner, **limits: BatchEngine(aligner, **limits),
+}
 
-def run(scheduler: type, aligner: Any, prompts: list[str], clients: int, max_batch: int, max_tokens: int) -> dict:
+
+def run(scheduler: str, aligner: Any, prompts: list[str], clients: int, max_batch: int, max_tokens: int) -> dict:
     spent: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     forward = aligner.model.forward
 
@@ -37,7 +44,7 @@ def run(scheduler: type, aligner: Any, prompts: list[str], clients: int, max_bat
             spent[kind][1] += time.perf_counter() - started
 
     aligner.model.forward = timed
-    engine = scheduler(aligner, max_batch=max_batch, batch_wait_s=0.01, max_queue=len(prompts))
+    engine = SCHEDULERS[scheduler](aligner, max_batch=max_batch, batch_wait_s=0.01, max_queue=len(prompts))
     tokenizer = aligner.tokenizer
     waiting = list(prompts)
     generated = 0
@@ -45,8 +52,8 @@ def run(scheduler: type, aligner: Any, prompts: list[str], clients: int, max_bat
     async def client(loop: asyncio.AbstractEventLoop) -> None:
         nonlocal generated
         while waiting:
-            text = format_chats(tokenizer, [waiting.pop(0)], aligner.settings.system)[0]
-            job = Job(tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, 0.0, 1.0, [], True, loop)
+            ids = chat_token_ids(tokenizer, [{"role": "user", "content": waiting.pop(0)}])  # as the server does
+            job = Job(ids, max_tokens, 0.0, 1.0, [], True, loop)
             engine.submit(job)
             while not isinstance(await job.events.get(), Done):
                 pass
@@ -64,7 +71,7 @@ def run(scheduler: type, aligner: Any, prompts: list[str], clients: int, max_bat
     seconds = asyncio.run(main())
     del aligner.model.forward
     return {
-        "scheduler": engine.scheduler, "max_batch": max_batch, "seconds": round(seconds, 1),
+        "scheduler": scheduler, "max_batch": max_batch, "seconds": round(seconds, 1),
         "tokens_per_s": round(generated / seconds, 1), "tokens_per_request": round(generated / len(prompts), 1),
         **{kind: {"passes": int(count), "seconds": round(total, 1), "ms_each": round(1000 * total / count, 1)}
            for kind, (count, total) in spent.items()},
@@ -78,6 +85,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--schedulers", default="continuous,batch", help=f"comma-separated: {', '.join(SCHEDULERS)}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_ab.json"))
     args = parser.parse_args()
     aligner = demo_aligner()  # the pair `inferaligner serve` serves by default
@@ -85,7 +93,7 @@ def main() -> None:
     prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]  # the load bench's mix
     results = []
     for max_batch in args.max_batch:
-        for scheduler in (ContinuousEngine, BatchEngine):
+        for scheduler in args.schedulers.split(","):
             results.append(run(scheduler, aligner, prompts, args.clients, max_batch, args.max_tokens))
             print(json.dumps(results[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ Each phase starts its own server process (the shipped demo pair) on a free 127.0
    requests sent at Poisson arrival times (--rate requests/s), whatever is still running. Each once with
    `--scheduler continuous --max-batch 16`, `--scheduler batch --max-batch 16` and `--scheduler batch --max-batch 1`:
    requests/s, tokens/s, time to first token p50/p95, latency p50/p95, requests lost.
+   Phases `continuous32` and `continuous32-whole-prompts`: 32 seats, with and without the prefix cache.
    With `today` (and `--today-src`): the same against the server before this issue, from another checkout.
    With `ray`: the same against `serve --ray --replicas 2 --cpus-per-replica 1` (a local Ray instance); with
    `ray-kill`: 128 requests from clients that retry failures (up to 3 times), one replica killed 15 s in.
@@ -46,14 +47,18 @@ from inferaligner.prompts import builtin_prompts
 DEADLINE_S = 1800  # the whole benchmark stops by itself after this
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PHASES = ("continuous", "continuous32", "batched", "batched32", "serial", "today", "poisson", "ray", "ray-kill",
-          "queue", "disconnect", "hangup", "sigterm")  # fmt: skip
+PHASES = ("continuous", "continuous32", "continuous32-whole-prompts", "batched", "batched32", "serial", "today",
+          "poisson", "ray", "ray-kill", "queue", "disconnect", "hangup", "sigterm")  # fmt: skip
 TODAY = "the server before issue 15 (whole batches, max 16)"
 RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1", "--scheduler", "continuous", "--max-batch", "16")
 RAY_LABEL = "Ray Serve, 2 replicas (continuous, max 16 each)"
 SCHEDULES = {  # phase: (label, server options)
     "continuous": ("continuous (max 16)", ("--scheduler", "continuous", "--max-batch", "16")),
     "continuous32": ("continuous (max 32)", ("--scheduler", "continuous", "--max-batch", "32")),
+    "continuous32-whole-prompts": (
+        "continuous (max 32), no prefix cache",
+        ("--scheduler", "continuous", "--max-batch", "32", "--no-prefix-cache"),
+    ),
     "batched": ("whole batches (max 16)", ("--scheduler", "batch", "--max-batch", "16")),
     "batched32": ("whole batches (max 32)", ("--scheduler", "batch", "--max-batch", "32")),
     "serial": ("one at a time", ("--scheduler", "batch", "--max-batch", "1")),

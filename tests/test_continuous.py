@@ -173,13 +173,15 @@ def test_a_group_that_fails_before_joining_is_retried_one_request_at_a_time(monk
         assert job.tokens == alone(aligner, prompt, 12)[0]  # prefilled once: two rows would write twice
 
 
+@pytest.mark.parametrize("prefix_cache", [False, True])
 @pytest.mark.parametrize(("options", "replay", "passes"),
                          [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, True, (1, 1)), ({}, True, (1, 1)),
                           ({}, False, (2, 1))])  # fmt: skip
-def test_the_gate_is_read_inside_the_prefill(options, replay, passes, monkeypatch) -> None:
+def test_the_gate_is_read_inside_the_prefill(options, replay, passes, prefix_cache, monkeypatch) -> None:
     """One pass over each prompt: steered layers above the gate are steered in it, and blocks from a steered layer
     at or below the gate to the gate run again inside it; where they cannot, a fired row is prefilled a second
-    time, under its plan, and answers the same."""
+    time, under its plan, and answers the same. With the prefix cache, each engine first runs the chat template's
+    opening twice (unsteered and steered), once for all requests."""
     aligner = make_aligner(**options)
     if not replay:
         monkeypatch.setattr(aligner, "_replay_from", lambda _kwargs: None)
@@ -193,9 +195,9 @@ def test_the_gate_is_read_inside_the_prefill(options, replay, passes, monkeypatc
     try:
         for prompt, expected in zip((HARMFUL, HARMLESS), passes, strict=True):
             before = len(prompts)
-            engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0)
+            engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0, prefix_cache=prefix_cache)
             jobs, _ = asyncio.run(run_jobs(engine, aligner, (prompt, 4), []))
-            assert len(prompts) - before == expected
+            assert len(prompts) - before == expected + (2 if prefix_cache else 0)
             assert jobs[0].intervened == (prompt == HARMFUL)
             assert jobs[0].tokens == alone(aligner, prompt, 4)[0]
     finally:

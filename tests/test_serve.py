@@ -37,8 +37,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_aligner(mode: str = "inferaligner", context: int = 256, **options) -> InferAligner:
-    """A sharp tiny model whose gate fires on HARMFUL and not on HARMLESS (threshold set between them)."""
+def make_aligner(mode: str = "inferaligner", context: int = 256, pooling: str = "last", **options) -> InferAligner:
+    """A sharp tiny model whose gate (pooled over the prompt as `pooling` says) fires on HARMFUL and not on
+    HARMLESS (threshold set between them)."""
     tokenizer, model = tiny_tokenizer(), tiny_model("llama", sharp=True, context=context)
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
@@ -46,6 +47,7 @@ def make_aligner(mode: str = "inferaligner", context: int = 256, **options) -> I
     options.setdefault("steer_layers", [1, 2])
     aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, mode=mode,
                            alpha=30.0, **options)  # fmt: skip
+    aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     scores = [d.score for d in aligner.gate_decisions(**aligner.encode([HARMFUL, HARMLESS]))]
     if scores[0] < scores[1]:  # random weights: flip the direction so HARMFUL scores higher
         aligner.gate = dataclasses.replace(aligner.gate, direction=-aligner.gate.direction)

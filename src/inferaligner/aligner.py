@@ -423,21 +423,32 @@ class InferAligner:
         attention_mask: torch.Tensor,
         *,
         allowed: Sequence[bool] | None = None,
+        prefix_hidden: torch.Tensor | None = None,
+        before_steering: Callable[[Plan], None] | None = None,
         **forward_kwargs: Any,
     ) -> tuple[Any, Plan]:
         """One forward pass of the model over these prompts with the gate read inside it, as `try_one_pass` reads
         it inside `generate`'s prefill: returns `(output, plan)`, or `(None, plan)` when the plan needs what this
         pass cannot do (it then stopped at the gate layer; run the pass again inside `steered(plan)`, with a fresh
-        cache when one was passed)."""
+        cache when one was passed).
+
+        A pass that continues a cached prefix passes that prefix's gate-layer outputs as `prefix_hidden` and an
+        `attention_mask` that covers the prefix as well; `before_steering(plan)` runs before anything is steered,
+        when the plan steers, for the caller to steer what its cache holds (`inflight.InFlightGate`)."""
         if self.gate is None:
             plan = self.plan(None, len(input_ids), allowed)
+            if plan.steers and before_steering is not None:
+                before_steering(plan)
             with self.steered(plan), torch.inference_mode():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), plan
         try:
-            in_flight = self._gate_in_flight(len(input_ids), attention_mask, allowed, forward_kwargs=forward_kwargs)
+            in_flight = self._gate_in_flight(len(input_ids), attention_mask, allowed, forward_kwargs=forward_kwargs,
+                                             prefix_hidden=prefix_hidden, before_steering=before_steering)  # fmt: skip
             with in_flight as (reading, _), torch.inference_mode():
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         except Replan as stop:
+            if stop.plan is None and prefix_hidden is not None:
+                raise InferAlignerError("The gate cannot read a prompt whose length the model changes.") from None
             return None, stop.plan if stop.plan is not None else self.decide(input_ids, attention_mask, allowed=allowed)
         assert reading.plan is not None
         return output, reading.plan
@@ -451,6 +462,8 @@ class InferAligner:
         on_plan: Callable[[Plan], None] | None = None,
         streamer: HeldStreamer | None = None,
         forward_kwargs: dict[str, Any] | None = None,
+        prefix_hidden: torch.Tensor | None = None,
+        before_steering: Callable[[Plan], None] | None = None,
     ) -> Iterator[tuple[InFlightGate, SteeringHandle | None]]:
         """The hooks that read the gate inside the next forward pass (`inflight.InFlightGate`), with steering hooks
         that take the plan's row gates when every steered layer lies above the gate, or when the blocks from the
@@ -470,11 +483,9 @@ class InferAligner:
                     add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, zero)
                 )
             assert self.gate is not None
-            reading = hooks.enter_context(
-                InFlightGate(
-                    self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer, replay_from
-                )
-            )
+            gate_reader = InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer,
+                                       replay_from, prefix_hidden, before_steering)  # fmt: skip
+            reading = hooks.enter_context(gate_reader)
             yield reading, steering
 
     def _replay_from(self, forward_kwargs: dict[str, Any]) -> int | None:

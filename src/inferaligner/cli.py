@@ -487,7 +487,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 SERVE_DEFAULTS = {
-    "host": "127.0.0.1", "port": 8000, "scheduler": "continuous", "max_batch": 8, "batch_wait_ms": 10.0,
+    "host": "127.0.0.1", "port": 8000, "scheduler": "continuous", "prefix_cache": True, "max_batch": 8,
+    "batch_wait_ms": 10.0,
     "max_queue": 64, "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20,
     "body_timeout_s": 30.0,
     "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
@@ -579,7 +580,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
-    engine = make_engine(aligner, options["scheduler"], **limits)
+    engine = make_engine(aligner, options["scheduler"], prefix_cache=bool(options["prefix_cache"]), **limits)
     mode = aligner.settings.mode.value
     _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
             f"http://{options['host']}:{options['port']}, {engine.scheduler} batching")  # fmt: skip
@@ -868,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--scheduler", choices=("continuous", "batch"),
                        help="continuous: requests join and leave the running batch at each decoding step (default); "
                        "batch: each batch runs to its end")  # fmt: skip
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
+                       help="prefill every chat request whole (by default the continuous scheduler runs the chat "
+                       "template's opening once and prefills only what follows it)")  # fmt: skip
     serve.add_argument("--max-batch", type=positive_int, help="rows decoded together (default 8)")
     serve.add_argument(
         "--batch-wait-ms",

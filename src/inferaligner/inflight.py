@@ -169,6 +169,11 @@ class InFlightGate:
     or below the gate, `replay_from` names the lowest one: a plan that steers then runs the blocks from there to the
     gate layer again (`BlockReplay`), or stops the pass when they cannot be replayed or `steering` is `None`.
     `on_plan(plan)` is called as soon as the pass goes on with the plan.
+
+    A pass that continues a cached prefix (the prompt's first tokens already in the cache) gives that prefix's
+    gate-layer outputs as `prefix_hidden` [prefix, hidden], so the gate pools over the whole prompt; `mask` then
+    covers the prefix too. `before_steering(plan)` is called once a plan that steers is known and before any block
+    runs steered, so the caller can hand the steered rows a steered prefix.
     """
 
     def __init__(
@@ -181,9 +186,12 @@ class InFlightGate:
         on_plan: Any = None,
         streamer: HeldStreamer | None = None,
         replay_from: int | None = None,
+        prefix_hidden: torch.Tensor | None = None,
+        before_steering: Any = None,
     ) -> None:
         self.gate, self.mask, self.make_plan = gate, mask, make_plan
         self.steering, self.on_plan, self.streamer = steering, on_plan, streamer
+        self.prefix_hidden, self.before_steering = prefix_hidden, before_steering
         self.plan: Plan | None = None
         self._replay = BlockReplay(layers, replay_from, gate.layer) if replay_from is not None else None
         self._handle = layers[gate.layer].register_forward_hook(self._read)
@@ -195,6 +203,9 @@ class InFlightGate:
             replay.remove()
         hidden = block_hidden(output)
         rows = len(self.mask)
+        if self.prefix_hidden is not None:
+            prefix = self.prefix_hidden.to(device=hidden.device, dtype=hidden.dtype)
+            hidden = torch.cat([prefix.expand(hidden.shape[0], -1, -1), hidden], dim=1)
         if hidden.shape[1] != self.mask.shape[1] or hidden.shape[0] % rows:
             raise Replan(None)
         hidden = hidden[:: hidden.shape[0] // rows]  # sequences expanded per prompt (beams, samples) are alike
@@ -208,6 +219,8 @@ class InFlightGate:
         if self.steering is not None:
             if plan.steers:
                 self.steering.row_gates = plan.steer_gates()
+                if self.before_steering is not None:
+                    self.before_steering(plan)
                 if replay is not None:
                     replayed = replay.run_again()
             else:

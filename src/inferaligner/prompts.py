@@ -274,6 +274,13 @@ def format_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[
     return "\n".join([*lines, format_chat(tokenizer, last["content"])])
 
 
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+    """A conversation's prompt tokens (`format_messages`); the tokenizer's special tokens are added only where there
+    is no chat template (a template writes its own)."""
+    text = format_messages(tokenizer, messages)
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
 def format_chats(
     tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], system: str | None = None
 ) -> list[str]:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferaligner.errors import InferAlignerError
 from inferaligner.models import context_length
-from inferaligner.prompts import defuse_special_tokens, format_messages
+from inferaligner.prompts import chat_token_ids, defuse_special_tokens
 from inferaligner.serve.engine import (
     Done,
     Draining,
@@ -321,8 +321,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         roles = {"developer": "system"}
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
         with tokenizing:
-            text = format_messages(tokenizer, messages)
-            return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+            return chat_token_ids(tokenizer, messages)
 
     def text_ids(prompt: str) -> list[int]:
         with tokenizing:

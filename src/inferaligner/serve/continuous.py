@@ -19,6 +19,7 @@ in `transformers` reads, with the same hooks the rest of InferAligner steers thr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from inferaligner.models import has_sliding_window
 from inferaligner.plan import Action, Plan, RowPlan
 from inferaligner.prompts import pad_rows, position_ids
 from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids, finish, read_token, report_plan
+from inferaligner.serve.prefix import SharedPrefix, chat_opening
 
 log = logging.getLogger("inferaligner.serve")
 
@@ -140,13 +142,15 @@ class ContinuousEngine(Engine):
 
     scheduler = "continuous"
 
-    def __init__(self, aligner: InferAligner, **limits: object) -> None:
+    def __init__(self, aligner: InferAligner, *, prefix_cache: bool = True, **limits: object) -> None:
         reason = continuous_unsupported(aligner)
         if reason is not None:
             raise ValueError(f"Continuous batching cannot serve this aligner: {reason}.")
         super().__init__(aligner, **limits)  # type: ignore[arg-type]
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
+        self.prefix_cache = prefix_cache
+        self._prefix: SharedPrefix | None = None  # built by the worker before its first prefill
         self._eos = eos_ids(aligner)
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
@@ -194,13 +198,43 @@ class ContinuousEngine(Engine):
                 observe(len(self.rows))
 
     def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill new requests: those that start with the shared prefix as one group, the others as another."""
+        prefix = self._shared_prefix()
+        cached = [job for job in jobs if prefix is not None and prefix.fits(job.prompt_ids)]
+        rest = [job for job in jobs if not (prefix is not None and prefix.fits(job.prompt_ids))]
+        for group, used in ((cached, prefix), (rest, None)):
+            if group:
+                self._prefill_group(group, used)
+
+    def _shared_prefix(self) -> SharedPrefix | None:
+        """The chat template's opening, run once (`serve.prefix`); `None` when prefix caching is off or fails."""
+        if self.prefix_cache and self._prefix is None:
+            try:
+                opening = chat_opening(self.aligner.tokenizer)
+                if opening:
+                    self._prefix = SharedPrefix.build(self.aligner, opening, self._run_prefix)
+                    log.info("prefix cache: %d tokens of the chat template's opening", len(opening))
+            except Exception:
+                log.exception("prefix cache off: the chat template's opening could not be run")
+            self.prefix_cache = self._prefix is not None
+        return self._prefix
+
+    def _run_prefix(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> None:
+        self.aligner.model(input_ids=ids, attention_mask=mask, **self._forward_kwargs(mask, position_ids(mask), cache))
+
+    def _prefill_group(self, jobs: list[Job], prefix: SharedPrefix | None) -> None:
         aligner = self.aligner
-        inputs = pad_rows(aligner.tokenizer, [job.prompt_ids for job in jobs], aligner.device)
+        skip = len(prefix) if prefix is not None else 0
+        inputs = pad_rows(aligner.tokenizer, [job.prompt_ids[skip:] for job in jobs], aligner.device)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        cache = DynamicCache()
+        mask = torch.cat([mask.new_ones(len(jobs), skip), mask], dim=1)  # the mask covers the cached prefix too
+        positions = position_ids(mask)[:, skip:]
+        cache = prefix.cache(len(jobs)) if prefix is not None else DynamicCache()
         # The gate is read inside this prefill; a plan that needs more (steering at or below the gate layer, fixed
         # answers) stops it at the gate layer, and the rows the plan generates are prefilled again under it.
-        kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+        kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
+        if prefix is not None:
+            kwargs.update(prefix_hidden=prefix.gate_hidden, before_steering=functools.partial(prefix.steer, cache))
         output, plan = aligner.prefill(ids, mask, allowed=[job.aligned for job in jobs], **kwargs)
         report_plan(jobs, plan)
         generated = [i for i, row in enumerate(plan) if row.answer is None]
@@ -209,8 +243,9 @@ class ContinuousEngine(Engine):
             return
         if output is None:
             jobs, plan = [jobs[i] for i in generated], plan.select(generated)
-            ids, mask, cache = ids[generated], mask[generated], DynamicCache()
-            kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+            ids, mask, positions = ids[generated], mask[generated], positions[generated]
+            cache = prefix.cache(len(jobs), plan.steer_gates()) if prefix is not None else DynamicCache()
+            kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
             with aligner.steered(plan):
                 output = aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
         logits = output.logits[:, -1]
@@ -298,14 +333,16 @@ class ContinuousEngine(Engine):
 SCHEDULERS = ("continuous", "batch")
 
 
-def make_engine(aligner: InferAligner, scheduler: str = "continuous", **limits: object) -> Engine:
+def make_engine(aligner: InferAligner, scheduler: str = "continuous", *, prefix_cache: bool = True,
+                **limits: object) -> Engine:  # fmt: skip
     """The serving engine for `scheduler`; "continuous" falls back to "batch" (with a warning) for an aligner it
-    cannot serve (`continuous_unsupported`)."""
+    cannot serve (`continuous_unsupported`). `prefix_cache`: the continuous scheduler prefills the chat template's
+    opening once (`serve.prefix`)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
     if scheduler == "continuous":
         reason = continuous_unsupported(aligner)
         if reason is None:
-            return ContinuousEngine(aligner, **limits)
+            return ContinuousEngine(aligner, prefix_cache=prefix_cache, **limits)
         log.warning("continuous batching is off: %s; serving whole batches instead", reason)
     return BatchEngine(aligner, **limits)  # type: ignore[arg-type]

@@ -46,7 +46,8 @@ class Replica:
 
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
         aligner = build(options)
-        self.engine = make_engine(aligner, str(options.get("scheduler") or "continuous"), **limits)
+        self.engine = make_engine(aligner, str(options.get("scheduler") or "continuous"),
+                                  prefix_cache=bool(options.get("prefix_cache", True)), **limits)  # fmt: skip
         self.config = config
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this, after __init__, for the replica's app

@@ -1,0 +1,107 @@
+"""The chat template's opening, run through the model once: chat requests prefill only what follows it.
+
+Every chat request starts with the same tokens (the template's system turn and the user turn's header): 24 of the
+~46 prompt tokens of a short SmolLM2 chat request. `SharedPrefix` runs them through the model once, unsteered and
+steered, and keeps each layer's keys and values; a request that starts with them gets them as its cache and
+prefills the rest only.
+
+Two things keep that exact. The gate pools over the whole prompt, so the prefix also keeps its gate-layer outputs,
+which the gate reads before the rest's (`prefix_hidden` of `InferAligner.prefill`). A steered row is steered at
+every position, the prefix's included, so once the plan is known, and before any block runs steered, each steered
+row's prefix entries are swapped for the steered ones (`steer`): its cache is then the one a steered prefill of its
+whole prompt would have written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from inferaligner.aligner import InferAligner
+from inferaligner.models import block_hidden
+from inferaligner.plan import Action, Plan, RowPlan
+from inferaligner.prompts import chat_token_ids
+
+Forward = Callable[[torch.Tensor, torch.Tensor, DynamicCache], Any]  # (input ids, attention mask, cache) -> output
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each [1, heads, prefix, head dim]
+
+
+def chat_opening(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every one-turn chat prompt starts with: the longest common start of two rendered chats."""
+    first, second = (chat_token_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "Bye"))
+    common = 0
+    while common < min(len(first), len(second)) and first[common] == second[common]:
+        common += 1
+    return first[:common]
+
+
+@dataclass
+class SharedPrefix:
+    """A prompt prefix's keys and values per layer, unsteered and steered, and its gate-layer outputs."""
+
+    ids: list[int]
+    plain: KeysValues
+    steered: KeysValues | None  # None when the aligner steers nothing
+    gate_hidden: torch.Tensor | None  # [prefix, hidden]; None without a gate
+
+    @classmethod
+    def build(cls, aligner: InferAligner, ids: Sequence[int], forward: Forward) -> SharedPrefix:
+        """Run `ids` through the model unsteered (reading the gate layer's outputs) and, when the aligner can steer,
+        steered at full strength. `forward(ids, mask, cache)` runs one pass as the engine runs its prefills."""
+        tokens = torch.tensor([list(ids)], device=aligner.device)
+        mask = torch.ones_like(tokens)
+        captured: list[torch.Tensor] = []
+
+        def run(action: Action) -> KeysValues:
+            cache = DynamicCache()
+            with aligner.steered(Plan((RowPlan(action, None),))), torch.inference_mode():
+                hook = None
+                if action is Action.PASS and aligner.gate is not None:
+                    hook = aligner.layers[aligner.gate.layer].register_forward_hook(
+                        lambda _m, _a, output: captured.append(block_hidden(output)[0].clone())
+                    )
+                try:
+                    forward(tokens, mask, cache)
+                finally:
+                    if hook is not None:
+                        hook.remove()
+            return [(layer.keys, layer.values) for layer in cache.layers]
+
+        plain = run(Action.PASS)
+        steered = run(Action.STEER) if aligner.steer_directions is not None and aligner.steer_layers else None
+        return cls(list(ids), plain, steered, captured[0] if captured else None)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fits(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether this prompt starts with the prefix and goes on after it."""
+        return len(prompt_ids) > len(self.ids) and list(prompt_ids[: len(self.ids)]) == self.ids
+
+    def cache(self, rows: int, steered: torch.Tensor | None = None) -> DynamicCache:
+        """A cache holding the prefix for `rows` rows: the steered prefix where `steered` (a gate per row) is 1."""
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(self.plain):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        if steered is not None:
+            self._swap(cache, steered)
+        return cache
+
+    def steer(self, cache: DynamicCache, plan: Plan) -> None:
+        """Give the rows `plan` steers the steered prefix in `cache` (whose first entries are this prefix)."""
+        self._swap(cache, plan.steer_gates())
+
+    def _swap(self, cache: DynamicCache, gates: torch.Tensor) -> None:
+        if self.steered is None or not bool(gates.any()):
+            return
+        size = len(self.ids)
+        for layer, (keys, values) in zip(cache.layers, self.steered, strict=True):
+            rows = gates.to(device=layer.keys.device).bool().view(-1, 1, 1, 1)
+            layer.keys = torch.cat([torch.where(rows, keys, layer.keys[:, :, :size]), layer.keys[:, :, size:]], 2)
+            layer.values = torch.cat(
+                [torch.where(rows, values, layer.values[:, :, :size]), layer.values[:, :, size:]], 2
+            )
