@@ -11,7 +11,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import chat_token_ids
-from inferaligner.serve import ContinuousEngine
+from inferaligner.serve import ContinuousEngine, continuous
 from inferaligner.serve.engine import Done, Failed, Job
 from inferaligner.serve.prefix import SharedPrefix, chat_opening
 
@@ -134,13 +134,17 @@ def test_a_group_that_fails_over_the_cached_opening_is_retried_whole(monkeypatch
         assert_as_if_alone(job, aligner, prompt)
 
 
-def test_an_opening_that_cannot_be_run_turns_the_prefix_cache_off(monkeypatch) -> None:
+@pytest.mark.parametrize("failing", ["rendered", "run"])
+def test_an_opening_that_cannot_be_rendered_or_run_turns_the_prefix_cache_off(failing, monkeypatch) -> None:
     aligner = InferAligner(tiny_model("llama", sharp=True), tiny_tokenizer(), mode="off")
 
     def broken(*_args, **_kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError("out of memory")
+        raise RuntimeError("the template wants a system turn" if failing == "rendered" else "out of memory")
 
-    monkeypatch.setattr(SharedPrefix, "build", broken)
+    if failing == "rendered":
+        monkeypatch.setattr(continuous, "chat_opening", broken)
+    else:
+        monkeypatch.setattr(SharedPrefix, "build", broken)
     engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0)
     jobs, _ = asyncio.run(run_jobs(engine, aligner, (HARMLESS, 6), [(OTHER, 6, 0.0)]))
     assert not engine.prefix_cache

@@ -110,6 +110,15 @@ class RunningBatch:
         return self.mask
 
 
+def _opening(aligner: InferAligner) -> list[int]:
+    """The chat template's opening (`serve.prefix.chat_opening`), or none where the template cannot render it."""
+    try:
+        return chat_opening(aligner.tokenizer)
+    except Exception as exc:  # a template that refuses a lone user turn, say: nothing to cache
+        log.warning("prefix cache off: the chat template's opening could not be rendered (%s)", exc)
+        return []
+
+
 def _fresh_cache(prefix: SharedPrefix | None, rows: int, gates: torch.Tensor | None = None) -> DynamicCache:
     """A cache for a prefill: empty, or holding the prefix (steered where `gates` is 1)."""
     return prefix.cache(rows, gates) if prefix is not None else DynamicCache()
@@ -157,7 +166,10 @@ class ContinuousEngine(Engine):
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
         self.prefix_cache = prefix_cache
-        self._prefix: SharedPrefix | None = None  # built by the worker before its first prefill
+        # The opening's tokens now, before the server's threads share the tokenizer; its keys and values are computed
+        # by the worker before its first prefill.
+        self._opening = _opening(aligner) if prefix_cache else []
+        self._prefix: SharedPrefix | None = None
         self._eos = eos_ids(aligner)
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
@@ -219,10 +231,9 @@ class ContinuousEngine(Engine):
         """The chat template's opening, run once (`serve.prefix`); `None` when prefix caching is off or fails."""
         if self.prefix_cache and self._prefix is None:
             try:
-                opening = chat_opening(self.aligner.tokenizer)
-                if opening:
-                    self._prefix = SharedPrefix.build(self.aligner, opening, self._run_prefix)
-                    log.info("prefix cache: %d tokens of the chat template's opening", len(opening))
+                if self._opening:
+                    self._prefix = SharedPrefix.build(self.aligner, self._opening, self._run_prefix)
+                    log.info("prefix cache: %d tokens of the chat template's opening", len(self._opening))
             except Exception as exc:
                 log.warning("prefix cache off: the chat template's opening could not be run (%s)", exc)
             self.prefix_cache = self._prefix is not None
