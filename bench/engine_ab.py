@@ -79,13 +79,22 @@ def run(scheduler: str, aligner: Any, prompts: list[str], clients: int, max_batc
     }  # fmt: skip
 
 
+def _schedulers(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in SCHEDULERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scheduler {', '.join(unknown)}; choose from {', '.join(SCHEDULERS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--schedulers", default="continuous,batch", help=f"comma-separated: {', '.join(SCHEDULERS)}")
+    parser.add_argument("--schedulers", default="continuous,batch", type=_schedulers,
+                        help=f"comma-separated: {', '.join(SCHEDULERS)}")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_ab.json"))
     args = parser.parse_args()
     aligner = demo_aligner()  # the pair `inferaligner serve` serves by default
@@ -93,7 +102,7 @@ def main() -> None:
     prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]  # the load bench's mix
     results = []
     for max_batch in args.max_batch:
-        for scheduler in args.schedulers.split(","):
+        for scheduler in args.schedulers:
             results.append(run(scheduler, aligner, prompts, args.clients, max_batch, args.max_tokens))
             print(json.dumps(results[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import chat_token_ids
-from inferaligner.serve import ContinuousEngine
-from inferaligner.serve.engine import Done, Job
+from inferaligner.serve import ContinuousEngine, continuous
+from inferaligner.serve.engine import Done, Failed, Job
 from inferaligner.serve.prefix import SharedPrefix, chat_opening
 
 
@@ -46,10 +46,16 @@ def prefill_widths(aligner: InferAligner) -> list[int]:
         ({}, False),  # blocks cannot run again: a fired row is prefilled again under its plan
         ({"pooling": "mean"}, True),  # the gate pools over the whole prompt, the cached opening included
         ({"mode": "always"}, True),  # every row steered
+        ({"mode": "always", "gate": False}, True),  # every row steered, no gate: the opening swapped before the pass
     ],
 )
 def test_rows_that_skip_the_opening_answer_as_if_alone(options, replay, slow_model, monkeypatch) -> None:  # noqa: F811
-    aligner = slow_model(make_aligner(**options))
+    aligner = make_aligner(**{k: v for k, v in options.items() if k != "gate"})
+    if options.get("gate") is False:
+        aligner = InferAligner(aligner.model, aligner.tokenizer, aligned_vectors=aligner.aligned_vectors,
+                               settings=aligner.settings)  # fmt: skip
+        assert aligner.gate is None
+    aligner = slow_model(aligner)
     if not replay:
         monkeypatch.setattr(aligner, "_replay_from", lambda _kwargs: None)
     widths = prefill_widths(aligner)
@@ -62,7 +68,8 @@ def test_rows_that_skip_the_opening_answer_as_if_alone(options, replay, slow_mod
     for job, prompt in zip(jobs, (HARMLESS, HARMFUL, OTHER, HARMLESS), strict=True):
         assert_as_if_alone(job, aligner, prompt)
         alone = aligner.decide(**aligner.encode([prompt]))[0].gate
-        assert job.gate.score == pytest.approx(alone.score, abs=1e-4)  # read over the whole prompt
+        if alone is not None:
+            assert job.gate.score == pytest.approx(alone.score, abs=1e-4)  # read over the whole prompt
     assert jobs[1].intervened and (jobs[0].intervened == (options.get("mode") == "always"))
     opening = len(chat_opening(aligner.tokenizer))
     longest = max(len(job.prompt_ids) for job in jobs)
@@ -70,41 +77,74 @@ def test_rows_that_skip_the_opening_answer_as_if_alone(options, replay, slow_mod
     assert prefills[1:] and all(width <= longest - opening for width in prefills[1:])
 
 
-def test_prompts_without_the_opening_are_prefilled_whole_beside_those_with_it(slow_model) -> None:  # noqa: F811
-    aligner = slow_model(make_aligner())
-    system = aligner.variant(system="Be brief.")  # its prompts open with a system turn
-    system.gate = aligner.gate
-    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0)
-    own = system.encode([HARMLESS])["input_ids"][0].tolist()
-    assert own[: len(chat_opening(aligner.tokenizer))] != chat_opening(aligner.tokenizer)
+def submitted_together(engine: ContinuousEngine, prompts: list[list[int]]) -> tuple[list[Job], list[int]]:
+    """Submit these prompts at once (greedy, 10 tokens) to an engine that waits for company; returns the jobs once
+    done and the running-batch sizes the engine reported."""
+    sizes: list[int] = []
+    engine.on_batch.append(sizes.append)
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    async def scenario() -> list[Job]:
         loop = asyncio.get_running_loop()
-        chat = aligner.encode([HARMFUL])["input_ids"][0].tolist()
-        jobs = [Job(ids, 10, 0.0, 1.0, [], True, loop, top_logprobs=1) for ids in (own, chat)]
+        jobs = [Job(ids, 10, 0.0, 1.0, [], True, loop, top_logprobs=1) for ids in prompts]
+        for job in jobs:
+            engine.submit(job)
         engine.start()
         try:
             for job in jobs:
-                engine.submit(job)
-            for job in jobs:
-                while not isinstance(await asyncio.wait_for(job.events.get(), 60), Done):
-                    pass
+                while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), Done):
+                    assert not isinstance(event, Failed), event.message
         finally:
             engine.stop()
         return jobs
 
-    with_system, harmful = asyncio.run(scenario())
+    return asyncio.run(scenario()), sizes
+
+
+def test_prompts_without_the_opening_are_prefilled_whole_beside_those_with_it() -> None:
+    aligner = make_aligner()
+    system = aligner.variant(system="Be brief.")  # its prompts open with a system turn
+    system.gate = aligner.gate
+    own = system.encode([HARMLESS])["input_ids"][0].tolist()
+    assert own[: len(chat_opening(aligner.tokenizer))] != chat_opening(aligner.tokenizer)
+    chat = aligner.encode([HARMFUL])["input_ids"][0].tolist()
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
+    (with_system, harmful), sizes = submitted_together(engine, [own, chat])
+    assert sizes == [2]  # admitted together: one group over the opening's cache, one prompt prefilled whole
     assert_as_if_alone(with_system, system, HARMLESS)
     assert_as_if_alone(harmful, aligner, HARMFUL)
 
 
-def test_an_opening_that_cannot_be_run_turns_the_prefix_cache_off(monkeypatch) -> None:
+def test_a_group_that_fails_over_the_cached_opening_is_retried_whole(monkeypatch) -> None:
+    aligner = make_aligner()
+    fresh = SharedPrefix.cache
+
+    def failing(self, rows, gates=None):  # type: ignore[no-untyped-def]
+        if rows > 1:
+            raise RuntimeError("out of memory")
+        return fresh(self, rows, gates)
+
+    monkeypatch.setattr(SharedPrefix, "cache", failing)
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
+    widths = prefill_widths(aligner)
+    prompts = [aligner.encode([text])["input_ids"][0].tolist() for text in (HARMFUL, HARMLESS)]
+    jobs, sizes = submitted_together(engine, prompts)
+    assert sizes[:2] == [1, 2] and engine.prefix_cache  # one request at a time after the failure
+    assert widths[-2:] == [len(ids) for ids in prompts]  # each prefilled whole
+    for job, prompt in zip(jobs, (HARMFUL, HARMLESS), strict=True):
+        assert_as_if_alone(job, aligner, prompt)
+
+
+@pytest.mark.parametrize("failing", ["rendered", "run"])
+def test_an_opening_that_cannot_be_rendered_or_run_turns_the_prefix_cache_off(failing, monkeypatch) -> None:
     aligner = InferAligner(tiny_model("llama", sharp=True), tiny_tokenizer(), mode="off")
 
     def broken(*_args, **_kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError("out of memory")
+        raise RuntimeError("the template wants a system turn" if failing == "rendered" else "out of memory")
 
-    monkeypatch.setattr(SharedPrefix, "build", broken)
+    if failing == "rendered":
+        monkeypatch.setattr(continuous, "chat_opening", broken)
+    else:
+        monkeypatch.setattr(SharedPrefix, "build", broken)
     engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0)
     jobs, _ = asyncio.run(run_jobs(engine, aligner, (HARMLESS, 6), [(OTHER, 6, 0.0)]))
     assert not engine.prefix_cache

@@ -430,7 +430,7 @@ class InferAligner:
         """One forward pass of the model over these prompts with the gate read inside it, as `try_one_pass` reads
         it inside `generate`'s prefill: returns `(output, plan)`, or `(None, plan)` when the plan needs what this
         pass cannot do (it then stopped at the gate layer; run the pass again inside `steered(plan)`, with a fresh
-        cache when one was passed).
+        cache when one was passed: for a cached prefix, one whose steered rows hold the steered prefix).
 
         A pass that continues a cached prefix passes that prefix's gate-layer outputs as `prefix_hidden` and an
         `attention_mask` that covers the prefix as well; `before_steering(plan)` runs before anything is steered,

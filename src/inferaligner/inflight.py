@@ -14,12 +14,14 @@ the gate and makes the plan before any later block runs. What happens next depen
   steers nothing carries on, in one pass.
 
 Plans that refuse or delegate rows also stop the pass (their rows are answered some other way). Stopping costs a
-`generate` call's set-up and the prompt's forward pass up to the gate layer; callers pass no cache of their own
-(`InferAligner` keeps prefix caches, chunked prefill and assisted decoding on the separate gate pass).
+`generate` call's set-up and the prompt's forward pass up to the gate layer. `generate` callers pass no cache of
+their own (`InferAligner` keeps prefix caches, chunked prefill and assisted decoding on the separate gate pass);
+the serving engine's prefills may continue a cached prompt opening (`prefix_hidden`, `before_steering`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -187,7 +189,7 @@ class InFlightGate:
         streamer: HeldStreamer | None = None,
         replay_from: int | None = None,
         prefix_hidden: torch.Tensor | None = None,
-        before_steering: Any = None,
+        before_steering: Callable[[Plan], None] | None = None,
     ) -> None:
         self.gate, self.mask, self.make_plan = gate, mask, make_plan
         self.steering, self.on_plan, self.streamer = steering, on_plan, streamer

@@ -2,8 +2,10 @@
 
 The worker runs one decoding step at a time for every running row. Between steps it admits waiting requests (up to
 `max_batch` rows in all): they are prefilled together, each row's gate read on its own prompt inside that pass
-(`InferAligner.prefill`; a plan that steers at or below the gate layer prefills its rows again under the plan), and
-their key/value caches are joined to the running batch's (`RunningBatch`). Each row keeps its gate for its whole
+(`InferAligner.prefill`; a plan that steers at or below the gate layer runs those blocks again in it, or, where it
+cannot, prefills its rows again under the plan), and their key/value caches are joined to the running batch's
+(`RunningBatch`). Requests that open with the chat template's opening are prefilled as one group from its cached
+keys and values (`serve.prefix`), the others whole, as a second group. Each row keeps its gate for its whole
 answer: every step runs under the plan of the rows running then, so a steered row is steered at every position and
 an unsteered row is not touched (its tokens are the ones `generate` gives it alone; its numbers differ from those
 only by the rounding of a wider, padded batch). Rows leave at their end (EOS, stop string, token limit, the loop
@@ -108,6 +110,20 @@ class RunningBatch:
         return self.mask
 
 
+def _opening(aligner: InferAligner) -> list[int]:
+    """The chat template's opening (`serve.prefix.chat_opening`), or none where the template cannot render it."""
+    try:
+        return chat_opening(aligner.tokenizer)
+    except Exception as exc:  # a template that refuses a lone user turn, say: nothing to cache
+        log.warning("prefix cache off: the chat template's opening could not be rendered (%s)", exc)
+        return []
+
+
+def _fresh_cache(prefix: SharedPrefix | None, rows: int, gates: torch.Tensor | None = None) -> DynamicCache:
+    """A cache for a prefill: empty, or holding the prefix (steered where `gates` is 1)."""
+    return prefix.cache(rows, gates) if prefix is not None else DynamicCache()
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing == 0:
@@ -150,7 +166,10 @@ class ContinuousEngine(Engine):
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
         self.prefix_cache = prefix_cache
-        self._prefix: SharedPrefix | None = None  # built by the worker before its first prefill
+        # The opening's tokens now, before the server's threads share the tokenizer; its keys and values are computed
+        # by the worker before its first prefill.
+        self._opening = _opening(aligner) if prefix_cache else []
+        self._prefix: SharedPrefix | None = None
         self._eos = eos_ids(aligner)
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
@@ -168,9 +187,10 @@ class ContinuousEngine(Engine):
                 if self.rows:
                     self._step_safely()
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], whole: bool = False) -> None:
         """Gate, plan and prefill new requests, then join them to the running batch; a group that fails is tried
-        one request at a time, so the failure stays with the request that caused it."""
+        one request at a time, each prompt prefilled whole (so a failure of the cached prefix cannot fail them too),
+        and the failure stays with the request that caused it."""
         live = [job for job in jobs if not job.cancelled.is_set()]
         for job in jobs:
             if job.cancelled.is_set():
@@ -178,7 +198,7 @@ class ContinuousEngine(Engine):
                 finish([job])
         try:
             if live:
-                self._prefill(live)
+                self._prefill(live, whole)
         except Exception as exc:
             log.exception("prefill of %d requests failed", len(live))
             running = {id(row.job) for row in self.rows}
@@ -186,7 +206,7 @@ class ContinuousEngine(Engine):
             retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
             if len(live) > 1:
                 for job in retry:
-                    self._admit([job])
+                    self._admit([job], whole=True)
             for job in live:
                 if job.finish_reason is None and id(job) not in running and (len(live) == 1 or job not in retry):
                     job.emit(Failed(f"generation failed: {exc}"))
@@ -197,12 +217,13 @@ class ContinuousEngine(Engine):
             for observe in self.on_batch:
                 observe(len(self.rows))
 
-    def _prefill(self, jobs: list[Job]) -> None:
-        """Prefill new requests: those that start with the shared prefix as one group, the others as another."""
-        prefix = self._shared_prefix()
-        cached = [job for job in jobs if prefix is not None and prefix.fits(job.prompt_ids)]
-        rest = [job for job in jobs if not (prefix is not None and prefix.fits(job.prompt_ids))]
-        for group, used in ((cached, prefix), (rest, None)):
+    def _prefill(self, jobs: list[Job], whole: bool = False) -> None:
+        """Prefill new requests: those that start with the shared prefix as one group, the others (all of them, when
+        `whole`) as another."""
+        prefix = None if whole else self._shared_prefix()
+        fits = [prefix is not None and prefix.fits(job.prompt_ids) for job in jobs]
+        for group, used in (([j for j, f in zip(jobs, fits, strict=True) if f], prefix),
+                            ([j for j, f in zip(jobs, fits, strict=True) if not f], None)):  # fmt: skip
             if group:
                 self._prefill_group(group, used)
 
@@ -210,17 +231,17 @@ class ContinuousEngine(Engine):
         """The chat template's opening, run once (`serve.prefix`); `None` when prefix caching is off or fails."""
         if self.prefix_cache and self._prefix is None:
             try:
-                opening = chat_opening(self.aligner.tokenizer)
-                if opening:
-                    self._prefix = SharedPrefix.build(self.aligner, opening, self._run_prefix)
-                    log.info("prefix cache: %d tokens of the chat template's opening", len(opening))
-            except Exception:
-                log.exception("prefix cache off: the chat template's opening could not be run")
+                if self._opening:
+                    self._prefix = SharedPrefix.build(self.aligner, self._opening, self._run_prefix)
+                    log.info("prefix cache: %d tokens of the chat template's opening", len(self._opening))
+            except Exception as exc:
+                log.warning("prefix cache off: the chat template's opening could not be run (%s)", exc)
             self.prefix_cache = self._prefix is not None
         return self._prefix
 
     def _run_prefix(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> None:
-        self.aligner.model(input_ids=ids, attention_mask=mask, **self._forward_kwargs(mask, position_ids(mask), cache))
+        kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+        self.aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
 
     def _prefill_group(self, jobs: list[Job], prefix: SharedPrefix | None) -> None:
         aligner = self.aligner
@@ -229,7 +250,7 @@ class ContinuousEngine(Engine):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         mask = torch.cat([mask.new_ones(len(jobs), skip), mask], dim=1)  # the mask covers the cached prefix too
         positions = position_ids(mask)[:, skip:]
-        cache = prefix.cache(len(jobs)) if prefix is not None else DynamicCache()
+        cache = _fresh_cache(prefix, len(jobs))
         # The gate is read inside this prefill; a plan that needs more (steering at or below the gate layer, fixed
         # answers) stops it at the gate layer, and the rows the plan generates are prefilled again under it.
         kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
@@ -244,7 +265,7 @@ class ContinuousEngine(Engine):
         if output is None:
             jobs, plan = [jobs[i] for i in generated], plan.select(generated)
             ids, mask, positions = ids[generated], mask[generated], positions[generated]
-            cache = prefix.cache(len(jobs), plan.steer_gates()) if prefix is not None else DynamicCache()
+            cache = _fresh_cache(prefix, len(jobs), plan.steer_gates())
             kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
             with aligner.steered(plan):
                 output = aligner.model(input_ids=ids, attention_mask=mask, **kwargs)

@@ -39,7 +39,7 @@ def chat_opening(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return first[:common]
 
 
-@dataclass
+@dataclass(eq=False)
 class SharedPrefix:
     """A prompt prefix's keys and values per layer, unsteered and steered, and its gate-layer outputs."""
 
@@ -82,13 +82,14 @@ class SharedPrefix:
         """Whether this prompt starts with the prefix and goes on after it."""
         return len(prompt_ids) > len(self.ids) and list(prompt_ids[: len(self.ids)]) == self.ids
 
-    def cache(self, rows: int, steered: torch.Tensor | None = None) -> DynamicCache:
-        """A cache holding the prefix for `rows` rows: the steered prefix where `steered` (a gate per row) is 1."""
+    def cache(self, rows: int, gates: torch.Tensor | None = None) -> DynamicCache:
+        """A cache of its own holding the prefix for `rows` rows: the steered prefix where `gates` (one per row)
+        is 1."""
         cache = DynamicCache()
-        for index, (keys, values) in enumerate(self.plain):
+        for index, (keys, values) in enumerate(self.plain):  # `update` copies: the kept prefix is never written
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
-        if steered is not None:
-            self._swap(cache, steered)
+        if gates is not None:
+            self._swap(cache, gates)
         return cache
 
     def steer(self, cache: DynamicCache, plan: Plan) -> None:
@@ -96,12 +97,12 @@ class SharedPrefix:
         self._swap(cache, plan.steer_gates())
 
     def _swap(self, cache: DynamicCache, gates: torch.Tensor) -> None:
+        """Overwrite, in place, the prefix entries of the rows whose gate is 1 with the steered prefix's (the cache
+        is the prefill's own, made by `cache`)."""
         if self.steered is None or not bool(gates.any()):
             return
         size = len(self.ids)
         for layer, (keys, values) in zip(cache.layers, self.steered, strict=True):
-            rows = gates.to(device=layer.keys.device).bool().view(-1, 1, 1, 1)
-            layer.keys = torch.cat([torch.where(rows, keys, layer.keys[:, :, :size]), layer.keys[:, :, size:]], 2)
-            layer.values = torch.cat(
-                [torch.where(rows, values, layer.values[:, :, :size]), layer.values[:, :, size:]], 2
-            )
+            rows = gates.to(layer.keys.device).nonzero().flatten()
+            layer.keys[rows, :, :size] = keys
+            layer.values[rows, :, :size] = values
