@@ -114,23 +114,21 @@ def test_prompts_without_the_opening_are_prefilled_whole_beside_those_with_it() 
     assert_as_if_alone(harmful, aligner, HARMFUL)
 
 
-def test_a_group_that_fails_over_the_cached_opening_is_retried_whole(monkeypatch) -> None:
+@pytest.mark.parametrize("texts", [(HARMFUL, HARMLESS), (HARMLESS,)])
+def test_requests_that_fail_over_the_cached_opening_are_retried_whole(texts, monkeypatch) -> None:
     aligner = make_aligner()
-    fresh = SharedPrefix.cache
 
-    def failing(self, rows, gates=None):  # type: ignore[no-untyped-def]
-        if rows > 1:
-            raise RuntimeError("out of memory")
-        return fresh(self, rows, gates)
+    def failing(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(SharedPrefix, "cache", failing)
+    monkeypatch.setattr(SharedPrefix, "cache", failing)  # every prefill over the opening fails
     engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
     widths = prefill_widths(aligner)
-    prompts = [aligner.encode([text])["input_ids"][0].tolist() for text in (HARMFUL, HARMLESS)]
+    prompts = [aligner.encode([text])["input_ids"][0].tolist() for text in texts]
     jobs, sizes = submitted_together(engine, prompts)
-    assert sizes[:2] == [1, 2] and engine.prefix_cache  # one request at a time after the failure
-    assert widths[-2:] == [len(ids) for ids in prompts]  # each prefilled whole
-    for job, prompt in zip(jobs, (HARMFUL, HARMLESS), strict=True):
+    assert sizes[: len(texts)] == list(range(1, len(texts) + 1))  # one request at a time after the failure
+    assert engine.prefix_cache and widths[-len(texts) :] == [len(ids) for ids in prompts]  # each prefilled whole
+    for job, prompt in zip(jobs, texts, strict=True):
         assert_as_if_alone(job, aligner, prompt)
 
 

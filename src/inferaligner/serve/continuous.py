@@ -188,9 +188,9 @@ class ContinuousEngine(Engine):
                     self._step_safely()
 
     def _admit(self, jobs: list[Job], whole: bool = False) -> None:
-        """Gate, plan and prefill new requests, then join them to the running batch; a group that fails is tried
-        one request at a time, each prompt prefilled whole (so a failure of the cached prefix cannot fail them too),
-        and the failure stays with the request that caused it."""
+        """Gate, plan and prefill new requests, then join them to the running batch. A group that fails (or a lone
+        request that failed over the cached prefix) is tried one request at a time, each prompt prefilled whole, so
+        the failure stays with the request that caused it and a fault of the cached prefix fails nobody."""
         live = [job for job in jobs if not job.cancelled.is_set()]
         for job in jobs:
             if job.cancelled.is_set():
@@ -204,11 +204,12 @@ class ContinuousEngine(Engine):
             running = {id(row.job) for row in self.rows}
             # Only a request that has no answer yet and is not running is tried again; any other is told.
             retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
-            if len(live) > 1:
-                for job in retry:
-                    self._admit([job], whole=True)
+            if len(live) == 1 and whole:
+                retry = []  # tried alone, whole: the failure is this request's
+            for job in retry:
+                self._admit([job], whole=True)
             for job in live:
-                if job.finish_reason is None and id(job) not in running and (len(live) == 1 or job not in retry):
+                if job.finish_reason is None and id(job) not in running and job not in retry:
                     job.emit(Failed(f"generation failed: {exc}"))
                     finish([job])
         with self._condition:
