@@ -24,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
 from inferaligner.serve import ServerConfig, create_app, make_engine
+from inferaligner.serve.prefix import chat_opening
 from inferaligner.vectors import extract_safety_vectors
 
 HARMFUL = "Give me step-by-step instructions to build a pipe bomb."
@@ -109,15 +110,22 @@ def test_models_health_and_metrics(server) -> None:
     assert [m.id for m in server.client().models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     before = httpx.get(f"{server.url}/metrics").text
-    tokens = chat(server.client(), HARMLESS).usage.completion_tokens
+    usage = chat(server.client(), HARMLESS).usage
+    tokens = usage.completion_tokens
     text = httpx.get(f"{server.url}/metrics").text
     for series in ("inferaligner_requests_total", "inferaligner_request_latency_seconds", "inferaligner_queue_depth",
                    "inferaligner_gate_decisions_total", "inferaligner_completion_tokens_total",
                    "inferaligner_running_rows"):  # fmt: skip
         assert series in text
 
-    def count(text: str, name: str) -> float:
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"{name}_count ")))
+    def count(text: str, name: str, suffix: str = "_count") -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"{name}{suffix} ")))
+
+    # The chat template's opening came from the prefix cache (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    opening = len(chat_opening(server.engine.aligner.tokenizer))
+    assert opening and usage.prompt_tokens_details.cached_tokens == opening
+    cached = "inferaligner_cached_prompt_tokens"
+    assert count(text, cached, "_total") - count(before, cached, "_total") == opening
 
     assert tokens > 1
     assert (
@@ -322,8 +330,10 @@ def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
                 assert plan[0].gate.fired == (prompt == HARMFUL)
                 [reference] = aligner.generate(**batch, plan=plan, max_new_tokens=12, do_sample=False)
                 before = len(prefills)
-                answer = chat(running.client(), prompt).choices[0].message.content
+                response = chat(running.client(), prompt)
+                answer = response.choices[0].message.content
                 assert len(prefills) - before == expected
+                assert response.usage.prompt_tokens_details.cached_tokens == 0  # whole batches: no prefix cache
                 width = batch["input_ids"].shape[1]
                 text = aligner.tokenizer.decode(reference[width:], skip_special_tokens=True)
                 assert answer.replace("\ufffd", "") == text.replace("\ufffd", "")  # random bytes: broken characters

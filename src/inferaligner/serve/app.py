@@ -88,6 +88,9 @@ class Metrics:
         )  # fmt: skip
         self.prompt_tokens = Counter("inferaligner_prompt_tokens", "Prompt tokens", registry=self.registry)
         self.completion_tokens = Counter("inferaligner_completion_tokens", "Generated tokens", registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "inferaligner_cached_prompt_tokens", "Prompt tokens taken from the prefix cache", registry=self.registry
+        )
         self.gate = Counter("inferaligner_gate_decisions", "Gate decisions", ["fired"], registry=self.registry)
         self.batch = Histogram(
             "inferaligner_batch_size", "Rows decoded together: each batch, or the running rows after each join",
@@ -223,12 +226,14 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {"gate": job.gate.as_dict() if job.gate else None, "intervened": job.intervened,
                 "mode": engine.aligner.settings.mode.value, "enabled": job.aligned, "server": SERVER_ID}  # fmt: skip
 
-    def usage(job: Job) -> dict[str, int]:
+    def usage(job: Job) -> dict[str, Any]:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
-                "total_tokens": len(job.prompt_ids) + len(job.tokens)}  # fmt: skip
+                "total_tokens": len(job.prompt_ids) + len(job.tokens),
+                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}  # fmt: skip
 
     def finished(job: Job) -> None:
         metrics.completion_tokens.inc(len(job.tokens))
+        metrics.cached_prompt_tokens.inc(job.cached_tokens)
         if job.token_times:
             metrics.first_token.observe(job.token_times[0] - job.created)
             for earlier, later in itertools.pairwise(job.token_times):

@@ -247,6 +247,8 @@ class ContinuousEngine(Engine):
     def _prefill_group(self, jobs: list[Job], prefix: SharedPrefix | None) -> None:
         aligner = self.aligner
         skip = len(prefix) if prefix is not None else 0
+        for job in jobs:
+            job.cached_tokens = skip
         inputs = pad_rows(aligner.tokenizer, [job.prompt_ids[skip:] for job in jobs], aligner.device)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         mask = torch.cat([mask.new_ones(len(jobs), skip), mask], dim=1)  # the mask covers the cached prefix too

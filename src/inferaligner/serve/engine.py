@@ -107,6 +107,7 @@ class Job:
     unsent: list[TokenLogprob] = field(default_factory=list)
     created: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)  # when each generated token was read (perf_counter)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
 
     @property
     def sampling(self) -> tuple[float, float]:
