@@ -148,3 +148,35 @@ def test_an_opening_that_cannot_be_rendered_or_run_turns_the_prefix_cache_off(fa
     assert not engine.prefix_cache
     for job, prompt in zip(jobs, (HARMLESS, OTHER), strict=True):
         assert_as_if_alone(job, aligner, prompt)
+
+
+def test_a_lone_request_that_failed_whole_is_not_tried_again(monkeypatch) -> None:
+    aligner = make_aligner()
+    bad = len(aligner.tokenizer) + 1000  # no such token: its prefill fails
+    tried: list[int] = []
+    forward = aligner.model.forward
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if bool((kwargs["input_ids"] == bad).any()):
+            tried.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(aligner.model, "forward", counted)
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0)
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job([bad, bad], 4, 0.0, 1.0, [], True, loop)
+        engine.start()
+        engine.submit(job)
+
+        async def events() -> list[object]:
+            seen = []
+            while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), Done):
+                seen.append(event)
+            return seen
+
+        seen = loop.run_until_complete(events())
+    finally:
+        engine.stop()
+        loop.close()
+    assert any(isinstance(event, Failed) for event in seen) and tried == [1]  # not a chat prompt: prefilled once

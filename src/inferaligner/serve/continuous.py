@@ -204,7 +204,8 @@ class ContinuousEngine(Engine):
             running = {id(row.job) for row in self.rows}
             # Only a request that has no answer yet and is not running is tried again; any other is told.
             retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
-            if len(live) == 1 and whole:
+            cached = not whole and self._prefix is not None and self._prefix.fits(live[0].prompt_ids)
+            if len(live) == 1 and not cached:
                 retry = []  # tried alone, whole: the failure is this request's
             for job in retry:
                 self._admit([job], whole=True)
