@@ -219,6 +219,9 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     assert options()["prefix_cache"] is True and options("--no-prefix-cache")["prefix_cache"] is False
     config.write_text(json.dumps({"prefix_cache": False}))
     assert options("--config", str(config))["prefix_cache"] is False
+    config.write_text(json.dumps({"prefix_cache": "no"}))
+    with pytest.raises(InferAlignerError, match="'prefix_cache' must be a bool"):
+        options("--config", str(config))
 
 
 def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:
