@@ -5,9 +5,10 @@ Every gate is built and chosen exactly as `inferaligner extract` does (the built
 domain's training prompts per split; the layer chosen on the calibration split: the mean difference by balanced
 accuracy, the probe by its AUROC against each group of held-out harmless prompts, averaged), each with two biases:
 its own (the midpoint, or the probe's fitted bias) and the shipped rule (fire on 95% of the held-out harmful
-prompts). Then each is measured on sets it was not built from: AdvBench (520), the jailbreak set (500), XSTest
-safe and unsafe prompts, 300 Alpaca instructions and the 300 held-out arithmetic problems. No evaluation set is
-used to build or choose anything.
+prompts); the probe also with the rule at 90% and 97.5%, to show the trade-off the shipped rule sits on. Then each
+is measured on sets it was not built from: AdvBench (520), the jailbreak set (500), XSTest safe and unsafe
+prompts, 300 Alpaca instructions and the 300 held-out arithmetic problems. No evaluation set is used to build or
+choose anything.
 
     python bench/gate_pooling.py            # about 15 minutes on 2 CPU cores
 """
@@ -79,9 +80,10 @@ def main() -> None:
             ("mean-difference", "tpr 0.95"): (layer, directions[layer], calibrate_bias_tpr(cal_scores, TPR)),
         }
         search = search_probe(harm, safe, cal_harm, cal_safe, groups=groups)
-        tpr_bias = calibrate_bias_tpr(cal_harm[:, search.layer] @ search.direction, TPR)
         gates[("probe", "probe's own")] = (search.layer, search.direction, search.bias)
-        gates[("probe", "tpr 0.95")] = (search.layer, search.direction, tpr_bias)
+        for tpr in (0.9, TPR, 0.975):  # the shipped rule and one stricter, one looser: the trade-off it sits on
+            tpr_bias = calibrate_bias_tpr(cal_harm[:, search.layer] @ search.direction, tpr)
+            gates[("probe", f"tpr {tpr:g}")] = (search.layer, search.direction, tpr_bias)
         for (kind, rule), (layer, direction, b) in gates.items():
             fire = {name: float((a[:, layer] @ direction + b > 0).float().mean()) for name, a in measured.items()}
             held_out = {

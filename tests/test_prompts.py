@@ -19,22 +19,22 @@ from inferaligner.prompts import (
 )
 
 
-@pytest.mark.parametrize("kind", ["harmful", "harmless", "everyday"])
-def test_builtin_sets_have_fixed_splits_and_categories(kind: str) -> None:
+@pytest.mark.parametrize("kind, size", [("harmful", 160), ("harmless", 160), ("everyday", 320)])
+def test_builtin_sets_have_fixed_splits_and_categories(kind: str, size: int) -> None:
     records = builtin_records(kind)
-    assert len(records) == 160
-    assert Counter(r.split for r in records) == {"extraction": 64, "calibration": 96}
+    assert len(records) == size
+    assert Counter(r.split for r in records) == {"extraction": size // 2 - 16, "calibration": size // 2 + 16}
     categories = Counter(r.category for r in records)
-    assert len(categories) == 10 and set(categories.values()) == {16}
+    assert len(categories) == size // 16 and set(categories.values()) == {16}
     if kind != "everyday":
         assert {"violence", "weapons", "cybercrime", "fraud", "drugs", "self_harm", "hate", "privacy"} <= set(
             categories
         )
-    assert len({r.prompt for r in records}) == 160
-    assert len(builtin_prompts(kind, "calibration")) == 96
+    assert len({r.prompt for r in records}) == size
+    assert len(builtin_prompts(kind, "calibration")) == size // 2 + 16
 
 
-@pytest.mark.parametrize("kind, size", [("harmful-styles", 132), ("lookalike", 132)])
+@pytest.mark.parametrize("kind, size", [("harmful-styles", 294), ("lookalike", 258)])
 def test_style_and_lookalike_sets_are_split_and_distinct(kind: str, size: int) -> None:
     records = builtin_records(kind)
     assert len(records) == size and len({r.prompt for r in records}) == size
