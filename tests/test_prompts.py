@@ -42,6 +42,8 @@ def test_style_and_lookalike_sets_are_split_and_distinct(kind: str, size: int) -
     assert abs(splits["extraction"] - splits["calibration"]) <= 2 and len({r.category for r in records}) >= 7
     others = {p for k in ("harmful", "harmless", "everyday") for p in builtin_prompts(k, "all")}  # type: ignore[arg-type]
     assert not {r.prompt for r in records} & others
+    for category in {r.category for r in records}:  # every kind is both built from and held out
+        assert {r.split for r in records if r.category == category} == {"extraction", "calibration"}, category
 
 
 def test_roleplay_sets_frame_their_base_set_and_keep_its_splits() -> None:
@@ -58,6 +60,14 @@ def test_roleplay_sets_frame_their_base_set_and_keep_its_splits() -> None:
     assert builtin_prompts("harmful-styles", "calibration")[0] in harmful_side
     assert builtin_prompts("lookalike", "calibration")[0] in harmless_side
     assert not set(harmful_side) & set(harmless_side)
+
+
+def test_every_frame_holds_the_request_once() -> None:
+    from inferaligner.prompts import OVERRIDE_FRAMES, ROLEPLAY_FRAMES
+
+    for frame in ROLEPLAY_FRAMES:
+        assert frame.count("{prompt}") == 1 and "REQ" in frame.format(prompt="REQ")  # no stray braces
+    assert set(OVERRIDE_FRAMES) < set(range(len(ROLEPLAY_FRAMES)))
 
 
 def test_harmless_set_matches_harmful_topics() -> None:
