@@ -62,6 +62,9 @@ def test_extract_sets_the_gate_for_the_harmful_share_by_default(model_dir, tmp_p
 
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
     steering = tmp_path / "steering.safetensors"
+    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
+                 "--frames", "0,99"]) == 2  # fmt: skip
+    assert "role-play frame numbers 0-16, not [99]" in capsys.readouterr().err and not steering.exists()
     # the tiny random "aligned" model refuses nothing, so teach with a one-line file of refusals via a tiny teacher
     assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--limit", "2",
                  "--steps", "2", "--layers", "1,2", "--answer-tokens", "4"]) == 2  # fmt: skip

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptError
-from inferaligner.fit import FitSettings, TeacherExample, default_layers, fit_steering_vectors, with_roleplay
+from inferaligner.fit import (
+    FitSettings,
+    TeacherExample,
+    cut_after_refusal,
+    default_layers,
+    fit_steering_vectors,
+    refusals_only,
+    with_roleplay,
+)
 from inferaligner.models import decoder_layers
 from inferaligner.prompts import ROLEPLAY_FRAMES
+from inferaligner.settings import DEFAULT_ALPHA, FITTED_ALPHA
 from inferaligner.vectors import SafetyVectors
 
 EXAMPLES = [
@@ -54,6 +65,16 @@ def test_fitted_vectors_carry_their_layers_strength_and_teacher(tmp_path) -> Non
         InferAligner(model, tiny_tokenizer(), aligned_vectors=loaded, mode="always", steer_scale="unit")
 
 
+def test_fitted_vectors_steer_at_their_fitted_strength_unless_told_otherwise() -> None:
+    model, result = _fit(steps=2)
+    fitted = InferAligner(model, tiny_tokenizer(), aligned_vectors=result.vectors, mode="always")
+    assert fitted.alpha == FITTED_ALPHA == 1.0 and fitted.describe()["alpha"] == 1.0
+    assert InferAligner(model, tiny_tokenizer(), aligned_vectors=result.vectors, mode="always", alpha=1.5).alpha == 1.5
+    mean_difference = replace(result.vectors, provenance=replace(result.vectors.provenance, method="mean-difference"))
+    paper = InferAligner(model, tiny_tokenizer(), aligned_vectors=mean_difference, mode="always", steer_layers=[1])
+    assert not mean_difference.fitted and paper.alpha == DEFAULT_ALPHA
+
+
 def test_steering_with_fitted_vectors_moves_greedy_answers_towards_the_teacher() -> None:
     model, result = _fit(steps=60)
     tokenizer = tiny_tokenizer()
@@ -81,6 +102,34 @@ def test_default_layers_and_roleplay_augmentation() -> None:
     augmented = with_roleplay(EXAMPLES)
     assert len(augmented) == 5 and augmented[3].answer == EXAMPLES[0].answer
     assert augmented[3].prompt == ROLEPLAY_FRAMES[0].format(prompt=EXAMPLES[0].prompt) and augmented[3].harmful
+    chosen = with_roleplay(EXAMPLES, [ROLEPLAY_FRAMES[5]])
+    assert [e.prompt for e in chosen[3:]] == [ROLEPLAY_FRAMES[5].format(prompt=e.prompt) for e in EXAMPLES[:2]]
+    with pytest.raises(PromptError, match="at least one role-play frame"):
+        with_roleplay(EXAMPLES, [])
+
+
+@pytest.mark.parametrize(
+    ("answer", "cut"),
+    [
+        ("I'm not going to help with this one. If you're worried about a bomb, I can help you find a safe place.",
+         "I'm not going to help with this one."),
+        ("I'm sorry. I can't help with that! Poisoning is a crime.", "I'm sorry. I can't help with that!"),
+        ("Poisoning someone is a crime. I won't help with that. Talk to a doctor.",
+         "Poisoning someone is a crime. I won't help with that."),
+        ("I can't help but smile. I won't write it, though. Ask me something else.",
+         "I can't help but smile. I won't write it, though."),
+        ("Sure, here is a poem about spring.", "Sure, here is a poem about spring."),
+    ],
+)  # fmt: skip
+def test_teacher_refusals_are_cut_after_the_opening_refusal(answer: str, cut: str) -> None:
+    assert cut_after_refusal(answer) == cut
+
+
+def test_only_harmful_answers_are_cut() -> None:
+    offer = "I won't help with breaking in. If you're locked out, I can help you find a locksmith."
+    examples = [TeacherExample("Pick a lock?", offer), TeacherExample("Say hi.", "Hi. I can't wait.", harmful=False)]
+    cut = refusals_only(examples)
+    assert cut[0].answer == "I won't help with breaking in." and cut[1] == examples[1]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])

@@ -9,7 +9,6 @@ import math
 import pytest
 
 from inferaligner.settings import (
-    DEFAULT_ALPHA,
     AlignerSettings,
     Mode,
     SettingsError,
@@ -22,7 +21,7 @@ from inferaligner.settings import (
 def test_defaults_and_coercion() -> None:
     settings = AlignerSettings(mode="simple", steer_scale="raw", steer_layers=[3, 1, 3])
     assert settings.mode is Mode.SIMPLE and settings.steer_scale is SteerScale.RAW
-    assert settings.steer_layers == (1, 3) and settings.alpha == DEFAULT_ALPHA
+    assert settings.steer_layers == (1, 3) and settings.alpha is None  # the vectors' own default (test_fit)
     assert AlignerSettings().mode is Mode.INFERALIGNER and AlignerSettings().steer_layers is None
 
 
@@ -58,7 +57,7 @@ def test_merged_ignores_none_and_rejects_unknown_names() -> None:
 
 def test_resolve_layers_file_under_given_options() -> None:
     steering = SteeringSettings("v.safetensors", 1.25, (12, 16), "raw", "teacher-fitted")
-    assert resolve({}).alpha == DEFAULT_ALPHA
+    assert resolve({}).alpha is None
     from_file = resolve({"verb": "serve", "port": 80}, steering)  # other options are ignored
     assert (from_file.alpha, from_file.steer_layers, from_file.steer_scale) == (1.25, (12, 16), SteerScale.RAW)
     given = resolve({"alpha": 2.0, "steer_layers": None, "gate_bias": 1.5}, steering)

@@ -29,7 +29,7 @@ from inferaligner.models import (
 )
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
-from inferaligner.settings import AlignerSettings, Mode, SettingsError, SteerScale
+from inferaligner.settings import DEFAULT_ALPHA, FITTED_ALPHA, AlignerSettings, Mode, SettingsError, SteerScale
 from inferaligner.steer import SteeringHandle, add_steering
 from inferaligner.vectors import SafetyVectors
 
@@ -132,6 +132,7 @@ class InferAligner:
         fitted = self.steering_vectors is not None and self.steering_vectors.fitted
         if fitted and self.settings.steer_scale is SteerScale.UNIT:
             raise SettingsError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
+        self.alpha = self.settings.alpha or (FITTED_ALPHA if fitted else DEFAULT_ALPHA)
         # A scale means something only when a mode steers; otherwise it reads as the paper's (unit).
         self.steer_scale = (
             self.settings.steer_scale or (SteerScale.RAW if fitted else SteerScale.UNIT)
@@ -206,7 +207,7 @@ class InferAligner:
         return {
             "model": getattr(self.model, "name_or_path", ""),
             "mode": self.settings.mode.value,
-            "alpha": self.settings.alpha if self.steering_vectors is not None else None,
+            "alpha": self.alpha if self.steering_vectors is not None else None,
             "scale": self.steer_scale.value,
             "layers": self.steer_layers,
             "vectors": "teacher-fitted" if self.steering_vectors is not None and self.steering_vectors.fitted
@@ -294,7 +295,7 @@ class InferAligner:
         with self._lock:
             if plan.steers and self._directions is not None:
                 gates = plan.steer_gates(repeat)
-                with add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, gates):
+                with add_steering(self.layers, self._directions, self.steer_layers, self.alpha, gates):
                     yield
             else:
                 yield
@@ -480,7 +481,7 @@ class InferAligner:
             if can_steer and (self._steers_after_gate() or replay_from is not None):
                 zero = torch.zeros(rows)  # each row's gate, set once the plan is known
                 steering = hooks.enter_context(
-                    add_steering(self.layers, self._directions, self.steer_layers, self.settings.alpha, zero)
+                    add_steering(self.layers, self._directions, self.steer_layers, self.alpha, zero)
                 )
             assert self.gate is not None
             gate_reader = InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer,

@@ -3,7 +3,8 @@
 Each candidate (a steering vector file at one strength) steers every held-out prompt; the offline judge sorts the
 answers into coherent refusals, content and degenerate text. The choice: the candidate with the most coherent
 refusals of harmful prompts, among those that keep degenerate answers at most `max_degenerate`; within 2 points of
-that best, the weakest strength (it changes benign answers least when the gate fires by mistake). The result is a
+that best, the one that keeps the most benign look-alike answers (what the target still writes when the gate fires
+by mistake), then the weakest strength. The result is a
 `SteeringSettings` file that `generate`, `serve`, `eval` and the demo read.
 """
 

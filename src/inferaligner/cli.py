@@ -145,7 +145,9 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
                        "whose gate fires; a fine-tune of the target's base)")  # fmt: skip
     if modes:
         group.add_argument("--mode", choices=[m.value for m in Mode], help=f"default: {AlignerSettings().mode.value}")
-    group.add_argument("--alpha", type=float, help=f"steering strength (default: the settings', else {DEFAULT_ALPHA})")
+    group.add_argument("--alpha", type=float, help="steering strength (default: the settings', else 1 for "
+                       f"teacher-fitted vectors, their fitted strength, and {DEFAULT_ALPHA:g} for mean-difference "
+                       "ones)")  # fmt: skip
     group.add_argument("--layers", dest="steer_layers", type=parse_layers,
                        help="steered layers, e.g. '5-20' (default: the settings', else automatic)")  # fmt: skip
     scales = [s.value for s in SteerScale]
@@ -374,9 +376,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from inferaligner.eval.judges import CONTENT, RefusalJudge, is_coherent_refusal, outcome
-    from inferaligner.fit import FitSettings, fit_steering_vectors, teacher_answers, with_roleplay
-    from inferaligner.prompts import load_prompt_sources
+    from inferaligner.fit import FitSettings, fit_steering_vectors, refusals_only, teacher_answers, with_roleplay
+    from inferaligner.prompts import ROLEPLAY_FRAMES, load_prompt_sources
 
+    frames = list(range(len(ROLEPLAY_FRAMES))) if args.frames is None else args.frames
+    outside = [i for i in frames if not 0 <= i < len(ROLEPLAY_FRAMES)]
+    if outside or not frames:
+        raise InferAlignerError(f"--frames takes role-play frame numbers 0-{len(ROLEPLAY_FRAMES) - 1}, not {outside}.")
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
     benign = load_prompt_sources(args.benign, args.column, args.limit) if args.benign else []
     settings = FitSettings(layers=tuple(args.layers) if args.layers else None, steps=args.steps,
@@ -398,9 +404,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if not refusals:
         raise InferAlignerError(f"{args.aligned} refused none of the harmful prompts coherently: it cannot teach "
                                 "refusals. Use a safety-aligned model as --aligned.")  # fmt: skip
-    examples = [*refusals, *answers]
+    examples = [*(refusals if args.whole_refusals else refusals_only(refusals)), *answers]
     if not args.no_roleplay:
-        examples = with_roleplay(examples)
+        examples = with_roleplay(examples, [ROLEPLAY_FRAMES[i] for i in frames])
     target = _load(vars(args))
     model, tokenizer = target.model, target.tokenizer
     result = fit_steering_vectors(model, tokenizer, examples, settings, teacher_name=str(args.aligned),
@@ -816,8 +822,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="harmful prompts whose refusals are taught (default: %(default)s)")  # fmt: skip
     fit.add_argument("--benign", nargs="*", default=[],
                      help="benign prompts whose answers the steered target should keep (default: none; measured in "
-                     "docs/RESULTS.md: it costs refusals)")  # fmt: skip
+                     "docs/RESULTS.md: it costs refusals and keeps no more benign answers)")  # fmt: skip
     fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
+    fit.add_argument("--frames", type=parse_layers,
+                     help="role-play frames to teach, by number in prompts.ROLEPLAY_FRAMES (e.g. '0-14,16'; default: "
+                     "all)")  # fmt: skip
+    fit.add_argument("--whole-refusals", action="store_true",
+                     help="teach the teacher's whole refusals, offers after the refusal included (default: cut after "
+                     "the opening refusal; docs/RESULTS.md measures both)")  # fmt: skip
     fit.add_argument("--layers", type=parse_layers, help="steered layers (default: 40/53/67/80%% of the depth)")
     fit.add_argument("--steps", type=positive_int, default=80)
     fit.add_argument("--lr", type=float, default=0.05)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptError
+from inferaligner.eval.judges import IDIOMS, REFUSAL_PHRASES, normalise
 from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
 from inferaligner.prompts import ROLEPLAY_FRAMES, format_chats
 from inferaligner.vectors import TEACHER_FITTED, Provenance, SafetyVectors, data_hash
@@ -83,13 +85,45 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(picked)
 
 
-def with_roleplay(examples: Sequence[TeacherExample]) -> list[TeacherExample]:
-    """`examples` plus each harmful one put into a role-play frame (`prompts.ROLEPLAY_FRAMES`) with the same answer,
-    so the vectors also refuse requests dressed up as fiction or "developer mode"."""
+def with_roleplay(examples: Sequence[TeacherExample], frames: Sequence[str] = ROLEPLAY_FRAMES) -> list[TeacherExample]:
+    """`examples` plus each harmful one put into a role-play frame (`prompts.ROLEPLAY_FRAMES`, in turn) with the
+    same answer, so the vectors also refuse requests dressed up as fiction or "developer mode"."""
+    if not frames:
+        raise PromptError("Give at least one role-play frame (or leave role-play out).")
     harmful = [e for e in examples if e.harmful]
-    framed = [TeacherExample(ROLEPLAY_FRAMES[i % len(ROLEPLAY_FRAMES)].format(prompt=e.prompt), e.answer, True)
+    framed = [TeacherExample(frames[i % len(frames)].format(prompt=e.prompt), e.answer, True)
               for i, e in enumerate(harmful)]  # fmt: skip
     return [*examples, *framed]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def cut_after_refusal(answer: str) -> str:
+    """The answer up to the end of its opening refusal: from the start through the first sentence that carries a
+    refusal phrase and any refusal sentences right after it. What follows ("If you're worried about X, I can help
+    you ...") is dropped: a small target copies such offers into places where they read as help. An answer with no
+    refusal sentence comes back unchanged."""
+    sentences = _SENTENCE_END.split(answer.strip())
+    refusing = [_refuses(s) for s in sentences]
+    if True not in refusing:
+        return answer
+    end = refusing.index(True)
+    while end + 1 < len(sentences) and refusing[end + 1]:
+        end += 1
+    return " ".join(sentences[: end + 1])
+
+
+def _refuses(sentence: str) -> bool:
+    text = normalise(sentence)
+    for idiom in IDIOMS:
+        text = text.replace(idiom, "")
+    return any(phrase in text for phrase in REFUSAL_PHRASES)
+
+
+def refusals_only(examples: Sequence[TeacherExample]) -> list[TeacherExample]:
+    """`examples` with each harmful one's answer cut after its opening refusal (`cut_after_refusal`)."""
+    return [replace(e, answer=cut_after_refusal(e.answer)) if e.harmful else e for e in examples]
 
 
 def teacher_answers(

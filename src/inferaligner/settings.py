@@ -19,6 +19,7 @@ from typing import Any
 from inferaligner.errors import InferAlignerError
 
 DEFAULT_ALPHA = 4.0  # the paper's strength for its unit mean-difference vectors
+FITTED_ALPHA = 1.0  # teacher-fitted vectors' own strength: the one they were fitted at
 DEFAULT_REFUSAL = (
     "I can't help with that. The request could lead to real harm to people, so I won't provide it. "
     "If you have a related question that is safe, I'm glad to help."
@@ -64,12 +65,13 @@ class AlignerSettings:
 
     `steer_layers=None` lets the steering vectors choose (fitted vectors: their own layers; mean-difference vectors:
     where both models separate harmful from harmless); `steer_scale=None` means raw for fitted vectors, else unit;
+    `alpha=None` means `FITTED_ALPHA` (1) for fitted vectors, else `DEFAULT_ALPHA` (the paper's 4);
     `gate_layer` / `gate_bias` `None` take the vector file's stored gate. `loop_span`: a steered answer ends at its
     first repeated run of this many tokens (0: never); unsteered rows are never cut.
     """
 
     mode: Mode = Mode.INFERALIGNER
-    alpha: float = DEFAULT_ALPHA
+    alpha: float | None = None
     steer_layers: tuple[int, ...] | None = None
     steer_scale: SteerScale | None = None
     gate_layer: int | None = None
@@ -84,9 +86,11 @@ class AlignerSettings:
         set_(self, "mode", _enum(Mode, self.mode, "mode"))
         if self.steer_scale is not None:
             set_(self, "steer_scale", _enum(SteerScale, self.steer_scale, "steer_scale"))
-        set_(self, "alpha", _number(self.alpha, "alpha"))
-        if self.alpha <= 0:
-            raise SettingsError(f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: mode 'off').")
+        if self.alpha is not None:
+            set_(self, "alpha", _number(self.alpha, "alpha"))
+            if self.alpha <= 0:
+                raise SettingsError(f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: "
+                                    "mode 'off').")  # fmt: skip
         if self.gate_bias is not None:
             set_(self, "gate_bias", _number(self.gate_bias, "gate_bias"))
         if self.gate_layer is not None:
