@@ -65,6 +65,9 @@ def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tm
     assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
                  "--frames", "0,99"]) == 2  # fmt: skip
     assert "role-play frame numbers 0-16, not [99]" in capsys.readouterr().err and not steering.exists()
+    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
+                 "--frames", "1", "--no-roleplay"]) == 2  # fmt: skip
+    assert "--no-roleplay teaches none" in capsys.readouterr().err
     # the tiny random "aligned" model refuses nothing, so teach with a one-line file of refusals via a tiny teacher
     assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--limit", "2",
                  "--steps", "2", "--layers", "1,2", "--answer-tokens", "4"]) == 2  # fmt: skip
@@ -240,7 +243,7 @@ def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:
 
 def test_parse_layers() -> None:
     assert parse_layers("2-4,8") == [2, 3, 4, 8]
-    with pytest.raises(Exception, match="layer list"):
+    with pytest.raises(Exception, match="list of numbers"):
         parse_layers("a-b")
 
 

@@ -38,7 +38,7 @@ def parse_layers(spec: str) -> list[int]:
             elif part.strip():
                 layers.add(int(part))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{spec}' is not a layer list such as '5-12' or '3,4,9'.") from exc
+        raise argparse.ArgumentTypeError(f"'{spec}' is not a list of numbers such as '5-12' or '3,4,9'.") from exc
     return sorted(layers)
 
 
@@ -379,6 +379,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from inferaligner.fit import FitSettings, fit_steering_vectors, refusals_only, teacher_answers, with_roleplay
     from inferaligner.prompts import ROLEPLAY_FRAMES, load_prompt_sources
 
+    if args.frames is not None and args.no_roleplay:
+        raise InferAlignerError("--frames picks role-play frames to teach; --no-roleplay teaches none: give one.")
     frames = list(range(len(ROLEPLAY_FRAMES))) if args.frames is None else args.frames
     outside = [i for i in frames if not 0 <= i < len(ROLEPLAY_FRAMES)]
     if outside or not frames:
@@ -822,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="harmful prompts whose refusals are taught (default: %(default)s)")  # fmt: skip
     fit.add_argument("--benign", nargs="*", default=[],
                      help="benign prompts whose answers the steered target should keep (default: none; measured in "
-                     "docs/RESULTS.md: it costs refusals and keeps no more benign answers)")  # fmt: skip
+                     "docs/RESULTS.md: it costs refusals about as a weaker strength does)")  # fmt: skip
     fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
     fit.add_argument("--frames", type=parse_layers,
                      help="role-play frames to teach, by number in prompts.ROLEPLAY_FRAMES (e.g. '0-14,16'; default: "

@@ -86,8 +86,8 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def with_roleplay(examples: Sequence[TeacherExample], frames: Sequence[str] = ROLEPLAY_FRAMES) -> list[TeacherExample]:
-    """`examples` plus each harmful one put into a role-play frame (`prompts.ROLEPLAY_FRAMES`, in turn) with the
-    same answer, so the vectors also refuse requests dressed up as fiction or "developer mode"."""
+    """`examples` plus each harmful one put into a role-play frame (`frames`, by default `prompts.ROLEPLAY_FRAMES`,
+    in turn) with the same answer, so the vectors also refuse requests dressed up as fiction or "developer mode"."""
     if not frames:
         raise PromptError("Give at least one role-play frame (or leave role-play out).")
     harmful = [e for e in examples if e.harmful]
