@@ -33,7 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptError
-from inferaligner.eval.judges import IDIOMS, REFUSAL_PHRASES, normalise
+from inferaligner.eval.judges import has_refusal_phrase
 from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
 from inferaligner.prompts import ROLEPLAY_FRAMES, format_chats
 from inferaligner.vectors import TEACHER_FITTED, Provenance, SafetyVectors, data_hash
@@ -105,20 +105,13 @@ def cut_after_refusal(answer: str) -> str:
     you ...") is dropped: a small target copies such offers into places where they read as help. An answer with no
     refusal sentence comes back unchanged."""
     sentences = _SENTENCE_END.split(answer.strip())
-    refusing = [_refuses(s) for s in sentences]
+    refusing = [has_refusal_phrase(s) for s in sentences]
     if True not in refusing:
         return answer
     end = refusing.index(True)
     while end + 1 < len(sentences) and refusing[end + 1]:
         end += 1
     return " ".join(sentences[: end + 1])
-
-
-def _refuses(sentence: str) -> bool:
-    text = normalise(sentence)
-    for idiom in IDIOMS:
-        text = text.replace(idiom, "")
-    return any(phrase in text for phrase in REFUSAL_PHRASES)
 
 
 def refusals_only(examples: Sequence[TeacherExample]) -> list[TeacherExample]:
