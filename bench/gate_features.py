@@ -26,45 +26,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gate_pooling import TPR, build_sets, unseen_sets, write_result  # the sibling bench: same sets, same rule
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner import zoo
-from inferaligner.eval import datasets, tasks
-from inferaligner.eval.jailbreak import jailbreak_set
 from inferaligner.gate import auroc, calibrate_bias_tpr, fit_probe, macro_auroc, search_probe
-from inferaligner.prompts import encode, format_chats, gate_group_sizes, gate_sets, position_ids
-from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES
+from inferaligner.prompts import encode, format_chats, position_ids
 
-TPR = 0.95  # the shipped rule
 ANSWER_TOKENS = 24
 BUILD = ("extraction harmful", "extraction harmless", "calibration harmful", "calibration harmless")
 Reads = dict[str, dict[str, torch.Tensor]]  # set name -> read name -> [prompts, layers, hidden]
 Score = Callable[[str], torch.Tensor]  # a set's name -> one gate score per prompt (fires above 0)
 
 
-def prompt_sets() -> dict[str, list[str]]:
-    """The gate's build sets (as `extract` uses them for the demo target) and the sets it is measured on."""
-    domain = RECIPES["target"].domain() if RECIPES["target"].domain else []
-    sets = {}
-    for split, extra in (("extraction", domain[:DOMAIN_GATE_PROMPTS]), ("calibration", domain[-DOMAIN_GATE_PROMPTS:])):
-        harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
-        sets[f"{split} harmful"], sets[f"{split} harmless"] = harmful, harmless + extra
-    sets.update({
-        "AdvBench": datasets.advbench(),
-        "jailbreak": jailbreak_set(50)[0],
-        "XSTest unsafe": datasets.xstest("unsafe"),
-        "XSTest safe": datasets.xstest("safe"),
-        "Alpaca": datasets.alpaca(300),
-        "arithmetic": tasks.arithmetic_task().prompts,
-    })  # fmt: skip
-    return sets
+def prompt_sets() -> tuple[dict[str, list[str]], list[int]]:
+    """The gate's build sets (as `extract` uses them for the demo target) and the sets it is measured on, by name;
+    and the calibration split's harmless groups."""
+    build, groups = build_sets()
+    sets = {f"{split} {side}": prompts for split, pair in build.items()
+            for side, prompts in zip(("harmful", "harmless"), pair, strict=True)}  # fmt: skip
+    return sets | unseen_sets(), groups
 
 
 def template_opening(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -202,9 +189,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/gate_features.json"))
     args = parser.parse_args()
     started = time.perf_counter()
-    sets = prompt_sets()
+    sets, groups = prompt_sets()
     measured = [name for name in sets if name not in BUILD]
-    groups = [*gate_group_sizes("calibration"), DOMAIN_GATE_PROMPTS]
     rows: list[dict[str, object]] = []
     model, tokenizer = zoo.load("target")
     reads = {name: prompt_reads(model, tokenizer, prompts) for name, prompts in sets.items()}
@@ -221,15 +207,7 @@ def main() -> None:
     aligned_reads = {name: {"mean": prompt_reads(aligned, aligned_tokenizer, prompts)["mean"]}
                      for name, prompts in sets.items()}  # fmt: skip
     rows.append(one_layer("the aligned model's mean", aligned_reads, "mean", groups, measured))
-    result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "seconds": round(time.perf_counter() - started, 1),
-        "sizes": {name: len(prompts) for name, prompts in sets.items()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    write_result(args.out, started, {name: len(prompts) for name, prompts in sets.items()}, rows)
 
 
 if __name__ == "__main__":

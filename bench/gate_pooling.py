@@ -34,19 +34,20 @@ from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES
 TPR = 0.95  # the shipped rule: fire on 95% of the held-out harmful prompts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gate_pooling.json"))
-    args = parser.parse_args()
-    started = time.perf_counter()
-    model, tokenizer = zoo.load("target")
+def build_sets() -> tuple[dict[str, tuple[list[str], list[str]]], list[int]]:
+    """The demo target's gate sets per split, (harmful, harmless), as `extract` builds them (the built-in sets plus
+    64 arithmetic training prompts on the harmless side), and the calibration split's harmless groups."""
     domain = RECIPES["target"].domain() if RECIPES["target"].domain else []
     build = {}
     for split, extra in (("extraction", domain[:DOMAIN_GATE_PROMPTS]), ("calibration", domain[-DOMAIN_GATE_PROMPTS:])):
         harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
         build[split] = (harmful, harmless + extra)
-    groups = [*gate_group_sizes("calibration"), len(domain[-DOMAIN_GATE_PROMPTS:])]
-    unseen = {
+    return build, [*gate_group_sizes("calibration"), len(domain[-DOMAIN_GATE_PROMPTS:])]
+
+
+def unseen_sets() -> dict[str, list[str]]:
+    """The sets a gate is measured on; none is used to build or choose it."""
+    return {
         "AdvBench": datasets.advbench(),
         "jailbreak": jailbreak_set(50)[0],
         "XSTest unsafe": datasets.xstest("unsafe"),
@@ -54,6 +55,29 @@ def main() -> None:
         "Alpaca": datasets.alpaca(300),
         "arithmetic": tasks.arithmetic_task().prompts,
     }
+
+
+def write_result(path: Path, started: float, sizes: dict[str, int], rows: list[dict[str, object]]) -> None:
+    """Write a gate bench's rows with the machine, the wall time since `started` and the measured sets' sizes."""
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - started, 1),
+        "sizes": sizes,
+        "rows": rows,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path} in {result['seconds']:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gate_pooling.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model, tokenizer = zoo.load("target")
+    build, groups = build_sets()
+    unseen = unseen_sets()
     rows = []
     for pooling in ("last", "mean"):
 
@@ -93,15 +117,7 @@ def main() -> None:
             rows.append({"pooling": pooling, "direction": kind, "bias": rule, "layer": layer,
                          "calibration_fire_rate": held_out, "fire_rate": fire})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "seconds": round(time.perf_counter() - started, 1),
-        "sizes": {name: len(p) for name, p in unseen.items()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    write_result(args.out, started, {name: len(p) for name, p in unseen.items()}, rows)
 
 
 if __name__ == "__main__":
