@@ -38,6 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inferaligner import zoo
 from inferaligner.gate import auroc, calibrate_bias_tpr, fit_probe, macro_auroc, search_probe
 from inferaligner.prompts import encode, format_chats, position_ids
+from inferaligner.serve.prefix import chat_opening
 
 ANSWER_TOKENS = 24
 BUILD = ("extraction harmful", "extraction harmless", "calibration harmful", "calibration harmless")
@@ -52,13 +53,6 @@ def prompt_sets() -> tuple[dict[str, list[str]], list[int]]:
     sets = {f"{split} {side}": prompts for split, pair in build.items()
             for side, prompts in zip(("harmful", "harmless"), pair, strict=True)}  # fmt: skip
     return sets | unseen_sets(), groups
-
-
-def template_opening(tokenizer: PreTrainedTokenizerBase) -> int:
-    """How many tokens every formatted prompt shares before the user's text begins."""
-    first, second = (tokenizer(text, add_special_tokens=False)["input_ids"]
-                     for text in format_chats(tokenizer, ["Hello there", "What is it"]))  # fmt: skip
-    return next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
 
 
 def batches(texts: list[str], size: int = 8) -> list[list[int]]:
@@ -77,7 +71,7 @@ def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
 def prompt_reads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
                  ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Each prompt's activations, pooled three ways: mean over all tokens, last token, mean over its own tokens."""
-    texts, opening = format_chats(tokenizer, prompts), template_opening(tokenizer)
+    texts, opening = format_chats(tokenizer, prompts), len(chat_opening(tokenizer))
     reads: dict[str, list[torch.Tensor]] = {"mean": [], "last": [], "own": []}
     rows: list[int] = []
     for chunk in batches(texts):
