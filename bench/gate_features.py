@@ -38,7 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from inferaligner import zoo
 from inferaligner.gate import auroc, calibrate_bias_tpr, fit_probe, macro_auroc, search_probe
 from inferaligner.prompts import encode, format_chats, position_ids
-from inferaligner.serve.prefix import chat_opening
+from inferaligner.turns import chat_opening
 
 ANSWER_TOKENS = 24
 BUILD = ("extraction harmful", "extraction harmless", "calibration harmful", "calibration harmless")

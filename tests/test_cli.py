@@ -23,7 +23,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vector_file(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vectors") / "tiny.safetensors"
-    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1"])
+    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1",
+                 "--no-public"])  # fmt: skip
     assert code == 0
     return out
 
@@ -39,8 +40,9 @@ def test_extract_writes_a_calibrated_vector_file(vector_file) -> None:
     vectors = SafetyVectors.load(vector_file)
     assert vectors.provenance.n_harmful == 3 * 8  # three built-in harmful sets, --limit per set
     assert vectors.gate is not None and vectors.gate.rule == "fpr"
-    assert (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")  # the defaults
-    assert "calibration.accuracy" in vectors.metrics and "probe.calibration_auroc" in vectors.metrics
+    assert vectors.gate.direction in ("probe", "mlp") and vectors.gate.pooling == "turns"  # the defaults
+    assert "calibration.accuracy" in vectors.metrics and "turns.calibration_auroc" in vectors.metrics
+    assert "from builtin:everyday" in vectors.gate.data and "orbench" not in vectors.gate.data  # --no-public
 
 
 def test_extract_sets_the_gate_for_the_harmful_share_by_default(model_dir, tmp_path, capsys) -> None:
@@ -150,7 +152,7 @@ def test_inspect_prints_provenance_and_metrics(vector_file, capsys) -> None:
     assert main(["inspect", str(vector_file)]) == 0
     out = capsys.readouterr().out
     assert "vectors from" in out and "gate: layer" in out and "calibration.accuracy" in out
-    assert "one-pass gating: steered layers above" in out
+    assert "reads each user turn, the system message and a raw prompt alone" in out and "gate data: " in out
     assert main(["inspect", "--json", str(vector_file)]) == 0
     assert json.loads(capsys.readouterr().out)["provenance"]["num_layers"] == 4
 

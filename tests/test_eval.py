@@ -126,6 +126,10 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     write_report(results, tmp_path, "tiny")
     table = (tmp_path / "table.md").read_text()
     assert "+ InferAligner" in table and "XSTest" in table
+    roc = saved["gate_roc"]
+    assert set(roc["fired"]) >= {"harmful", "harmless"} and "harmful vs harmless" in roc["auroc"]
+    assert roc["fired"]["harmful"] == pytest.approx(metrics["inferaligner"]["harmful"]["gate_fire_rate"], abs=1e-4)
+    assert "| harmful vs harmless |" in table and (tmp_path / "gate_roc.png").is_file()
     samples = (tmp_path / "samples.md").read_text()
     assert "## + InferAligner: harmful" in samples and samples.count("- [") == 3 * 5  # 3 prompts x 5 methods
     for image in ("asr.png", "over_refusal.png"):

@@ -150,3 +150,22 @@ def test_the_probe_is_chosen_by_its_worst_ranked_groups_not_the_crowd() -> None:
     safe, cal_safe = torch.cat([everyday, lookalike]), torch.cat([cal_everyday, cal_lookalike])
     assert search_probe(harmful, safe, cal_harmful, cal_safe).layer == 1
     assert search_probe(harmful, safe, cal_harmful, cal_safe, groups=[90, 6]).layer == 2
+
+
+def _turn_gate(margin: float = 0.0) -> Gate:
+    return Gate(direction=torch.tensor([1.0, 0.0]), bias=-1.0, layer=2, pooling="turns", earlier_margin=margin)
+
+
+def test_a_turns_gate_fires_when_any_turn_does_earlier_ones_past_the_margin() -> None:
+    harmful_first = torch.tensor([[2.5, 0.0], [0.0, 0.0]])  # an earlier turn at +1.5, the request at -1
+    harmful_last = harmful_first.flip(0)
+    assert _turn_gate(margin=1.0).decide_turns([harmful_first])[0].fired  # 1.5 - 1.0 > 0
+    blocked = _turn_gate(margin=2.0).decide_turns([harmful_first])[0]
+    assert not blocked.fired and blocked.score == pytest.approx(-0.5)  # 1.5 - 2.0, above the request's -1
+    assert _turn_gate(margin=2.0).decide_turns([harmful_last])[0].fired  # the request is held to the plain bias
+
+
+def test_a_turns_gate_fails_closed_and_passes_an_empty_prompt() -> None:
+    broken, empty = _turn_gate().decide_turns([torch.tensor([[float("nan"), 0.0]]), torch.zeros(0, 2)])
+    assert broken.fired and broken.as_dict()["score"] is None
+    assert not empty.fired

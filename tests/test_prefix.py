@@ -13,7 +13,8 @@ from inferaligner.aligner import InferAligner
 from inferaligner.prompts import chat_token_ids
 from inferaligner.serve import ContinuousEngine, continuous
 from inferaligner.serve.engine import Done, Failed, Job
-from inferaligner.serve.prefix import SharedPrefix, chat_opening
+from inferaligner.serve.prefix import SharedPrefix
+from inferaligner.turns import chat_opening
 
 
 def test_the_opening_is_what_every_chat_prompt_starts_with() -> None:

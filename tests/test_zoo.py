@@ -102,18 +102,20 @@ def test_recipe_runs_a_few_steps_on_a_tiny_model(name: str, tmp_path) -> None:
     assert isinstance(reloaded, PeftModel)
 
 
-def test_demo_vectors_add_the_domain_prompts_and_store_a_probe_gate() -> None:
+def test_demo_vectors_add_the_domain_prompts_and_store_a_turns_gate() -> None:
     from tiny import tiny_model, tiny_tokenizer
 
     from inferaligner.prompts import gate_sets
     from inferaligner.zoo.recipes import DOMAIN_GATE_PROMPTS, RECIPES, demo_vectors
 
     model = tiny_model("llama", context=2048)
-    vectors = demo_vectors(RECIPES["target"], model, tiny_tokenizer(), progress=False)
+    vectors = demo_vectors(RECIPES["target"], model, tiny_tokenizer(), public=False, progress=False)
     harmful, harmless = gate_sets("extraction")
     assert vectors.provenance.n_harmful == len(harmful)
     assert vectors.provenance.n_harmless == len(harmless) + DOMAIN_GATE_PROMPTS  # the arithmetic problems
-    assert vectors.gate is not None and (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")
+    gate = vectors.gate
+    assert gate is not None and gate.direction in ("probe", "mlp") and gate.pooling == "turns"
+    assert "domain" in gate.data and gate.earlier_margin >= 0 and gate.target_tpr == 0.95
 
 
 def test_every_domain_target_gives_its_gate_its_own_prompts() -> None:

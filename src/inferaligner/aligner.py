@@ -29,8 +29,10 @@ from inferaligner.models import (
 )
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
+from inferaligner.reader import RequestReader
 from inferaligner.settings import DEFAULT_ALPHA, FITTED_ALPHA, AlignerSettings, Mode, SettingsError, SteerScale
 from inferaligner.steer import SteeringHandle, add_steering
+from inferaligner.turns import prompt_turns
 from inferaligner.vectors import SafetyVectors
 
 
@@ -127,6 +129,7 @@ class InferAligner:
         )
         if self.gate is None and self.settings.gate_layer is not None:
             raise SettingsError("gate_layer was given but there is no gate: give the target's vectors.")
+        self._reader: RequestReader | None = None
         steering = {Mode.INFERALIGNER: aligned_vectors, Mode.ALWAYS: aligned_vectors, Mode.SELF: target_vectors}
         self.steering_vectors = steering.get(mode)
         fitted = self.steering_vectors is not None and self.steering_vectors.fitted
@@ -198,6 +201,17 @@ class InferAligner:
         return self._directions
 
     @property
+    def reader(self) -> RequestReader | None:
+        """What reads each turn alone for a `"turns"` gate (`inferaligner.reader`, made on first use, keeping the
+        features of the turns it read); `None` for any other gate."""
+        gate = self.gate
+        if gate is None or gate.pooling != "turns":
+            return None
+        if self._reader is None or self._reader.layer != gate.layer:
+            self._reader = RequestReader(self.model, self.tokenizer, self.layers, gate.layer)
+        return self._reader
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -228,16 +242,35 @@ class InferAligner:
         batch = encode(self.tokenizer, texts, max_tokens=context_length(self.model), reserve=max_new_tokens)
         return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
 
+    def prompt_turns(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, chat: bool = True
+    ) -> list[list[list[int]]]:
+        """What a `"turns"` gate reads of each (padded) prompt: the token ids of each user and system turn
+        (`inferaligner.turns`); a prompt that is not a chat (`chat=False`: raw text) is one turn."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        rows = [ids[keep].tolist() for ids, keep in zip(input_ids.cpu(), mask.cpu().bool(), strict=True)]
+        return [prompt_turns(self.tokenizer, row, chat=chat) for row in rows]
+
     def gate_decisions(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_inputs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        turns: Sequence[Sequence[Sequence[int]]] | None = None,
+        **model_inputs: Any,
     ) -> list[GateDecision] | None:
-        """The gate for each row, read at its last real prompt token (or pooled over the prompt, as the gate says);
-        `None` when there is no gate.
+        """The gate for each row, read at its last real prompt token, pooled over the prompt, or (a `"turns"` gate)
+        turn by turn, each read as a lone request (`inferaligner.reader`; `turns` as `prompt_turns` gives them,
+        else the ids are read as chats); `None` when there is no gate.
 
         Runs the unsteered model only up to the gate layer.
         """
         if self.gate is None:
             return None
+        if self.reader is not None:
+            with self._lock:
+                read = self.reader.read(turns if turns is not None else self.prompt_turns(input_ids, attention_mask))
+            return self.gate.decide_turns(read)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         model_inputs.pop("position_ids", None)
         captured: list[torch.Tensor] = []
@@ -281,10 +314,12 @@ class InferAligner:
         attention_mask: torch.Tensor | None = None,
         *,
         allowed: Sequence[bool] | None = None,
+        turns: Sequence[Sequence[Sequence[int]]] | None = None,
         **model_inputs: Any,
     ) -> Plan:
-        """Read the gate on these prompts (when the mode has one) and plan every row."""
-        decisions = self.gate_decisions(input_ids, attention_mask, **model_inputs)
+        """Read the gate on these prompts (when the mode has one) and plan every row (`turns`: as in
+        `gate_decisions`)."""
+        decisions = self.gate_decisions(input_ids, attention_mask, turns=turns, **model_inputs)
         return self.plan(decisions, len(input_ids), allowed)
 
     @contextmanager
@@ -309,6 +344,7 @@ class InferAligner:
         allowed: Sequence[bool] | None = None,
         return_plan: bool = False,
         on_plan: Callable[[Plan], None] | None = None,
+        turns: Sequence[Sequence[Sequence[int]]] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
         """`model.generate` with InferAligner applied: a drop-in, rows planned independently.
@@ -317,6 +353,7 @@ class InferAligner:
         generation's own prefill where it can be (`try_one_pass`), else in a partial pass before it. `plan` passes a
         plan already made by `decide` for these rows; `allowed` marks the rows InferAligner may act on (default:
         all), when no plan is given; `on_plan(plan)` is called once the plan is known, before the first new token.
+        `turns` says what a `"turns"` gate reads of each row (`prompt_turns`; by default the ids are read as chats).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -325,7 +362,7 @@ class InferAligner:
         with self._lock:
             if plan is None:
                 output, plan = self.try_one_pass(
-                    input_ids, attention_mask, allowed=allowed, on_plan=on_plan, **generate_kwargs
+                    input_ids, attention_mask, allowed=allowed, on_plan=on_plan, turns=turns, **generate_kwargs
                 )
                 if output is not None:
                     return (output, plan) if return_plan else output
@@ -347,19 +384,26 @@ class InferAligner:
     def _reads_gate_in_flight(self, generate_kwargs: dict[str, Any]) -> bool:
         """Whether `generate` can read the gate inside its own prefill: text prompts whose first forward pass is
         the whole prompt (no image inputs that change its length, no prefix cache the stopped pass would fill, no
-        chunked prefill, no assisted or prompt-lookup decoding)."""
+        chunked prefill, no assisted or prompt-lookup decoding), under a gate that reads the whole prompt where it
+        stands (a `"turns"` gate reads each turn alone, in a pass of its own)."""
+        if self.reader is not None:
+            return False
         config = self.model.generation_config
         in_config = any(getattr(config, key, None) for key in ("prefill_chunk_size", "prompt_lookup_num_tokens"))
         return not in_config and not any(key in generate_kwargs for key in _NOT_IN_FLIGHT)
 
     @property
     def gating(self) -> str:
-        """How the gate costs: `one pass` (read inside generation's prefill; steered layers all above the gate),
+        """How the gate costs: `each turn read alone (blocks 0-l), then one pass` (a `"turns"` gate: a short pass over
+        the turns' own tokens up to the gate layer, then generation as planned), `one pass` (read inside generation's
+        prefill; steered layers all above the gate),
         `one pass, blocks a-b again when a row fires` (steered layers at or below the gate: a fired batch runs those
         blocks once more, steered), `one pass unless a row fires` (a fired batch stops at the gate layer and runs
         again, as the plan says), `two passes` (mode `always` where blocks cannot run again), or `no gate`."""
         if self.gate is None:
             return "no gate"
+        if self.reader is not None:
+            return f"each turn read alone (blocks 0-{self.gate.layer}), then one pass"
         if self.settings.mode in (Mode.SIMPLE, Mode.ALIGNED):
             return "one pass unless a row fires"
         if self._steers_after_gate():
@@ -380,6 +424,7 @@ class InferAligner:
         *,
         allowed: Sequence[bool] | None = None,
         on_plan: Callable[[Plan], None] | None = None,
+        turns: Sequence[Sequence[Sequence[int]]] | None = None,
         **generate_kwargs: Any,
     ) -> tuple[Any, Plan]:
         """`model.generate` with the gate read inside its own prefill (`inferaligner.inflight`): returns
@@ -387,8 +432,8 @@ class InferAligner:
         rows, or steered rows when a steered layer lies at or below the gate layer); the pass then stopped at the
         gate layer and the caller acts on the plan (`generate(..., plan=plan)`). `on_plan(plan)` is called as soon
         as the pass goes on with the plan, before the first new token. Where the prefill is not the whole prompt
-        (image inputs, a prefix cache, chunked prefill), the plan comes from a separate gate pass (`decide`) and
-        `(None, plan)` is returned."""
+        (image inputs, a prefix cache, chunked prefill), and for a `"turns"` gate, the plan comes from a separate gate
+        pass (`decide`, `turns` as there) and `(None, plan)` is returned."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -401,7 +446,7 @@ class InferAligner:
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs), plan
         images = {k: v for k, v in generate_kwargs.items() if k in ("pixel_values", "image_sizes")}
         if not self._reads_gate_in_flight(generate_kwargs):
-            return None, self.decide(input_ids, attention_mask, allowed=allowed, **images)
+            return None, self.decide(input_ids, attention_mask, allowed=allowed, turns=turns, **images)
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
         try:
@@ -426,6 +471,7 @@ class InferAligner:
         allowed: Sequence[bool] | None = None,
         prefix_hidden: torch.Tensor | None = None,
         before_steering: Callable[[Plan], None] | None = None,
+        turns: Sequence[Sequence[Sequence[int]]] | None = None,
         **forward_kwargs: Any,
     ) -> tuple[Any, Plan]:
         """One forward pass of the model over these prompts with the gate read inside it, as `try_one_pass` reads
@@ -435,9 +481,19 @@ class InferAligner:
 
         A pass that continues a cached prefix passes that prefix's gate-layer outputs as `prefix_hidden` and an
         `attention_mask` that covers the prefix as well; `before_steering(plan)` runs before anything is steered,
-        when the plan steers, for the caller to steer what its cache holds (`inflight.InFlightGate`)."""
-        if self.gate is None:
+        when the plan steers, for the caller to steer what its cache holds (`inflight.InFlightGate`).
+
+        A `"turns"` gate reads `turns` (`prompt_turns` of the whole prompts, which a pass that continues a cached
+        prefix must give) in a pass of its own first; this pass then runs as the plan says."""
+        if self.reader is not None:
+            if turns is None and prefix_hidden is not None:
+                raise InferAlignerError("A pass that continues a cached prefix must give the prompts' turns.")
+            plan = self.decide(input_ids, attention_mask, allowed=allowed, turns=turns)
+            if plan.refuses or plan.delegates:
+                return None, plan
+        elif self.gate is None:
             plan = self.plan(None, len(input_ids), allowed)
+        if self.gate is None or self.reader is not None:
             if plan.steers and before_steering is not None:
                 before_steering(plan)
             with self.steered(plan), torch.inference_mode():

@@ -86,6 +86,14 @@ def _floats(spec: str) -> list[float]:
 def _gate_rate_options(parser: argparse.ArgumentParser) -> None:
     from inferaligner.gate import DEFAULT_GATE_TPR
 
+    parser.add_argument(
+        "--no-public",
+        dest="public",
+        action="store_false",
+        help="build the turns gate from the built-in sets and your --domain prompts only, "
+        "without the data folder's training-only sets ($INFERALIGNER_DATA, ../shared/data)",
+    )
+
     parser.add_argument("--gate-tpr", type=_fraction, default=DEFAULT_GATE_TPR,
                         help="set the gate bias so it fires on this fraction of the held-out harmful prompts "
                         "(default: %(default)s; 0: keep the probe's own bias, or the midpoint)")  # fmt: skip
@@ -237,6 +245,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
     harmless = load_prompt_sources(args.harmless, args.column, args.limit)
+    domain = load_prompts(args.domain, args.column) if args.domain else []
+    turns = args.pooling == "turns" and not args.no_calibration
+    if args.pooling == "turns" and args.gate != "probe":
+        raise InferAlignerError("A turns gate is a probe: leave --gate at 'probe', or pick --pooling last or mean.")
     calibration, groups = None, None
     if not args.no_calibration:
         held_out = [load_prompts(source, args.column, args.limit) for source in args.calib_harmless]
@@ -245,6 +257,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             [prompt for prompts in held_out for prompt in prompts],
         )
         groups = [len(prompts) for prompts in held_out]  # each source is one group of harmless prompts
+    gate_prompts = _turns_gate_prompts(domain, args.public) if turns else []
     loaded = _load(vars(args))
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
@@ -252,24 +265,53 @@ def cmd_extract(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         harmful,
-        harmless,
+        harmless + domain,
         calibration=calibration,
         harmless_groups=groups,
-        **_gate_rates(args) if calibration else {},
-        gate=args.gate if calibration else "mean-difference",  # without held-out prompts no gate is stored
-        pooling=args.pooling,
+        **_gate_rates(args) if calibration and not turns else {},
+        gate=args.gate if calibration and not turns else "mean-difference",  # without held-out prompts: no gate
+        pooling="last" if turns else args.pooling,
         system=args.system,
         batch_size=args.batch_size,
         layers_path=args.layers_path,
     )
+    if turns:
+        from inferaligner.gate_training import fit_turns_gate, with_turns_gate
+
+        rates = _gate_rates(args)
+        fit = fit_turns_gate(
+            model, tokenizer, gate_prompts, tpr=rates["gate_tpr"], fpr=rates["gate_fpr"], mlp=not args.no_mlp
+        )
+        vectors = with_turns_gate(vectors, fit, gate_prompts)
     path = vectors.save(args.out)
     seconds = time.perf_counter() - started
     gate = vectors.gate or None
     where = f"gate layer {gate.layer}, bias {gate.bias:.3f}" if gate else f"best layer {vectors.best_layer()}"
+    if gate is not None and gate.pooling == "turns":
+        where += f", {len(gate_prompts)} gate prompts"
     _status(
         f"wrote {path} ({vectors.num_layers} layers, {len(harmful)}+{len(harmless)} prompts, {where}) in {seconds:.1f}s"
     )
     return 0
+
+
+def _turns_gate_prompts(domain: list[str], public: bool) -> list[Any]:
+    """The turns gate's prompts: the built-in sets, the domain's (half per part) and, with `public`, the data
+    folder's training-only sets; without the folder, a one-line note and the built-in sets only."""
+    from inferaligner.data import data_dir
+    from inferaligner.errors import PromptError
+    from inferaligner.gate_training import domain_parts, gate_prompts
+
+    if public:
+        try:
+            data_dir()
+        except PromptError as exc:
+            _status(f"note: {exc} The gate is built from the built-in sets (and --domain) only; pass --no-public to "
+                    "say so.")  # fmt: skip
+            public = False
+    if domain and len(domain) < 2:
+        raise InferAlignerError("--domain needs at least two prompts: half teach the gate, half check it.")
+    return gate_prompts(domain_parts(domain, len(domain) // 2), public=public)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -363,9 +405,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         target += f", tpr {g.target_tpr}" if g.target_tpr is not None else ""
         rule = f"{g.rule}{target}"
         print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
-        print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; steering "
-              f"a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again (the whole "
-              "prompt again on sliding-window models)")  # fmt: skip
+        if g.pooling == "turns":
+            print(f"  reads each user turn, the system message and a raw prompt alone, as a lone request (a pass over "
+                  f"their own tokens, blocks 0-{g.layer}, before generation); an earlier turn fires past a margin of "
+                  f"{g.earlier_margin:.4f}")  # fmt: skip
+            if g.data:
+                print(f"  gate data: {g.data}")
+        else:
+            print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; "
+                  f"steering a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again "
+                  "(the whole prompt again on sliding-window models)")  # fmt: skip
     names = sorted(vectors.metrics)
     print("layer  norm    " + "  ".join(f"{n:>22}" for n in names))
     for layer in range(vectors.num_layers):
@@ -451,7 +500,8 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / "zoo" / args.name
     _status(f"building '{args.name}' into {out} (the full recipe takes tens of minutes on 2 CPU cores)")
-    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, **_gate_rates(args))
+    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, public=args.public,
+                            **_gate_rates(args))  # fmt: skip
     _status(
         f"done: {card['steps']} steps on {card['examples']} examples, final loss {card['final_loss']}, "
         f"{card['build_seconds']} s"
@@ -465,7 +515,7 @@ def cmd_zoo_vectors(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model, tokenizer = zoo.load(args.name)
-    vectors = demo_vectors(RECIPES[args.name], model, tokenizer, **_gate_rates(args))
+    vectors = demo_vectors(RECIPES[args.name], model, tokenizer, public=args.public, **_gate_rates(args))
     path = vectors.save(args.out or zoo.vectors_path(args.name))
     gate = vectors.gate
     where = f"gate layer {gate.layer} ({gate.direction}, {gate.pooling} pooling)" if gate else "no gate"
@@ -784,9 +834,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="no held-out measurements and no stored gate (for steering-only vectors)")  # fmt: skip
     extract.add_argument("--gate", choices=[MEAN_DIFFERENCE, PROBE], default=PROBE,
                          help="gate direction: a logistic probe (default) or the paper's mean difference")  # fmt: skip
-    extract.add_argument("--pooling", choices=POOLINGS, default="mean",
-                         help="read the gate layer at the last prompt token or averaged over the prompt "
-                         "(default: %(default)s)")  # fmt: skip
+    extract.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default="turns",
+        help="how the gate reads a prompt: each turn alone, as a lone request ('turns', default: "
+        "the verdict cannot move with a system message, earlier turns or a completion frame), "
+        "or the whole prompt where it stands, at its last token or averaged ('last', 'mean')",
+    )
+    extract.add_argument(
+        "--domain",
+        help="your deployment's own benign prompts (a prompt file): half teach a turns "
+        "gate your traffic, half check it",
+    )
+    extract.add_argument(
+        "--no-mlp",
+        action="store_true",
+        help="keep a turns gate a linear probe (by default a small MLP takes its place where it ranks the held-out "
+        "prompts better)",
+    )
     _gate_rate_options(extract)
     extract.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
     extract.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")

@@ -38,7 +38,9 @@ class GateDecision:
         return {"fired": self.fired, "score": score, "layer": self.layer}
 
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "turns")
+"""How a gate reads the prompt: the last token (the paper), the mean over every token, or each turn on its own, read
+as a lone request (`inferaligner.reader`: the mean over the turn's own tokens)."""
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -54,24 +56,73 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 @dataclass(frozen=True)
-class Gate:
-    """A direction, a bias, the layer whose output they read, and how that output is pooled over the prompt."""
+class GateHead:
+    """A small MLP on the pooled activation, in place of a probe's direction: `w2 · gelu(W1 a + b1)` (the
+    standardisation it was trained with folded into `W1`, `b1`); the gate adds its bias."""
 
-    direction: torch.Tensor
+    hidden_weight: torch.Tensor  # [units, hidden]
+    hidden_bias: torch.Tensor  # [units]
+    output_weight: torch.Tensor  # [units]
+
+    def __call__(self, activations: torch.Tensor) -> torch.Tensor:
+        weight = self.hidden_weight.to(device=activations.device, dtype=torch.float32)
+        inner = activations.float() @ weight.T + self.hidden_bias.to(device=activations.device, dtype=torch.float32)
+        return torch.nn.functional.gelu(inner) @ self.output_weight.to(device=activations.device, dtype=torch.float32)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"hidden_weight": self.hidden_weight, "hidden_bias": self.hidden_bias,
+                "output_weight": self.output_weight}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A direction (or a small MLP `head`), a bias, the layer whose output they read, and how that output is pooled
+    over the prompt.
+
+    A `"turns"` gate scores each turn of a prompt on its own (`decide_turns`) and fires when any turn's score is
+    above zero; the turns before the last one (earlier requests, the system message) must clear `earlier_margin`
+    more, so the chance slips of a long benign conversation do not add up, while a clearly harmful earlier request
+    still counts.
+    """
+
+    direction: torch.Tensor | None
     bias: float
     layer: int
     pooling: str = "last"
+    earlier_margin: float = 0.0
+    head: GateHead | None = None
 
     def scores(self, activations: torch.Tensor) -> torch.Tensor:
-        """`a·s + b` for activations of shape [..., hidden] taken at `layer`."""
+        """`a·s + b` (or `head(a) + b`) for activations of shape [..., hidden] taken at `layer`."""
+        if self.head is not None:
+            return self.head(activations) + self.bias
+        assert self.direction is not None
         direction = self.direction.to(device=activations.device, dtype=torch.float32)
         return activations.float() @ direction + self.bias
 
     def decide(self, activations: torch.Tensor) -> list[GateDecision]:
         """One decision per row of [rows, hidden] activations. A score that is not finite fires the gate (fail
         closed: a broken activation must not switch the safety layer off) and is logged."""
+        return self._decisions(self.scores(activations).tolist())
+
+    def decide_turns(self, turns: Sequence[torch.Tensor]) -> list[GateDecision]:
+        """One decision per prompt from its turns' features ([turns, hidden] each, in order, the request last): the
+        highest turn score, the earlier turns' lowered by `earlier_margin`. A score that is not finite anywhere
+        fires; a prompt with no text to read at all (only template tokens) does not."""
         decisions = []
-        for score in self.scores(activations).tolist():
+        for features in turns:
+            if len(features) == 0:
+                decisions.append(GateDecision(False, float("-inf"), self.layer))
+                continue
+            each = self.scores(features)
+            each[:-1] -= self.earlier_margin
+            broken = not bool(torch.isfinite(each).all())
+            decisions += self._decisions([float("nan") if broken else float(each.max())])
+        return decisions
+
+    def _decisions(self, scores: list[float]) -> list[GateDecision]:
+        decisions = []
+        for score in scores:
             finite = math.isfinite(score)
             if not finite:
                 log.warning("gate score at layer %d is %s: treated as fired", self.layer, score)
@@ -138,23 +189,37 @@ def calibrate_bias(harmless: torch.Tensor, fpr: float) -> float:
 
 def fit_probe(harmful: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, float]:
     """A logistic-regression gate on activations [prompts, hidden] of one layer: `(direction, bias)` such that
-    `a·direction + bias > 0` means harmful. Features are standardised while fitting (then folded back into the
-    direction and bias); both classes weigh the same whatever their sizes; deterministic (L-BFGS from zero)."""
+    `a·direction + bias > 0` means harmful (`fit_weighted_probe`, every prompt weighing the same)."""
     if len(harmful) == 0 or len(harmless) == 0:
         raise InferAlignerError("A probe gate needs harmful and harmless prompts.")
-    features = torch.cat([harmful, harmless]).float()
-    labels = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
+    labels = torch.cat([torch.ones(len(harmful), dtype=torch.bool), torch.zeros(len(harmless), dtype=torch.bool)])
+    return fit_weighted_probe(torch.cat([harmful, harmless]), labels, None, l2)
+
+
+def fit_weighted_probe(
+    features: torch.Tensor, harmful: torch.Tensor, weights: torch.Tensor | None = None, l2: float = 1e-3
+) -> tuple[torch.Tensor, float]:
+    """A logistic-regression gate on features [prompts, hidden] labelled `harmful` [prompts] (bool), each prompt
+    weighing its `weights` entry: `(direction, bias)` with `a·direction + bias > 0` for harmful. The two classes
+    weigh the same in total, whatever their sizes; features are standardised while fitting (then folded back
+    into the direction and bias); L2-regularised; deterministic (L-BFGS from zero)."""
+    labels = harmful.float()
+    if not 0 < float(labels.sum()) < len(labels):
+        raise InferAlignerError("A probe gate needs harmful and harmless prompts.")
+    weights = torch.ones(len(labels)) if weights is None else weights.float()
+    balance = (weights * (1 - labels)).sum() / (weights * labels).sum()  # harmful prompts scaled to weigh as much
+    weights = weights * torch.where(harmful, balance, torch.ones(()))
+    features = features.float()
     mean, scale = features.mean(0), features.std(0) + 1e-4
     standard = (features - mean) / scale
     weight = torch.zeros(features.shape[1], requires_grad=True)
     offset = torch.zeros(1, requires_grad=True)
-    balance = torch.tensor(len(harmless) / len(harmful))
     optimiser = torch.optim.LBFGS([weight, offset], max_iter=300, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
         optimiser.zero_grad()
         logits = standard @ weight + offset
-        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=balance)
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
         value = value + l2 * weight.square().sum()
         value.backward()
         return value

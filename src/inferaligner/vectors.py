@@ -22,6 +22,7 @@ from inferaligner.errors import PromptError, VectorFileError, VectorMismatchErro
 from inferaligner.gate import (
     POOLINGS,
     Gate,
+    GateHead,
     calibrate_bias,
     calibrate_bias_tpr,
     choose_gate_layer,
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 MEAN_DIFFERENCE = "mean-difference"
 TEACHER_FITTED = "teacher-fitted"
 PROBE = "probe"
+MLP = "mlp"
 LAYER_CONVENTION = "block_output"
 """Layer `l` is the output of decoder block `l` (0-based), i.e. Hugging Face `hidden_states[l + 1]`."""
 
@@ -98,8 +100,10 @@ class GateSpec:
     rule: str = "midpoint"  # how the bias was set: "midpoint", "probe" (the probe's own), "fpr" or "tpr"
     target_fpr: float | None = None
     direction: str = MEAN_DIFFERENCE
-    pooling: str = "last"  # how the gate layer's output is pooled over the prompt: "last" token or "mean"
+    pooling: str = "last"  # how the gate layer's output is pooled over the prompt: "last" token, "mean" or "turns"
     target_tpr: float | None = None  # rule "tpr": the fraction of calibration harmful prompts the gate fires on
+    earlier_margin: float = 0.0  # "turns": how much more an earlier turn must score to fire (`gate.Gate`)
+    data: str = ""  # what the gate was fitted and chosen on (for a turns gate: sources, counts, hash)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class SafetyVectors:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     gate: GateSpec | None = None
     gate_direction: torch.Tensor | None = None  # the probe's direction when `gate.direction == "probe"`
+    gate_head: GateHead | None = None  # the gate's MLP when `gate.direction == "mlp"`
 
     @property
     def num_layers(self) -> int:
@@ -152,7 +157,9 @@ class SafetyVectors:
             bias = stored.bias if stored else float(self.bias[layer])
         probe = self.gate_direction if stored and self.gate_direction is not None else None
         direction = probe if probe is not None else self.directions[layer]
-        return Gate(direction.clone(), float(bias), layer, stored.pooling if stored else "last")
+        pooling, margin = (stored.pooling, stored.earlier_margin) if stored else ("last", 0.0)
+        head = self.gate_head if stored else None
+        return Gate(None if head else direction.clone(), float(bias), layer, pooling, margin, head)
 
     def best_layer(self) -> int:
         """The layer that best separates held-out prompts (extraction prompts if none were held out)."""
@@ -175,6 +182,7 @@ class SafetyVectors:
         tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
         if self.gate_direction is not None:
             tensors["gate_direction"] = self.gate_direction
+        tensors |= {f"gate_head.{k}": v for k, v in (self.gate_head.tensors() if self.gate_head else {}).items()}
         bad = [name for name, value in tensors.items() if not bool(torch.isfinite(value).all())]
         if self.gate is not None and not math.isfinite(self.gate.bias):
             bad.append("gate bias")
@@ -190,11 +198,14 @@ class SafetyVectors:
                 f"{other.provenance.describe()}: the aligned and target models must share one base model."
             )
 
-    def with_gate(self, gate: GateSpec, direction: torch.Tensor | None = None) -> SafetyVectors:
-        """These vectors with another stored gate (`direction` for a probe gate, else the layer's own vector)."""
-        if (gate.direction == PROBE) != (direction is not None):
-            raise VectorFileError("A probe gate needs its direction, and only a probe gate has one.")
-        return replace(self, gate=gate, gate_direction=direction)
+    def with_gate(
+        self, gate: GateSpec, direction: torch.Tensor | None = None, head: GateHead | None = None
+    ) -> SafetyVectors:
+        """These vectors with another stored gate (`direction` for a probe gate, `head` for an MLP gate, else the
+        layer's own vector)."""
+        if (gate.direction == PROBE) != (direction is not None) or (gate.direction == MLP) != (head is not None):
+            raise VectorFileError("A probe gate needs its direction and an MLP gate its head; no other gate has one.")
+        return replace(self, gate=gate, gate_direction=direction, gate_head=head)
 
     def save(self, path: str | Path) -> Path:
         """Write the vectors as safetensors; provenance, gate and format go into the header as JSON."""
@@ -204,6 +215,8 @@ class SafetyVectors:
         tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()}
         if self.gate_direction is not None:
             tensors["gate_direction"] = self.gate_direction
+        if self.gate_head is not None:
+            tensors |= {f"gate_head.{name}": value for name, value in self.gate_head.tensors().items()}
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -244,7 +257,9 @@ class SafetyVectors:
                 metrics={k.removeprefix("metrics."): v for k, v in tensors.items() if k.startswith("metrics.")},
                 gate=GateSpec(**gate) if gate else None,
                 gate_direction=tensors.get("gate_direction"),
-            )
+                gate_head=GateHead(**{k.removeprefix("gate_head."): v for k, v in tensors.items()
+                                      if k.startswith("gate_head.")}) if "gate_head.output_weight" in tensors else None,
+            )  # fmt: skip
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
         if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
@@ -259,6 +274,12 @@ class SafetyVectors:
             vectors.gate_direction is not None and vectors.gate_direction.shape != (vectors.hidden_size,)
         ):
             raise VectorFileError(f"{path} is corrupt: its probe gate and gate direction do not match.")
+        head = vectors.gate_head
+        mlp = vectors.gate is not None and vectors.gate.direction == MLP
+        if mlp != (head is not None) or (head is not None and not (
+                head.hidden_weight.shape == (len(head.hidden_bias), vectors.hidden_size)
+                and head.output_weight.shape == head.hidden_bias.shape)):  # fmt: skip
+            raise VectorFileError(f"{path} is corrupt: its MLP gate and gate head do not match.")
         return vectors
 
 

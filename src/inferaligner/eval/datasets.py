@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 import random
-from pathlib import Path
 
+from inferaligner.data import alpaca_reported, data_dir
 from inferaligner.errors import PromptError
-
-
-def data_dir() -> Path:
-    """`$INFERALIGNER_DATA`, else `../shared/data` next to the working directory (the project's layout)."""
-    configured = os.environ.get("INFERALIGNER_DATA")
-    folder = Path(configured) if configured else Path.cwd().parent / "shared" / "data"
-    if not folder.is_dir():
-        raise PromptError(f"Evaluation data not found at {folder}: set INFERALIGNER_DATA to the folder that holds it.")
-    return folder
 
 
 def _csv(relative: str) -> list[dict[str, str]]:
@@ -34,10 +23,9 @@ def advbench() -> list[str]:
 
 
 def alpaca(count: int = 300, seed: int = 0) -> list[str]:
-    """`count` Alpaca instructions without input, sampled with `seed` from the 31,323 in the set."""
-    path = data_dir() / "alpaca" / "alpaca_no_input_instructions.json"
-    instructions = [row["instruction"] for row in json.loads(path.read_text(encoding="utf-8"))]
-    return random.Random(seed).sample(instructions, count)
+    """`count` Alpaca instructions without input, sampled with `seed` from the 31,323 in the set (the ones the
+    gate's training leaves out: `inferaligner.data.alpaca_reported`)."""
+    return alpaca_reported(count, seed)
 
 
 def xstest(label: str = "safe") -> list[str]:

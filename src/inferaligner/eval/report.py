@@ -110,6 +110,13 @@ def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
     if gate:
         parts += ["", f"Gate at layer {gate['layer']}: TPR {_pct(gate['tpr'])}% on harmful prompts, FPR "
                   f"{_pct(gate['fpr'])}% on harmless instructions."]  # fmt: skip
+    roc = results.get("gate_roc")
+    if roc:
+        parts += ["", "The gate on every task: fires on (% at its shipped bias), and AUROC of harmful against "
+                  "benign tasks (ROC curves: gate_roc.png):", "",
+                  "| task | fires on |", "|---|---|", *[f"| {t} | {_pct(v)} |" for t, v in roc["fired"].items()],
+                  "", "| harmful vs benign | AUROC |", "|---|---|",
+                  *[f"| {pair} | {value:.3f} |" for pair, value in roc["auroc"].items()]]  # fmt: skip
     parts += ["", f"Judge: {judges[0]}. Run took {results['run']['seconds']:.0f} s on {results['run']['machine']}."]
     (out_dir / "table.md").write_text("\n".join(parts) + "\n")
     (out_dir / "samples.md").write_text(samples_markdown(results, out_dir / "completions", judges[0]))
@@ -200,6 +207,40 @@ def plot(results: dict[str, Any], out_dir: Path, judge: str = JUDGE) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / "gate_layers.png", dpi=120)
         plt.close(fig)
+    roc = results.get("gate_roc")
+    if roc and roc["auroc"]:
+        plot_gate_roc(roc, out_dir / "gate_roc.png")
+
+
+def plot_gate_roc(roc: dict[str, Any], path: Path) -> None:
+    """One panel per harmful task: the gate's ROC against each benign task, the shipped bias as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    harmful = [t for t, kind in roc["kinds"].items() if kind == "harmful"]
+    benign = [t for t, kind in roc["kinds"].items() if kind != "harmful"]
+    fig, axes = plt.subplots(1, len(harmful), figsize=(4.2 * len(harmful), 4), squeeze=False)
+    for axis, positive in zip(axes[0], harmful, strict=True):
+        pos = sorted(roc["scores"][positive], reverse=True)
+        for negative in benign:
+            neg = roc["scores"][negative]
+            cuts = sorted(set(pos) | set(neg), reverse=True)
+            tpr = [sum(p >= c for p in pos) / len(pos) for c in cuts]
+            fpr = [sum(n >= c for n in neg) / len(neg) for c in cuts]
+            line = axis.plot(
+                [0, *fpr], [0, *tpr], label=f"vs {negative} ({roc['auroc'][f'{positive} vs {negative}']:.3f})"
+            )
+            axis.plot(roc["fired"][negative], roc["fired"][positive], "o", color=line[0].get_color())
+        axis.plot([0, 1], [0, 1], ":", color="grey")
+        axis.set_xlabel("fires on the benign task")
+        axis.set_ylabel(f"fires on {positive}")
+        axis.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Gate ROC per task (dots: the shipped bias)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:

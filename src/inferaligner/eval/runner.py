@@ -19,7 +19,7 @@ from inferaligner.eval.judges import Verdict, outcome_shares
 from inferaligner.eval.methods import Method
 from inferaligner.eval.report import completion_stem
 from inferaligner.eval.tasks import Task
-from inferaligner.gate import layer_metrics
+from inferaligner.gate import auroc, layer_metrics
 from inferaligner.prompts import format_chats
 from inferaligner.version import __version__
 
@@ -129,6 +129,23 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
     }  # fmt: skip
 
 
+def gate_roc(scores: dict[str, list[float | None]], kinds: dict[str, str]) -> dict[str, Any]:
+    """The gate on every task: the share it fires on at its shipped bias (score above 0; a score that is not a
+    number fires), and the AUROC of each harmful task against each benign one; the scores, for ROC plots."""
+    clean = {task: torch.tensor([v if v is not None else float("inf") for v in values])
+             for task, values in scores.items()}  # fmt: skip
+    harmful = [t for t in clean if kinds.get(t) == "harmful"]
+    benign = [t for t in clean if kinds.get(t) in ("benign", "utility")]
+    return {
+        "fired": {t: round(float((v > 0).float().mean()), 4) for t, v in clean.items()},
+        "auroc": {
+            f"{h} vs {b}": round(float(auroc(clean[h][:, None], clean[b][:, None])), 4) for h in harmful for b in benign
+        },
+        "scores": {t: [round(float(x), 4) for x in v] for t, v in clean.items()},
+        "kinds": {t: kinds.get(t, "") for t in clean},
+    }
+
+
 def evaluate(
     methods: Sequence[Method],
     tasks: Sequence[Task],
@@ -149,6 +166,7 @@ def evaluate(
     (out_dir / "completions").mkdir(exist_ok=True)
     results: dict[str, Any] = {"methods": {}, "labels": {m.name: m.label for m in methods}}
     plain: dict[str, list[Completion]] = {}
+    gate_scores: dict[str, list[float]] = {}  # per task, the first gated method's gate scores
     for method in methods:
         results["methods"][method.name] = {}
         for task in tasks:
@@ -160,11 +178,15 @@ def evaluate(
             with (out_dir / "completions" / f"{stem}.jsonl").open("w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
             results["methods"][method.name][task.name] = metrics
+            if method.gated and task.name not in gate_scores and any(row.get("gate") for row in rows):
+                gate_scores[task.name] = [row["gate"]["score"] for row in rows if row.get("gate")]
     target = next((m for m in methods if m.name == "target"), None)
     harmful = next((t for t in tasks if t.name == "harmful"), None)
     benign = next((t for t in tasks if t.name == "harmless"), None)
     if target is not None and harmful is not None and benign is not None:
         results["gate_quality"] = gate_quality(target, harmful.prompts, benign.prompts, batch_size)
+    if gate_scores:
+        results["gate_roc"] = gate_roc(gate_scores, {t.name: t.kind for t in tasks})
     results["run"] = {
         "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",

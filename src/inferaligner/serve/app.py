@@ -170,7 +170,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "inferaligner"}]}  # fmt: skip
 
-    def make_job(body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> Job:
+    def make_job(body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], chat: bool) -> Job:
         if body.model != config.model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{config.model_name}'.",
                            param="model", code="model_not_found")  # fmt: skip
@@ -188,13 +188,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise APIError(403, "This server does not let clients switch InferAligner off.", param="inferaligner")
         temperature = 0.0 if body.greedy else body.temperature
         return Job(prompt_ids, max_tokens, temperature, body.top_p, body.stop_strings(), enabled,
-                   asyncio.get_running_loop(), top_logprobs=body.top_logprobs_wanted())  # fmt: skip
+                   asyncio.get_running_loop(), top_logprobs=body.top_logprobs_wanted(), chat=chat)  # fmt: skip
 
     async def run(request: Request, endpoint: str, body: Any, prompt_ids: list[int], chat: bool) -> Any:
         started = time.perf_counter()
         status = "200"
         try:
-            job = make_job(body, prompt_ids)
+            job = make_job(body, prompt_ids, chat)
             try:
                 engine.submit(job)
             except QueueFull:

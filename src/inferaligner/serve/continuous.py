@@ -36,8 +36,19 @@ from inferaligner.loopstop import repeats
 from inferaligner.models import has_sliding_window
 from inferaligner.plan import Action, Plan, RowPlan
 from inferaligner.prompts import pad_rows, position_ids
-from inferaligner.serve.engine import BatchEngine, Engine, Failed, Job, eos_ids, finish, read_token, report_plan
-from inferaligner.serve.prefix import SharedPrefix, chat_opening
+from inferaligner.serve.engine import (
+    BatchEngine,
+    Engine,
+    Failed,
+    Job,
+    eos_ids,
+    finish,
+    gate_turns,
+    read_token,
+    report_plan,
+)
+from inferaligner.serve.prefix import SharedPrefix
+from inferaligner.turns import chat_opening
 
 log = logging.getLogger("inferaligner.serve")
 
@@ -111,7 +122,7 @@ class RunningBatch:
 
 
 def _opening(aligner: InferAligner) -> list[int]:
-    """The chat template's opening (`serve.prefix.chat_opening`), or none where the template cannot render it."""
+    """The chat template's opening (`turns.chat_opening`), or none where the template cannot render it."""
     try:
         return chat_opening(aligner.tokenizer)
     except Exception as exc:  # a template that refuses a lone user turn, say: nothing to cache
@@ -255,9 +266,11 @@ class ContinuousEngine(Engine):
         mask = torch.cat([mask.new_ones(len(jobs), skip), mask], dim=1)  # the mask covers the cached prefix too
         positions = position_ids(mask)[:, skip:]
         cache = _fresh_cache(prefix, len(jobs))
-        # The gate is read inside this prefill; a plan that needs more (steering at or below the gate layer, fixed
-        # answers) stops it at the gate layer, and the rows the plan generates are prefilled again under it.
+        # The gate is read inside this prefill (a "turns" gate: just before it, each turn alone); a plan that needs
+        # more (steering at or below the gate layer, fixed answers) stops it at the gate layer, and the rows the plan
+        # generates are prefilled again under it.
         kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
+        kwargs["turns"] = gate_turns(aligner, jobs)
         if prefix is not None:
             kwargs.update(prefix_hidden=prefix.gate_hidden, before_steering=functools.partial(prefix.steer, cache))
         output, plan = aligner.prefill(ids, mask, allowed=[job.aligned for job in jobs], **kwargs)

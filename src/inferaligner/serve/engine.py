@@ -34,6 +34,7 @@ from inferaligner.gate import GateDecision
 from inferaligner.plan import Action, Plan
 from inferaligner.prompts import pad_rows
 from inferaligner.serve.openmp import release_openmp_threads
+from inferaligner.turns import TurnFormat, prompt_turns
 
 log = logging.getLogger("inferaligner.serve")
 
@@ -108,6 +109,8 @@ class Job:
     created: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)  # when each generated token was read (perf_counter)
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
+    chat: bool = True  # a chat prompt (the gate reads its user and system turns), else raw text (read whole)
+    turns: list[list[int]] | None = None  # what a "turns" gate reads of the prompt (`gate_turns` fills it in)
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -216,6 +219,17 @@ def eos_ids(aligner: InferAligner) -> set[int]:
     return (set(eos if isinstance(eos, list) else [eos]) | {aligner.tokenizer.eos_token_id}) - {None}
 
 
+def gate_turns(aligner: InferAligner, jobs: Sequence[Job]) -> list[list[list[int]]] | None:
+    """What a `"turns"` gate reads of each job's whole prompt (`InferAligner.prompt_turns`: a chat's user and system
+    turns, a raw prompt whole); `None` for any other gate."""
+    if aligner.reader is None:
+        return None
+    for job in jobs:
+        if job.turns is None:
+            job.turns = prompt_turns(aligner.tokenizer, job.prompt_ids, chat=job.chat)
+    return [job.turns for job in jobs]  # type: ignore[misc]
+
+
 def report_plan(jobs: Sequence[Job], plan: Plan) -> None:
     """Tell each job its gate decision and action (once), and answer the rows the plan answers itself."""
     for job, row in zip(jobs, plan, strict=True):
@@ -253,6 +267,9 @@ class Engine:
     ) -> None:
         check_limits(max_batch, batch_wait_s, max_queue)
         self.aligner = aligner
+        # What reads the turns is set up here, before the worker and the server's threads share the tokenizer.
+        TurnFormat.of(aligner.tokenizer)
+        _ = aligner.reader
         self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
         self.on_batch = list(on_batch)  # each is told the size of every batch the engine runs (metrics, tests)
         self._pending: deque[Job] = deque()
@@ -405,7 +422,11 @@ class BatchEngine(Engine):
             aligner.generate(**batch, plan=plan, **options)
         else:
             output, replan = aligner.try_one_pass(
-                **batch, allowed=allowed, on_plan=lambda done: report_plan(jobs, done), **options
+                **batch,
+                allowed=allowed,
+                on_plan=lambda done: report_plan(jobs, done),
+                turns=gate_turns(aligner, jobs),
+                **options,
             )
             if output is None:
                 return replan

@@ -19,24 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
 from inferaligner.models import block_hidden
 from inferaligner.plan import Action, Plan, RowPlan
-from inferaligner.prompts import chat_token_ids
 
 Forward = Callable[[torch.Tensor, torch.Tensor, DynamicCache], Any]  # (input ids, attention mask, cache) -> output
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each [1, heads, prefix, head dim]
-
-
-def chat_opening(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens every one-turn chat prompt starts with: the longest common start of two rendered chats."""
-    first, second = (chat_token_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "Bye"))
-    common = 0
-    while common < min(len(first), len(second)) and first[common] == second[common]:
-        common += 1
-    return first[:common]
 
 
 @dataclass(eq=False)

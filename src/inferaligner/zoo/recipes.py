@@ -227,9 +227,11 @@ def build_demo_model(
     max_steps: int | None = None,
     gate_fpr: float | None = None,
     gate_tpr: float | None = DEFAULT_GATE_TPR,
+    public: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`."""
+    """Build a demo adapter from scratch on the embedded base, then extract its safety vectors into `out_dir`
+    (`public`: the gate also learns from the data folder's training-only sets)."""
     from inferaligner.errors import InferAlignerError
     from inferaligner.loading import load_model
     from inferaligner.models import set_model_name
@@ -242,9 +244,9 @@ def build_demo_model(
     )
     merged = peft_model.merge_and_unload()
     set_model_name(merged, f"zoo:{name}")
-    demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, gate_tpr=gate_tpr, progress=progress).save(
-        out_dir / "vectors.safetensors"
-    )
+    vectors = demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, gate_tpr=gate_tpr, public=public,
+                           progress=progress)  # fmt: skip
+    vectors.save(out_dir / "vectors.safetensors")
     return card
 
 
@@ -258,25 +260,16 @@ def demo_vectors(
     *,
     gate_fpr: float | None = None,
     gate_tpr: float | None = DEFAULT_GATE_TPR,
+    public: bool = True,
     progress: bool = True,
 ) -> Any:
-    """A demo model's safety vectors and gate: the built-in gate sets (`prompts.gate_sets`), plus, on the harmless
-    side, prompts from the domain's own training data; a probe gate on mean-pooled activations, chosen on the
-    calibration split, each built-in set and the domain's prompts counting as one group of harmless prompts. Its
-    bias makes it fire on `gate_tpr` of the calibration harmful prompts, or on at most `gate_fpr` of the harmless
-    ones when that is given."""
-    from inferaligner.prompts import gate_group_sizes, gate_sets
-    from inferaligner.vectors import extract_safety_vectors
+    """A demo model's safety vectors and gate. The vectors: the mean differences of the built-in gate sets
+    (`prompts.gate_sets`, the domain's own training prompts added to the harmless side). The gate: a turns gate
+    (`inferaligner.gate_training`: each turn read alone) built from the built-in sets, the domain's prompts and, with
+    `public`, the training-only sets of the data folder; its bias makes it fire on `gate_tpr` of the calibration
+    harmful prompts, or on at most `gate_fpr` of the harmless ones when that is given."""
+    from inferaligner.gate_training import target_vectors
 
     domain = recipe.domain() if recipe.domain else []
-    extra = {"extraction": domain[:DOMAIN_GATE_PROMPTS], "calibration": domain[-DOMAIN_GATE_PROMPTS:]}
-
-    def sets(split: str) -> tuple[list[str], list[str]]:
-        harmful, harmless = gate_sets(split)  # type: ignore[arg-type]
-        return harmful, harmless + (extra[split] if domain else [])
-
-    groups = gate_group_sizes("calibration") + ([len(extra["calibration"])] if domain else [])
-    return extract_safety_vectors(model, tokenizer, *sets("extraction"), calibration=sets("calibration"),
-                                  harmless_groups=groups, gate_fpr=gate_fpr,
-                                  gate_tpr=None if gate_fpr is not None else gate_tpr, gate="probe", pooling="mean",
-                                  progress=progress)  # fmt: skip
+    return target_vectors(model, tokenizer, domain, public=public, gate_tpr=gate_tpr, gate_fpr=gate_fpr,
+                          per_part=DOMAIN_GATE_PROMPTS, progress=progress)  # fmt: skip
