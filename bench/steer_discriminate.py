@@ -42,6 +42,7 @@ from inferaligner.fit import (
     fit_steering_vectors,
     refusals_only,
     teacher_answers,
+    teacher_forcing_loss,
     with_roleplay,
 )
 from inferaligner.models import block_hidden, decoder_layers, with_block_hidden
@@ -107,10 +108,7 @@ def fit_edits(
                 order += fresh
             chosen, order = order[:8], order[8:]
             inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, torch.device("cpu"))
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
-            )
+            loss = teacher_forcing_loss(model, inputs)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

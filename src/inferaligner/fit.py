@@ -197,10 +197,7 @@ def fit_steering_vectors(
             inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, device)
             if prefix is not None:
                 prefix.select(chosen, inputs["input_ids"].shape[1])
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
-            )
+            loss = teacher_forcing_loss(model, inputs)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -310,6 +307,14 @@ def _training_batches(
             answer = [*answer, end]
         pairs.append((prompt, answer))
     return pairs
+
+
+def teacher_forcing_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean cross-entropy of the model's next-token predictions on a collated batch's answer tokens."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
