@@ -196,6 +196,15 @@ def fit_probe(harmful: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3) -
     return fit_weighted_probe(torch.cat([harmful, harmless]), labels, None, l2)
 
 
+def balanced_weights(weights: torch.Tensor, harmful: torch.Tensor, among: torch.Tensor | None = None) -> torch.Tensor:
+    """`weights` with the harmful prompts' scaled so the two classes weigh the same in total (counted over the rows
+    `among` marks, or all)."""
+    labels = harmful.float() if among is None else (harmful & among).float()
+    others = (~harmful).float() if among is None else (~harmful & among).float()
+    balance = (weights * others).sum() / (weights * labels).sum()
+    return weights * torch.where(harmful, balance, torch.ones(()))
+
+
 def fit_weighted_probe(
     features: torch.Tensor, harmful: torch.Tensor, weights: torch.Tensor | None = None, l2: float = 1e-3
 ) -> tuple[torch.Tensor, float]:
@@ -206,9 +215,7 @@ def fit_weighted_probe(
     labels = harmful.float()
     if not 0 < float(labels.sum()) < len(labels):
         raise InferAlignerError("A probe gate needs harmful and harmless prompts.")
-    weights = torch.ones(len(labels)) if weights is None else weights.float()
-    balance = (weights * (1 - labels)).sum() / (weights * labels).sum()  # harmful prompts scaled to weigh as much
-    weights = weights * torch.where(harmful, balance, torch.ones(()))
+    weights = balanced_weights(torch.ones(len(labels)) if weights is None else weights.float(), harmful)
     features = features.float()
     mean, scale = features.mean(0), features.std(0) + 1e-4
     standard = (features - mean) / scale

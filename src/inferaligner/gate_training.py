@@ -37,6 +37,7 @@ from inferaligner.gate import (
     PROBE_L2,
     GateHead,
     auroc,
+    balanced_weights,
     calibrate_bias,
     calibrate_bias_tpr,
     fit_weighted_probe,
@@ -206,8 +207,7 @@ def fit_mlp_head(
     calibration score and its own output bias. Deterministic for a seed."""
     generator = torch.Generator().manual_seed(seed)
     labels = harmful.float()
-    balance = (weights * (1 - labels))[fit].sum() / (weights * labels)[fit].sum()
-    weights = weights * torch.where(harmful, balance, torch.ones(()))
+    weights = balanced_weights(weights, harmful, fit)
     mean, scale = features[fit].mean(0), features[fit].std(0) + 1e-4
     standard = (features - mean) / scale
     with torch.random.fork_rng():

@@ -177,12 +177,14 @@ class SafetyVectors:
                 f"{shape[1]}: extract vectors from a model of the same family and size."
             )
 
+    def _gate_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored gate's own tensors, named as in the file: a probe's direction, an MLP's head."""
+        tensors = {"gate_direction": self.gate_direction} if self.gate_direction is not None else {}
+        return tensors | {f"gate_head.{k}": v for k, v in (self.gate_head.tensors() if self.gate_head else {}).items()}
+
     def check_finite(self, role: str = "vectors") -> None:
         """Raise `VectorFileError` if any stored number (directions, norms, biases, gate) is NaN or infinite."""
-        tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
-        if self.gate_direction is not None:
-            tensors["gate_direction"] = self.gate_direction
-        tensors |= {f"gate_head.{k}": v for k, v in (self.gate_head.tensors() if self.gate_head else {}).items()}
+        tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias, **self._gate_tensors()}
         bad = [name for name, value in tensors.items() if not bool(torch.isfinite(value).all())]
         if self.gate is not None and not math.isfinite(self.gate.bias):
             bad.append("gate bias")
@@ -212,11 +214,7 @@ class SafetyVectors:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
-        tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()}
-        if self.gate_direction is not None:
-            tensors["gate_direction"] = self.gate_direction
-        if self.gate_head is not None:
-            tensors |= {f"gate_head.{name}": value for name, value in self.gate_head.tensors().items()}
+        tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()} | self._gate_tensors()
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
