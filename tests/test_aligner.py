@@ -16,8 +16,10 @@ PROMPTS = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("harml
 GEN = {"max_new_tokens": 10, "min_new_tokens": 10}
 
 
-def make_aligner(model_type: str = "llama", mode: str = "inferaligner", **kwargs) -> InferAligner:
-    """A tiny target with its own vectors and a differently seeded 'aligned' twin; the gate splits PROMPTS."""
+def make_aligner(model_type: str = "llama", mode: str = "inferaligner", pooling: str | None = None,
+                 **kwargs) -> InferAligner:  # fmt: skip
+    """A tiny target with its own vectors and a differently seeded 'aligned' twin; the gate (read with `pooling`
+    when given) splits PROMPTS."""
     tokenizer = tiny_tokenizer()
     target = tiny_model(model_type, seed=0)
     harmful, harmless = builtin_prompts("harmful")[:12], builtin_prompts("harmless")[:12]
@@ -35,6 +37,8 @@ def make_aligner(model_type: str = "llama", mode: str = "inferaligner", **kwargs
         alpha=8.0,
         **kwargs,
     )
+    if pooling is not None:
+        aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     # Random weights separate nothing; put the gate's threshold at the median score so half the rows fire.
     scores = torch.tensor([d.score for d in aligner.gate_decisions(**_batch(aligner))])
     aligner.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias - float(scores.median()) + 1e-4)
@@ -65,6 +69,18 @@ def test_mixed_batch_unfired_rows_are_token_identical(model_type: str) -> None:
             assert not torch.equal(steered[row], plain[row]), f"row {row} fired but was not steered"
         else:
             assert torch.equal(steered[row], plain[row]), f"row {row} did not fire but changed"
+
+
+def test_mixed_batch_under_a_turns_gate_keeps_unfired_rows_token_identical() -> None:
+    aligner = make_aligner(pooling="turns")
+    assert aligner.reader is not None and aligner.gating.startswith("each turn read alone")
+    batch = _batch(aligner)
+    plain = _plain(aligner, batch, do_sample=False)
+    steered, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
+    fired = [row.gate.fired for row in plan]
+    assert 0 < sum(fired) < len(fired)
+    for row, row_fired in enumerate(fired):
+        assert torch.equal(steered[row], plain[row]) != row_fired, f"row {row}: fired {row_fired}"
 
 
 def test_mixed_batch_with_sampling_under_a_fixed_seed() -> None:
