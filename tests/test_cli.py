@@ -62,6 +62,18 @@ def test_extract_sets_the_gate_for_the_harmful_share_by_default(model_dir, tmp_p
     assert "would fire on everything" in capsys.readouterr().err
 
 
+def test_turns_gate_options_that_cannot_work_are_one_line_errors(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "bad.safetensors"
+    base = ["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--no-public"]
+    assert main([*base, "--gate", "mean-difference"]) == 2
+    assert "A turns gate is a probe: leave --gate at 'probe'" in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("What is a bond's duration?\n")
+    assert main([*base, "--domain", str(one)]) == 2
+    assert "--domain needs at least two prompts" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
     steering = tmp_path / "steering.safetensors"
     assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
