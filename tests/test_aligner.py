@@ -10,7 +10,7 @@ from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError, PromptTooLongError, VectorFileError, VectorMismatchError
 from inferaligner.prompts import builtin_prompts
 from inferaligner.settings import DEFAULT_REFUSAL, Mode, SettingsError
-from inferaligner.vectors import extract_safety_vectors
+from inferaligner.vectors import GateSpec, extract_safety_vectors
 
 PROMPTS = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("harmless", "calibration")[:4]
 GEN = {"max_new_tokens": 10, "min_new_tokens": 10}
@@ -232,6 +232,11 @@ def test_bad_settings_and_tensors_fail_when_the_aligner_is_built() -> None:
     with pytest.raises(VectorFileError, match=r"aligned vectors .* non-finite values in norms"):
         InferAligner(model, tokenizer, target_vectors=target,
                      aligned_vectors=_vectors_with(aligned, norms=aligned.norms * float("inf")))  # fmt: skip
+    for margin, message in ((float("nan"), "non-finite values in gate earlier-turn margin"),
+                            (-1.0, "negative earlier-turn margin")):  # fmt: skip
+        gate = GateSpec(layer=1, bias=0.0, pooling="turns", earlier_margin=margin)
+        with pytest.raises(VectorFileError, match=message):
+            InferAligner(model, tokenizer, target_vectors=_vectors_with(target, gate=gate), aligned_vectors=aligned)
     with pytest.raises(SettingsError, match="there is no gate"):
         InferAligner(model, tokenizer, mode="off", gate_layer=1)
 

@@ -188,9 +188,14 @@ class SafetyVectors:
         bad = [name for name, value in tensors.items() if not bool(torch.isfinite(value).all())]
         if self.gate is not None and not math.isfinite(self.gate.bias):
             bad.append("gate bias")
+        if self.gate is not None and not math.isfinite(self.gate.earlier_margin):
+            bad.append("gate earlier-turn margin")
         if bad:
             raise VectorFileError(f"The {role} from {self.provenance.describe()} hold non-finite values in "
                                   f"{', '.join(bad)}: the file is corrupt; extract it again.")  # fmt: skip
+        if self.gate is not None and self.gate.earlier_margin < 0:
+            raise VectorFileError(f"The {role} from {self.provenance.describe()} hold a negative earlier-turn margin "
+                                  f"({self.gate.earlier_margin}): the file is corrupt; extract it again.")  # fmt: skip
 
     def check_compatible(self, other: SafetyVectors, roles: tuple[str, str] = ("steering", "gate")) -> None:
         """Raise if two vector sets come from models of different shape (aligned and target must share a base)."""
