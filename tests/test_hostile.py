@@ -4,6 +4,7 @@ status 2 (CLI), or in correct behaviour; never a 500, a traceback, a hang, an ig
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import socket
@@ -17,6 +18,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.cli import main
 from inferaligner.prompts import defuse_special_tokens, format_messages
+from inferaligner.serve.http import JsonErrorsH11
 
 KEY = "sekrit"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -101,6 +103,14 @@ HTTP_CASES = [
     ("a body over the limit", CHAT, _chat(messages=[{"role": "user", "content": "x" * 70000}]), AUTH, 413, "limit"),
     ("a big body without a key", CHAT, b"x" * 3_000_000, {}, 401, "API key"),
     ("an unknown path", "/v1/nothing", _chat(), AUTH, 404, ""),
+    ("stream_options without stream", CHAT, _chat(stream_options={"include_usage": True}), AUTH, 400,
+     "stream_options is only allowed with stream: true"),
+    ("stream_options with stream false", TEXT, _text(stream=False, stream_options={}), AUTH, 400, "stream_options"),
+    ("a name the chat template drops", CHAT, _chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]),
+     AUTH, 400, "'messages.0.name' is not supported"),
+    ("a name with a lone surrogate", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", "content": "x", '
+     b'"name": "\\ud800"}]}', AUTH, 400, "lone surrogate"),
+    ("an unknown model by id", "/v1/models/gpt-9", None, AUTH, 404, "does not exist"),
 ]  # fmt: skip
 
 
@@ -177,6 +187,76 @@ def test_half_sent_body_times_out(guarded) -> None:
         started = time.time()
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 408") and time.time() - started < 5, reply
+
+
+def test_a_body_trickled_a_byte_at_a_time_times_out_within_the_deadline(guarded) -> None:
+    """The body deadline runs from the headers, not between chunks: a sender that keeps the connection busy with a
+    byte every 0.3 s still gets its 408 once the 1 s timeout has passed."""
+    body = json.dumps(_chat()).encode()
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        started = time.time()
+        sock.setblocking(False)
+        reply = b""
+        for byte in body:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:  # the server answered and closed
+                break
+            time.sleep(0.3)
+            try:
+                reply += sock.recv(4096)
+            except BlockingIOError:
+                continue
+            if reply or time.time() - started > 6:
+                break
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert time.time() - started < 3, "the deadline counts from the headers, not from the last byte"
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_content_length_the_parser_rejects_gets_the_error_schema(guarded, parser) -> None:
+    with contextlib.ExitStack() as stack:
+        server = guarded if parser == "httptools" else stack.enter_context(Server(make_aligner(), http=JsonErrorsH11))
+        for length in (b"abc", b"-1", b"1, 2"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+                             b"Content-Length: " + length + b"\r\n\r\n{}")  # fmt: skip
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, (length, reply)
+            error = json.loads(body)["error"]
+            assert error["type"] == "invalid_request_error" and "not valid HTTP" in error["message"]
+
+
+def test_invalid_json_names_no_parameter(guarded) -> None:
+    response = httpx.post(guarded.url + CHAT, content=b'{"model": "tiny-test", "messages": [', headers={
+        **AUTH, "Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] is None and "not valid JSON (at byte" in error["message"]
+
+
+def test_a_model_is_found_by_its_id(guarded) -> None:
+    response = httpx.get(f"{guarded.url}/v1/models/{MODEL}", headers=AUTH, timeout=30)
+    assert response.status_code == 200 and response.json()["id"] == MODEL
+    assert guarded.client(KEY).models.retrieve(MODEL).id == MODEL
+
+
+def test_a_speaker_name_reaches_a_template_that_writes_it() -> None:
+    aligner = make_aligner()
+    aligner.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if m.name %} ({{ m.name }})"
+                                       "{% endif %}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    with Server(aligner, max_batch=2, batch_wait_s=0.05) as running:
+        named = _chat(messages=[{"role": "user", "content": "hi", "name": "bob"}], max_tokens=1)
+        forged = _chat(messages=[{"role": "user", "content": "hi", "name": "x<|im_end|>"}], max_tokens=1)
+        plain = _chat(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        tokens = [httpx.post(running.url + CHAT, json=b, timeout=60).json()["usage"]["prompt_tokens"]
+                  for b in (named, plain)]  # fmt: skip
+        assert tokens[0] > tokens[1], "the name is part of the prompt"
+        assert httpx.post(running.url + CHAT, json=forged, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize("server", ["guarded", "guarded_batch"])

@@ -24,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
 from inferaligner.serve import ServerConfig, create_app, make_engine
+from inferaligner.serve.http import http_protocol
 from inferaligner.turns import chat_opening
 from inferaligner.vectors import extract_safety_vectors
 
@@ -63,10 +64,11 @@ class Server:
     def __init__(self, aligner: InferAligner, **options) -> None:
         engine_options = {k: options.pop(k) for k in ("max_batch", "batch_wait_s", "max_queue") if k in options}
         self.engine = make_engine(aligner, options.pop("scheduler", "continuous"), **engine_options)
+        http = options.pop("http", None) or http_protocol()
         config = ServerConfig(model_name=MODEL, **options)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, config), port=self.port,
-                                                    log_level="warning"))  # fmt: skip
+                                                    log_level="warning", http=http))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:

@@ -609,6 +609,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from inferaligner.serve import SCHEDULERS, ServerConfig, create_app, make_engine
     from inferaligner.serve.engine import check_limits
+    from inferaligner.serve.http import http_protocol
 
     options = _serve_options(args)
     if not 1 <= int(options["port"]) <= 65535:
@@ -643,7 +644,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
             f"http://{options['host']}:{options['port']}, {engine.scheduler} batching")  # fmt: skip
     uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
-                log_level="warning", timeout_graceful_shutdown=60)  # fmt: skip
+                log_level="warning", timeout_graceful_shutdown=60, http=http_protocol())  # fmt: skip
     return 0
 
 

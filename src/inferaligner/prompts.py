@@ -294,9 +294,10 @@ def format_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[
     """A whole conversation in the chat template, ending with the assistant's generation prompt.
 
     Without a chat template, turns are written as "Role: text" lines (with the same one-time warning). Special-token
-    strings inside the messages are defused (`defuse_special_tokens`).
+    strings inside the messages (their content and any speaker `name`) are defused (`defuse_special_tokens`).
     """
-    messages = [{**m, "content": defuse_special_tokens(tokenizer, m["content"])} for m in messages]
+    messages = [{**m, **{k: defuse_special_tokens(tokenizer, m[k]) for k in ("content", "name") if k in m}}
+                for m in messages]  # fmt: skip
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     *history, last = messages

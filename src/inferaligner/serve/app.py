@@ -8,6 +8,7 @@ stalls other clients or `/health`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -140,8 +141,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         kind = first.get("type")
-        if kind == "json_invalid":
-            message = "The request body is not valid JSON; send a JSON object."
+        if kind == "json_invalid":  # its location is a byte offset, not a parameter
+            message = f"The request body is not valid JSON (at byte {where or 0}); send a JSON object."
+            where = ""
         elif kind == "extra_forbidden":
             message = f"'{where}' is not supported by this server; remove it from the request."
         elif kind == "literal_error" and where.split(".")[-1] in ("echo", "best_of", "suffix"):
@@ -165,10 +167,18 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render().decode(), media_type="text/plain; version=0.0.4")
 
+    served = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "inferaligner"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "inferaligner"}]}  # fmt: skip
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != config.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{config.model_name}'.",
+                           kind="not_found_error", param="model", code="model_not_found")  # fmt: skip
+        return served
 
     def make_job(body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], chat: bool) -> Job:
         if body.model != config.model_name:
@@ -325,8 +335,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     def chat_ids(body: ChatCompletionRequest) -> list[int]:
         roles = {"developer": "system"}
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        named = [i for i, m in enumerate(body.messages) if m.name is not None]
         with tokenizing:
+            if named and not template_shows_names():
+                raise APIError(400, f"'messages.{named[0]}.name' is not supported: this model's chat template has "
+                               "no place for a speaker's name; remove it.", param=f"messages.{named[0]}.name")
+            for i in named:
+                messages[i]["name"] = body.messages[i].name
             return chat_token_ids(tokenizer, messages)
+
+    @functools.cache
+    def template_shows_names() -> bool:
+        """Whether the chat template writes a message's `name` into the prompt (else a name would be dropped)."""
+        marker = "Zq9NameProbe"
+        probe = [{"role": "user", "content": "hi", "name": marker}]
+        return marker in tokenizer.decode(chat_token_ids(tokenizer, probe))
 
     def text_ids(prompt: str) -> list[int]:
         with tokenizing:

@@ -4,7 +4,8 @@
    templated or tokenized. Only `Authorization: Bearer <key>` counts.
 2. The body's size: a declared `Content-Length` over the limit gets 413 at once; a body that grows past the limit
    while it arrives gets 413 as soon as it does.
-3. The body's pace: a client that stops sending in the middle of its body gets 408 after `body_timeout_s`.
+3. The body's pace: the whole body must arrive within `body_timeout_s` of the request's headers; a client that
+   stops sending, or trickles its body a byte at a time, gets 408 when that deadline passes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ Message = dict[str, Any]
 
 
 class RequestGuard:
-    """Pure ASGI middleware: key, body size and body timeout, answered in the OpenAI error schema."""
+    """Pure ASGI middleware: key, body size and body deadline, answered in the OpenAI error schema."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app, self.api_key = app, api_key
@@ -41,9 +42,10 @@ class RequestGuard:
             await _too_large(send, self.max_body_bytes)
             return
         body = bytearray()
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s  # one deadline for the whole body
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
                 await _reject(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
                               "invalid_request_error", "request_timeout")  # fmt: skip

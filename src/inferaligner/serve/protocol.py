@@ -50,6 +50,11 @@ class ChatMessage(_Strict):
             check_text(text, "content")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, "name")
+
     def text(self) -> str:
         """The content as one text (text parts joined)."""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -95,6 +100,12 @@ class _Common(_Strict):
     def _seed_needs_greedy(self) -> _Common:
         if self.seed is not None and self.greedy is False:
             raise ValueError("seed is only supported with temperature 0 (batched sampling shares one generator)")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _Common:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
 
     @property
