@@ -15,7 +15,8 @@ answered that minute. At the end it waits for the server to be idle, reads RSS a
 
 "Lost" counts good and harmful requests that did not come back whole; a 429 (queue full) is counted apart.
 
-    python bench/soak.py [--minutes 30] [--clients 32] [--max-tokens 16] [--cpus 0]
+    python bench/soak.py [--minutes 30] [--clients 32] [--max-tokens 16] [--cpus 0]   (writes bench/results/soak.json
+                                                                                    and docs/img/soak.png)
 """
 
 from __future__ import annotations
@@ -290,6 +291,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Memory and latency per minute: two panels sharing the time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = result["per_minute"][1:]
+    x = [m["minute"] for m in minutes]
+    figure, (memory, latency) = plt.subplots(2, 1, figsize=(7, 4.5), sharex=True)
+    memory.plot([0, *x], [result["per_minute"][0]["rss_mb"], *(m["rss_mb"] for m in minutes)], marker=".")
+    memory.set_ylabel("server RSS (MiB)")
+    memory.set_ylim(0, None)
+    latency.plot(x, [m["latency_p50_s"] for m in minutes], marker=".", label="p50")
+    latency.plot(x, [m["latency_p95_s"] for m in minutes], marker=".", label="p95")
+    latency.set_ylabel("latency (s)")
+    latency.set_xlabel("minute")
+    latency.set_ylim(0, None)
+    latency.legend()
+    figure.suptitle(f"Soak: {result['clients']} clients, {result['served_whole']} answers, {result['lost']} lost, "
+                    f"{result['server_5xx']} 5xx")  # fmt: skip
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30)
@@ -298,10 +325,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", default="", help="pin the server to these CPUs (taskset list, e.g. '0')")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
+    parser.add_argument("--plot", type=Path, default=Path("docs/img/soak.png"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out; run nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.plot)
+        return
     result = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.plot)
     print(json.dumps({k: v for k, v in result.items() if k != "per_minute"}, indent=2))
 
 

@@ -44,6 +44,16 @@ def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:
     ('{"format": "inferaligner.steering_settings", "alpha": 1}', "incomplete steering settings"),
     ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": NaN, "layers": [1], "scale": "raw",'
      ' "kind": "k"}', "alpha must be a finite number"),
+    ('{"format": "inferaligner.steering_settings", "vectors": 123, "alpha": 1, "layers": [1], "scale": "raw",'
+     ' "kind": "teacher-fitted"}', "vectors must be the path of a vector file"),
+    ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": 1, "layers": 3, "scale": "raw",'
+     ' "kind": "teacher-fitted"}', "layers must be a list"),
+    ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": 1, "layers": [1], "scale": "raw",'
+     ' "kind": "k"}', "kind must be one of"),
+    ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": 1, "layers": [1], "scale": "raw",'
+     ' "kind": "teacher-fitted", "table": 5}', "table must be a list"),
+    ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": 1, "layers": [1], "scale": null,'
+     ' "kind": "teacher-fitted"}', "need a strength"),
 ])  # fmt: skip
 def test_bad_settings_files_are_clear_errors(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "s.json"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -25,6 +26,16 @@ def vector_file(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vectors") / "tiny.safetensors"
     code = main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1",
                  "--no-public"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def aligned_file(model_dir, tmp_path_factory):
+    """Mean-difference vectors standing in for an aligned model's (other prompts, so not the target's own)."""
+    out = tmp_path_factory.mktemp("vectors") / "aligned.safetensors"
+    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--pooling", "last", "--harmful",
+                 "builtin:harmful:calibration", "--harmless", "builtin:harmless:calibration"])  # fmt: skip
     assert code == 0
     return out
 
@@ -106,7 +117,7 @@ def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tm
     assert "teacher-fitted steering vectors" in capsys.readouterr().out
 
 
-def test_generate_json_reports_the_gate(model_dir, vector_file, capsys) -> None:
+def test_generate_json_reports_the_gate(model_dir, vector_file, aligned_file, capsys) -> None:
     args = [
         "generate",
         "--model",
@@ -114,7 +125,7 @@ def test_generate_json_reports_the_gate(model_dir, vector_file, capsys) -> None:
         "--target-vectors",
         str(vector_file),
         "--aligned-vectors",
-        str(vector_file),
+        str(aligned_file),
         "--layers",
         "1-2",
         "--max-new-tokens",
@@ -163,7 +174,8 @@ def test_loop_span_is_an_option_checked_like_every_setting(model_dir, vector_fil
 def test_inspect_prints_provenance_and_metrics(vector_file, capsys) -> None:
     assert main(["inspect", str(vector_file)]) == 0
     out = capsys.readouterr().out
-    assert "vectors from" in out and "gate: layer" in out and "calibration.accuracy" in out
+    assert "mean-difference vectors of" in out and "gate: layer" in out and "calibration.accuracy" in out
+    assert "with an MLP gate at layer" in out and "raw/res" in out, "what the file is, and its strength per layer"
     assert "reads each user turn, the system message and a raw prompt alone" in out and "gate data: " in out
     assert main(["inspect", "--json", str(vector_file)]) == 0
     assert json.loads(capsys.readouterr().out)["provenance"]["num_layers"] == 4
@@ -234,13 +246,13 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     with pytest.raises(InferAlignerError, match=r"Unknown keys .*alpah"):
         options("--config", str(config))
     config.write_text(json.dumps({"alpha": "nan"}))
-    with pytest.raises(InferAlignerError, match="alpha must be a finite number"):
+    with pytest.raises(InferAlignerError, match="'alpha' must be a number, not 'nan'"):
         _alignment(options("--config", str(config)))
     assert options()["prefix_cache"] is True and options("--no-prefix-cache")["prefix_cache"] is False
     config.write_text(json.dumps({"prefix_cache": False}))
     assert options("--config", str(config))["prefix_cache"] is False
     config.write_text(json.dumps({"prefix_cache": "no"}))
-    with pytest.raises(InferAlignerError, match="'prefix_cache' must be a bool"):
+    with pytest.raises(InferAlignerError, match="'prefix_cache' must be true or false"):
         options("--config", str(config))
 
 
@@ -256,9 +268,12 @@ def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:
 
 
 def test_parse_layers() -> None:
-    assert parse_layers("2-4,8") == [2, 3, 4, 8]
-    with pytest.raises(Exception, match="list of numbers"):
-        parse_layers("a-b")
+    assert parse_layers("2-4,8") == [2, 3, 4, 8] == parse_layers(" 2-4 , 8")
+    for bad in ("a-b", "1,,2", "", "1,", "-1", "3-", "1.5", "2-x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="list of layer numbers"):
+            parse_layers(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="runs backwards"):
+        parse_layers("9-5")
 
 
 def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeypatch) -> None:
@@ -272,11 +287,12 @@ def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeyp
     assert set(folders) == {"target", "safety-sft"}
 
 
-def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, tmp_path, data_dir, capsys) -> None:
+def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, aligned_file, tmp_path, data_dir, capsys
+                                                        ) -> None:  # fmt: skip
     long_context = tmp_path / "model"  # the jailbreak prompts need more than the fixture model's 256 positions
     tiny_model("llama", context=2048).save_pretrained(long_context)
     tiny_tokenizer().save_pretrained(long_context)
-    vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(vector_file)]
+    vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(aligned_file)]
     code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner,simple",
                  "--limit", "2", "--layers", "1-2", "--out", str(tmp_path / "eval")])  # fmt: skip
     assert code == 0, capsys.readouterr().err

@@ -27,9 +27,10 @@ def colour_image(colour: str) -> Image.Image:
 def make(images: list) -> tuple[MultimodalAligner, dict[str, torch.Tensor]]:
     """Vectors from the LLaVA itself on text prompts; the gate's threshold splits the mixed batch."""
     model, processor = tiny_llava(), tiny_llava_processor()
-    vectors = extract_safety_vectors(model, processor.tokenizer, builtin_prompts("harmful")[:8],
-                                     builtin_prompts("harmless")[:8], progress=False)  # fmt: skip
-    aligner = InferAligner(model, processor.tokenizer, target_vectors=vectors, aligned_vectors=vectors, alpha=30.0,
+    harmful, harmless = builtin_prompts("harmful"), builtin_prompts("harmless")
+    vectors = extract_safety_vectors(model, processor.tokenizer, harmful[:8], harmless[:8], progress=False)
+    steering = extract_safety_vectors(model, processor.tokenizer, harmful[8:16], harmless[8:16], progress=False)
+    aligner = InferAligner(model, processor.tokenizer, target_vectors=vectors, aligned_vectors=steering, alpha=30.0,
                            steer_layers=[1, 2])  # fmt: skip
     mm = MultimodalAligner(aligner, processor)
     batch = mm.encode(PROMPTS, images)

@@ -30,10 +30,11 @@ def ray_server(tmp_path_factory):
     aligner.model.save_pretrained(folder / "model")
     aligner.tokenizer.save_pretrained(folder / "model")
     aligner.target_vectors.save(folder / "vectors.safetensors")
+    aligner.aligned_vectors.save(folder / "aligned.safetensors")
     port = free_port()
     command = [sys.executable, "-m", "inferaligner.cli", "serve", "--ray", "--replicas", "2", "--cpus-per-replica",
                "1", "--model", str(folder / "model"), "--target-vectors", str(folder / "vectors.safetensors"),
-               "--aligned-vectors", str(folder / "vectors.safetensors"), "--layers", "1,2", "--alpha", "30",
+               "--aligned-vectors", str(folder / "aligned.safetensors"), "--layers", "1,2", "--alpha", "30",
                "--gate-layer", str(aligner.gate.layer), "--gate-bias", str(aligner.gate.bias), "--port", str(port),
                "--api-key", KEY, "--served-model-name", MODEL, "--max-batch", "4"]  # fmt: skip
     log = (folder / "server.log").open("w")

@@ -43,11 +43,11 @@ def make_aligner(mode: str = "inferaligner", context: int = 256, pooling: str = 
     """A sharp tiny model whose gate (pooled over the prompt as `pooling` says) fires on HARMFUL and not on
     HARMLESS (threshold set between them)."""
     tokenizer, model = tiny_tokenizer(), tiny_model("llama", sharp=True, context=context)
-    vectors = extract_safety_vectors(
-        model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
-    )
+    harmful, harmless = builtin_prompts("harmful"), builtin_prompts("harmless")
+    vectors = extract_safety_vectors(model, tokenizer, harmful[:8], harmless[:8], progress=False)
+    steering = extract_safety_vectors(model, tokenizer, harmful[8:16], harmless[8:16], progress=False)  # "aligned"
     options.setdefault("steer_layers", [1, 2])
-    aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, mode=mode,
+    aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=steering, mode=mode,
                            alpha=30.0, **options)  # fmt: skip
     aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     scores = [d.score for d in aligner.gate_decisions(**aligner.encode([HARMFUL, HARMLESS]))]
@@ -291,9 +291,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
     aligner.tokenizer.save_pretrained(model_dir)
     vectors = tmp_path / "v.safetensors"
     aligner.target_vectors.save(vectors)
+    steering = aligner.aligned_vectors.save(tmp_path / "aligned.safetensors")
     port = free_port()
     command = [sys.executable, "-m", "inferaligner.cli", "serve", "--model", str(model_dir), "--target-vectors",
-               str(vectors), "--aligned-vectors", str(vectors), "--layers", "1-2", "--port", str(port),
+               str(vectors), "--aligned-vectors", str(steering), "--layers", "1-2", "--port", str(port),
                "--served-model-name", MODEL, "--max-tokens-limit", "200"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     try:

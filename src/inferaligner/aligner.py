@@ -32,6 +32,7 @@ from inferaligner.prompts import encode, format_chats, position_ids
 from inferaligner.reader import RequestReader
 from inferaligner.settings import DEFAULT_ALPHA, FITTED_ALPHA, AlignerSettings, Mode, SettingsError, SteerScale
 from inferaligner.steer import SteeringHandle, add_steering
+from inferaligner.strength import SteeringStrength, residual_norms, steering_strength
 from inferaligner.turns import prompt_turns
 from inferaligner.vectors import SafetyVectors
 
@@ -122,6 +123,11 @@ class InferAligner:
                 vectors.check_finite(role)
         if target_vectors is not None and aligned_vectors is not None:
             aligned_vectors.check_compatible(target_vectors, ("aligned", "target"))
+            if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned_vectors.content_id() == target_vectors.content_id():
+                raise VectorMismatchError(
+                    "The steering vectors are the target's own vectors (the gate's file): steer "
+                    "with the aligned model's vectors, or use mode 'self' for this ablation."
+                )
         self.target_vectors = target_vectors
         self.aligned_vectors = aligned_vectors
         self.gate: Gate | None = (
@@ -152,6 +158,14 @@ class InferAligner:
         if outside:
             raise SettingsError(f"steer_layers {outside} are outside this model's layers 0..{len(self.layers) - 1}.")
         self._directions = self._steer_directions()
+        self.strength: SteeringStrength | None = None
+        if self._directions is not None:
+            norms = residual_norms(model, tokenizer, self.layers)
+            self.strength = steering_strength(norms, self._directions, self.steer_layers, self.alpha)
+            if self.strength.weak and not self.settings.allow_weak_steering:
+                raise SettingsError(f"This steering would not protect: {self.strength.problem()}. Raise alpha or "
+                                    "steer other layers; --allow-weak-steering runs it anyway (its rows are then "
+                                    "never reported as intervened).")  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -306,7 +320,8 @@ class InferAligner:
     def plan(self, decisions: Sequence[GateDecision] | None, rows: int, allowed: Sequence[bool] | None = None) -> Plan:
         """What this aligner does to each row, given the gate's decisions (see `inferaligner.plan.make_plan`).
         `allowed` marks the rows InferAligner may act on (default: all)."""
-        return make_plan(self.settings.mode, decisions, rows, self.settings.refusal, allowed)
+        effective = self.strength is None or not self.strength.weak
+        return make_plan(self.settings.mode, decisions, rows, self.settings.refusal, allowed, effective)
 
     def decide(
         self,

@@ -86,9 +86,10 @@ def calibrate(
     runs = [(c, s) for c in candidates for s in c.strengths]
     for cand, strength in tqdm(runs, desc="calibrating", disable=not progress, unit="setting"):
         started = time.perf_counter()
+        # A weak strength is measured like any other (it is what it writes); an aligner refuses to use it later.
         aligner = InferAligner(model, tokenizer, aligned_vectors=cand.vectors, mode="always", alpha=strength,
                                steer_layers=list(cand.layers), steer_scale=cand.scale, system=system,
-                               loop_span=loop_span)  # fmt: skip
+                               loop_span=loop_span, allow_weak_steering=True)  # fmt: skip
         shares = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):
             texts = [a.text for a in aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]

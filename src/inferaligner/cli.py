@@ -28,17 +28,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_layers(spec: str) -> list[int]:
-    """'5-12' or '3,4,9' or '2-4,8' into a sorted list of layer indices."""
+    """'5-12' or '3,4,9' or '2-4,8' into a sorted list of layer indices; an empty item ('1,,2'), an empty or
+    backwards range ('9-5') or anything but whole numbers is an error."""
     layers: set[int] = set()
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                layers.update(range(low, high + 1))
-            elif part.strip():
-                layers.add(int(part))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{spec}' is not a list of numbers such as '5-12' or '3,4,9'.") from exc
+    example = "a list of layer numbers such as '5-12' or '3,4,9'"
+    for part in spec.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise argparse.ArgumentTypeError(f"'{spec}' is not {example}.")
+        if dash and int(high) < int(low):
+            raise argparse.ArgumentTypeError(f"'{spec}': the range {part.strip()} runs backwards; write {high}-{low}.")
+        layers.update(range(int(low), int(high if dash else low) + 1))
     return sorted(layers)
 
 
@@ -167,6 +167,9 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
     group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
     group.add_argument("--loop-span", type=int, help="end a steered answer at its first repeated run of this many "
                        "tokens (default 8; 0: never)")  # fmt: skip
+    group.add_argument("--allow-weak-steering", action="store_true", default=None,
+                       help="run a steering whose shifts are negligible (by default refused: it would not protect); "
+                       "its rows are never reported as intervened")  # fmt: skip
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -184,12 +187,26 @@ def _alignment(options: Mapping[str, Any]) -> tuple[AlignerSettings, SafetyVecto
     from inferaligner.settings import SteeringSettings, resolve
     from inferaligner.vectors import SafetyVectors
 
+    options = _with_shipped(options)
     steering = SteeringSettings.load(options["settings"]) if options.get("settings") else None
     settings = resolve(options, steering)
     target = SafetyVectors.load(options["target_vectors"]) if options.get("target_vectors") else None
-    aligned_path = options.get("aligned_vectors") or (steering.vectors if steering else None)
-    aligned = SafetyVectors.load(aligned_path) if aligned_path else None
+    if options.get("aligned_vectors"):
+        aligned = SafetyVectors.load(options["aligned_vectors"])
+    else:
+        aligned = steering.load_vectors() if steering else None
     return settings, target, aligned
+
+
+def _with_shipped(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings unless other
+    steering vectors are given) filling the ones not given."""
+    from inferaligner import zoo
+
+    shipped = zoo.shipped_alignment(str(options.get("model") or ""))
+    if options.get("aligned_vectors") or options.get("settings"):
+        shipped.pop("settings", None)
+    return {**options, **{k: v for k, v in shipped.items() if not options.get(k)}}
 
 
 def _load(options: Mapping[str, Any], name: str | None = None) -> Loaded:
@@ -383,22 +400,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from inferaligner.strength import steering_strength
     from inferaligner.vectors import SafetyVectors, describe
 
     vectors = SafetyVectors.load(args.file)
+    vectors.check_finite(f"vectors in {args.file}")  # a corrupt file is an error, not a table of NaNs
     summary = describe(vectors)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"vectors from {vectors.provenance.describe()}")
+    print(f"{vectors.describe_kind()}")
     prov = vectors.provenance
+    print(f"  from {prov.describe()}")
     print(
         f"  {prov.n_harmful} harmful + {prov.n_harmless} harmless prompts (data {prov.data_hash}), "
         f"layer convention {prov.layer_convention}, created {prov.created}"
     )
+    residual = vectors.residual_norms
     if vectors.fitted:
         print(f"  teacher-fitted steering vectors (teacher: {prov.teacher or 'unknown'}) on layers "
               f"{vectors.fitted_layers}")  # fmt: skip
+        if residual is not None:
+            raw = vectors.directions * vectors.norms[:, None]
+            strength = steering_strength(residual, raw, vectors.fitted_layers, 1.0)
+            print(f"  effective strength at its fitted alpha 1: {strength.describe()}")
+    if residual is None:
+        print("  effective strength: unknown (the file predates residual norms; the aligner measures it when built)")
     if vectors.gate:
         g = vectors.gate
         target = f", fpr {g.target_fpr}" if g.target_fpr is not None else ""
@@ -416,9 +443,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"steering a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again "
                   "(the whole prompt again on sliding-window models)")  # fmt: skip
     names = sorted(vectors.metrics)
-    print("layer  norm    " + "  ".join(f"{n:>22}" for n in names))
+    columns = {name: vectors.metrics[name] for name in names}
+    if residual is not None:  # the shift per unit of alpha, relative to the layer's residual norm
+        print("  unit/res and raw/res: each layer's shift at alpha 1 over its residual norm (unit and raw scale)")
+        columns = {"unit/res": 1 / residual, "raw/res": vectors.norms / residual} | columns
+    print("layer  norm    " + "  ".join(f"{n:>22}" for n in columns))
     for layer in range(vectors.num_layers):
-        values = "  ".join(f"{float(vectors.metrics[n][layer]):>22.3f}" for n in names)
+        values = "  ".join(f"{float(c[layer]):>22.3f}" for c in columns.values())
         print(f"{layer:>5}  {float(vectors.norms[layer]):6.2f}  {values}")
     return 0
 
@@ -552,14 +583,43 @@ SERVE_DEFAULTS = {
     "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
     "ray": False, "replicas": 1, "max_replicas": 0, "cpus_per_replica": 1.0, "ray_address": "",  # 0 / "": none
 }  # fmt: skip
-NOT_CONFIG = {"run", "verb", "verbose", "config"}
+NOT_CONFIG = {"run", "verb", "verbose", "config", "config_parser"}
+_JSON_KINDS = {int: "a whole number", positive_int: "a whole number", float: "a number", str: "a text",
+               Path: "a file path (text)"}  # fmt: skip
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
+    """A config file's value for an option, checked as the command line would check it (type, range, choices);
+    a value of the wrong JSON type is a one-line error, never converted."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise InferAlignerError(f"{source}: '{key}' must be true or false, not {value!r}.")
+        return value
+    kind = action.type or str
+    if kind is parse_layers and isinstance(value, list):
+        if not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise InferAlignerError(f"{source}: '{key}' must be a list of layer numbers (0 or more), not {value!r}.")
+        return sorted(set(value))
+    wanted = {float: (int, float), int: int, positive_int: int}.get(kind, str)
+    if not isinstance(value, wanted) or isinstance(value, bool):
+        what = _JSON_KINDS.get(kind, "a list of layer numbers or a text such as '5-12'" if kind is parse_layers
+                               else "a text")  # fmt: skip
+        raise InferAlignerError(f"{source}: '{key}' must be {what}, not {value!r}.")
+    try:
+        checked = kind(str(value)) if kind is not str else value
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise InferAlignerError(f"{source}: '{key}': {exc}") from None
+    if action.choices is not None and checked not in action.choices:
+        choices = ", ".join(str(c) for c in action.choices)
+        raise InferAlignerError(f"{source}: '{key}' must be one of {choices}, not {value!r}.")
+    return checked
 
 
 def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Server options: defaults, then the --config file (keys: the long option names, with '_' for '-'), then
     options given on the command line. Without --model: the shipped demo pair."""
-    from inferaligner.demo import demo_sources
-
     known = set(vars(args)) - NOT_CONFIG
     options: dict[str, Any] = dict(SERVE_DEFAULTS)
     if args.config:
@@ -569,25 +629,18 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InferAlignerError(f"Cannot read the server config {args.config}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise InferAlignerError(f"{args.config} must hold a JSON object of options.")
-        if "layers" in loaded:  # the option is --layers; its value is stored as steer_layers
-            layers = loaded.pop("layers")
-            loaded["steer_layers"] = parse_layers(layers) if isinstance(layers, str) else layers
-        unknown = set(loaded) - known
+        unknown = set(loaded) - known - {"layers"}
         if unknown:
             raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
-        for key, default in SERVE_DEFAULTS.items():
-            kinds = (int, float) if isinstance(default, float) else type(default)
-            value = loaded.get(key, default)
-            if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
-                raise InferAlignerError(f"{args.config}: '{key}' must be a {type(default).__name__}, not {value!r}.")
+        actions = {action.dest: action for action in args.config_parser._actions}
+        # A null value means the default: it is left out.
+        loaded = {actions[key if key != "layers" else "steer_layers"].dest: _config_value(
+            actions[key if key != "layers" else "steer_layers"], key, value, args.config) for key, value in
+            loaded.items() if value is not None}  # fmt: skip
         options |= loaded
     options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
-    if not options.get("model"):
-        demo = demo_sources()
-        if options.get("aligned_vectors") or options.get("settings"):
-            demo.pop("settings")
-        options = {**demo, **{k: v for k, v in options.items() if v is not None}}
-        options.setdefault("served_model_name", "inferaligner-demo")
+    if not options.get("model"):  # the demo pair: the shipped target brings its gate and steering settings
+        options |= {"model": "zoo:target", "served_model_name": options.get("served_model_name") or "inferaligner-demo"}
     return options
 
 
@@ -705,7 +758,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from inferaligner.eval.runner import evaluate
     from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
     from inferaligner.settings import SteeringSettings, resolve
-    from inferaligner.vectors import SafetyVectors
 
     methods = args.methods.split(",") if args.methods else list(ALL_METHODS)
     options = {key: value for key, value in vars(args).items() if value is not None}
@@ -767,7 +819,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if paper_file is not None:  # the paper's vectors with their own steering, the same gate and system prompt
         paper_steering = SteeringSettings.load(paper_file)
         shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal", "loop_span")}
-        paper = (SafetyVectors.load(paper_steering.vectors), resolve(shared, paper_steering))
+        paper = (paper_steering.load_vectors(), resolve(shared, paper_steering))
     elif "inferaligner-paper" in methods:
         methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
     built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra,
@@ -991,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ray.add_argument("--ray-address", help="join a running Ray cluster ('auto', or ray://HEAD:10001); default: start "
                      "a local instance")  # fmt: skip
-    serve.set_defaults(run=cmd_serve)
+    serve.set_defaults(run=cmd_serve, config_parser=serve)
 
     evaluation = verbs.add_parser("eval", help="measure ASR, jailbreak ASR, over-refusal and utility per method")
     evaluation.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")

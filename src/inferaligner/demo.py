@@ -37,7 +37,7 @@ def demo_aligner(steering: str = "default", **options: Any) -> InferAligner:
         model,
         tokenizer,
         target_vectors=SafetyVectors.load(sources["target_vectors"]),
-        aligned_vectors=SafetyVectors.load(chosen.vectors),
+        aligned_vectors=chosen.load_vectors(),
         settings=resolve(options, chosen),
     )
 

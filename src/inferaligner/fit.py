@@ -36,6 +36,7 @@ from inferaligner.errors import InferAlignerError, PromptError
 from inferaligner.eval.judges import has_refusal_phrase
 from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
 from inferaligner.prompts import ROLEPLAY_FRAMES, format_chats
+from inferaligner.strength import residual_norms
 from inferaligner.vectors import TEACHER_FITTED, Provenance, SafetyVectors, data_hash
 
 DEFAULT_FIT_LAYERS = (0.4, 0.53, 0.67, 0.8)
@@ -213,6 +214,7 @@ def fit_steering_vectors(
     full = torch.zeros(len(blocks), hidden)
     full[list(layer_ids)] = theta.detach().float().cpu()
     vectors = _as_vectors(model, full, examples, teacher_name)
+    vectors = replace(vectors, residual_norms=residual_norms(model, tokenizer, blocks))
     return FitResult(vectors, losses, time.perf_counter() - started)
 
 

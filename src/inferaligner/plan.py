@@ -33,11 +33,13 @@ class RowPlan:
     action: Action
     gate: GateDecision | None
     answer: str | None = None
+    effective: bool = True  # False: a steered row whose steering was allowed although negligible
 
     @property
     def intervened(self) -> bool:
-        """Whether InferAligner changes this row's answer (steers it, or replaces it with the refusal)."""
-        return self.action is not Action.PASS
+        """Whether InferAligner changes this row's answer (steers it with an effective steering, or replaces it with
+        the refusal, or hands it to the aligned model)."""
+        return self.action is not Action.PASS and self.effective
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,12 @@ def make_plan(
     rows: int,
     refusal: str,
     allowed: Sequence[bool] | None = None,
+    effective: bool = True,
 ) -> Plan:
     """Each row's action: `off` passes every row; `always` steers every row; the gated modes act where the gate
     fired (`simple` by refusing, `aligned` by handing the row to the aligned model, the others by steering). Rows
-    with `allowed[i]` false always pass."""
+    with `allowed[i]` false always pass. `effective=False` (a negligible steering, allowed): steered rows are
+    steered but not reported as intervened."""
     if decisions is not None and len(decisions) != rows:
         raise ValueError(f"{len(decisions)} gate decisions for {rows} rows.")
     if allowed is not None and len(allowed) != rows:
@@ -97,11 +101,12 @@ def make_plan(
         if (allowed is not None and not allowed[row]) or mode is Mode.OFF:
             plans.append(RowPlan(Action.PASS, gate))
         elif mode is Mode.ALWAYS:
-            plans.append(RowPlan(Action.STEER, gate))
+            plans.append(RowPlan(Action.STEER, gate, effective=effective))
         elif gate is not None and gate.fired and mode is Mode.SIMPLE:
             plans.append(RowPlan(Action.REFUSE, gate, refusal))
         elif gate is not None and gate.fired:
-            plans.append(RowPlan(Action.DELEGATE if mode is Mode.ALIGNED else Action.STEER, gate))
+            action = Action.DELEGATE if mode is Mode.ALIGNED else Action.STEER
+            plans.append(RowPlan(action, gate, effective=effective or action is Action.DELEGATE))
         else:
             plans.append(RowPlan(Action.PASS, gate))
     return Plan(tuple(plans))

@@ -25,6 +25,8 @@ DEFAULT_REFUSAL = (
     "If you have a related question that is safe, I'm glad to help."
 )
 SETTINGS_FORMAT = "inferaligner.steering_settings"
+STEERING_KINDS = ("teacher-fitted", "mean-difference")
+"""What a settings file's vectors are (`SafetyVectors.kind`); the aligner checks that the file holds that kind."""
 
 
 class SettingsError(InferAlignerError):
@@ -67,7 +69,8 @@ class AlignerSettings:
     where both models separate harmful from harmless); `steer_scale=None` means raw for fitted vectors, else unit;
     `alpha=None` means `FITTED_ALPHA` (1) for fitted vectors, else `DEFAULT_ALPHA` (the paper's 4);
     `gate_layer` / `gate_bias` `None` take the vector file's stored gate. `loop_span`: a steered answer ends at its
-    first repeated run of this many tokens (0: never); unsteered rows are never cut.
+    first repeated run of this many tokens (0: never); unsteered rows are never cut. `allow_weak_steering`: build
+    even when the steering's shifts are negligible (`inferaligner.strength`); such rows never count as intervened.
     """
 
     mode: Mode = Mode.INFERALIGNER
@@ -80,6 +83,7 @@ class AlignerSettings:
     refusal: str = DEFAULT_REFUSAL
     layers_path: str | None = None
     loop_span: int = DEFAULT_LOOP_SPAN  # a steered answer ends at its first repeated run of this many tokens; 0: off
+    allow_weak_steering: bool = False  # run a negligible steering anyway (`inferaligner.strength`); never intervenes
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -105,6 +109,8 @@ class AlignerSettings:
             raise SettingsError(f"system must be a text, not {self.system!r}.")
         if isinstance(self.loop_span, bool) or not isinstance(self.loop_span, int) or self.loop_span < 0:
             raise SettingsError(f"loop_span must be a whole number of tokens (0: off), not {self.loop_span!r}.")
+        if not isinstance(self.allow_weak_steering, bool):
+            raise SettingsError(f"allow_weak_steering must be true or false, not {self.allow_weak_steering!r}.")
 
     def merged(self, **given: Any) -> AlignerSettings:
         """These settings with every given option that is not `None` replacing the current value."""
@@ -151,9 +157,18 @@ class SteeringSettings:
     table: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise SettingsError("Steering settings need steered layers.")
+        if not isinstance(self.vectors, str) or not self.vectors.strip():
+            raise SettingsError(f"vectors must be the path of a vector file (a text), not {self.vectors!r}.")
+        for name in ("candidate", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise SettingsError(f"{name} must be a text, not {getattr(self, name)!r}.")
+        if not isinstance(self.table, list) or not all(isinstance(row, dict) for row in self.table):
+            raise SettingsError("table must be a list of objects (the calibration rows).")
+        if self.alpha is None or self.scale is None or not self.layers:
+            raise SettingsError("Steering settings need a strength (alpha), a scale and steered layers.")
         AlignerSettings(alpha=self.alpha, steer_layers=self.layers, steer_scale=self.scale)  # validates them
+        if self.kind not in STEERING_KINDS:
+            raise SettingsError(f"kind must be one of {', '.join(map(repr, STEERING_KINDS))}, not {self.kind!r}.")
 
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON, with the vector file's path relative to the settings file's folder."""
@@ -176,6 +191,8 @@ class SteeringSettings:
             raise InferAlignerError(f"Cannot read steering settings {path}: {exc}") from exc
         if not isinstance(data, dict) or data.pop("format", None) != SETTINGS_FORMAT:
             raise InferAlignerError(f"{path} is not a steering settings file; write one with `inferaligner calibrate`.")
+        if not isinstance(data.get("layers", []), list):
+            raise SettingsError(f"{path}: layers must be a list of layer indices, not {data['layers']!r}.")
         try:
             settings = cls(**{**data, "layers": tuple(data["layers"])})
         except (KeyError, TypeError) as exc:
@@ -184,6 +201,16 @@ class SteeringSettings:
             raise SettingsError(f"{path}: {exc}") from exc
         vectors = Path(settings.vectors)
         return settings if vectors.is_absolute() else replace(settings, vectors=str(path.parent / vectors))
+
+    def load_vectors(self) -> Any:
+        """The steering vectors this file names (`SafetyVectors`), checked to be of the kind it says."""
+        from inferaligner.vectors import SafetyVectors
+
+        vectors = SafetyVectors.load(self.vectors)
+        if vectors.kind != self.kind:
+            raise SettingsError(f"These steering settings are for {self.kind} vectors, but {self.vectors} holds "
+                                f"{vectors.describe_kind()}: point 'vectors' at the file calibrate chose.")  # fmt: skip
+        return vectors
 
     def overrides(self) -> dict[str, Any]:
         """The aligner settings this file sets (the vectors themselves are loaded from `vectors`)."""

@@ -32,6 +32,7 @@ from inferaligner.gate import (
 )
 from inferaligner.models import decoder_layers, has_vision, model_fingerprint, text_config
 from inferaligner.prompts import format_chats
+from inferaligner.strength import residual_norms
 from inferaligner.version import __version__
 
 FORMAT = "inferaligner.safety_vectors"
@@ -121,6 +122,7 @@ class SafetyVectors:
     gate: GateSpec | None = None
     gate_direction: torch.Tensor | None = None  # the probe's direction when `gate.direction == "probe"`
     gate_head: GateHead | None = None  # the gate's MLP when `gate.direction == "mlp"`
+    residual_norms: torch.Tensor | None = None  # each layer's typical residual norm on the source model (strength)
 
     @property
     def num_layers(self) -> int:
@@ -134,6 +136,19 @@ class SafetyVectors:
     def fitted(self) -> bool:
         """Teacher-fitted steering vectors (`inferaligner.fit`): raw strengths, only some layers non-zero."""
         return self.provenance.method == TEACHER_FITTED
+
+    @property
+    def kind(self) -> str:
+        """What these vectors are: "mean-difference" (`extract`) or "teacher-fitted" (`fit`)."""
+        return self.provenance.method
+
+    def describe_kind(self) -> str:
+        """What the file holds, in words: its kind, source model, layers and gate."""
+        layers = self.fitted_layers
+        span = f"layers {layers}" if self.fitted else f"{self.num_layers} layers"
+        article = {MLP: "an MLP", PROBE: "a probe"}.get(self.gate.direction, "a mean-difference") if self.gate else ""
+        gate = f", with {article} gate at layer {self.gate.layer}" if self.gate else ""
+        return f"{self.kind} vectors of {self.provenance.model_name} ({span}{gate})"
 
     @property
     def fitted_layers(self) -> list[int]:
@@ -185,6 +200,8 @@ class SafetyVectors:
     def check_finite(self, role: str = "vectors") -> None:
         """Raise `VectorFileError` if any stored number (directions, norms, biases, gate) is NaN or infinite."""
         tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias, **self._gate_tensors()}
+        if self.residual_norms is not None:
+            tensors["residual_norms"] = self.residual_norms
         bad = [name for name, value in tensors.items() if not bool(torch.isfinite(value).all())]
         if self.gate is not None and not math.isfinite(self.gate.bias):
             bad.append("gate bias")
@@ -220,6 +237,8 @@ class SafetyVectors:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"directions": self.directions, "norms": self.norms, "bias": self.bias}
         tensors |= {f"metrics.{name}": value for name, value in self.metrics.items()} | self._gate_tensors()
+        if self.residual_norms is not None:
+            tensors["residual_norms"] = self.residual_norms
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -262,12 +281,15 @@ class SafetyVectors:
                 gate_direction=tensors.get("gate_direction"),
                 gate_head=GateHead(**{k.removeprefix("gate_head."): v for k, v in tensors.items()
                                       if k.startswith("gate_head.")}) if "gate_head.output_weight" in tensors else None,
+                residual_norms=tensors.get("residual_norms"),
             )  # fmt: skip
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
         if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
             raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
         per_layer = {"norms": vectors.norms, "bias": vectors.bias, **vectors.metrics}
+        if vectors.residual_norms is not None:
+            per_layer["residual_norms"] = vectors.residual_norms
         short = [name for name, values in per_layer.items() if tuple(values.shape) != (vectors.num_layers,)]
         if short:
             raise VectorFileError(f"{path} is corrupt: {', '.join(short)} should hold one value per layer "
@@ -387,7 +409,8 @@ def extract_safety_vectors(
             else:
                 stored = GateSpec(layer=layer, bias=float(bias[layer]))
     provenance = Provenance.of(model, len(layers), len(harmful), len(harmless), data_hash(harmful, harmless))
-    return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction)
+    return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction,
+                         residual_norms=residual_norms(model, tokenizer, layers))  # fmt: skip
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -401,4 +424,7 @@ def describe(vectors: SafetyVectors) -> dict[str, Any]:
         "gate": asdict(vectors.gate) if vectors.gate else None,
         "metrics": {name: [round(v, 4) for v in value.tolist()] for name, value in vectors.metrics.items()},
         "norms": [round(v, 4) for v in vectors.norms.tolist()],
-    }
+        "kind": vectors.kind,
+        "residual_norms": None if vectors.residual_norms is None else [round(v, 2) for v in
+                                                                      vectors.residual_norms.tolist()],
+    }  # fmt: skip

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.gate import GateDecision
-from inferaligner.plan import Plan
+from inferaligner.plan import Action, Plan
 from inferaligner.settings import DEFAULT_REFUSAL, Mode
 
 
@@ -152,8 +152,8 @@ def gated_completions(
     mixed batches), so they are taken from `plain`, the target's own completions of the same prompts.
     """
     plan = aligner.plan(gate_all(aligner, prompts, kwargs.get("batch_size", 32)), len(prompts))
-    changed = [i for i, row in enumerate(plan) if row.intervened]
+    changed = [i for i, row in enumerate(plan) if row.action is not Action.PASS]
     answers = generate_cached(aligner, [prompts[i] for i in changed], cache, plan=plan.select(changed), **kwargs)
     acted = dict(zip(changed, (a.text for a in answers), strict=True))
-    return [Completion(prompt, acted[i], plan[i].gate, True) if i in acted else
+    return [Completion(prompt, acted[i], plan[i].gate, plan[i].intervened) if i in acted else
             Completion(prompt, plain[i].text, plan[i].gate, False) for i, prompt in enumerate(prompts)]  # fmt: skip

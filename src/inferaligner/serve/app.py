@@ -338,8 +338,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         named = [i for i, m in enumerate(body.messages) if m.name is not None]
         with tokenizing:
             if named and not template_shows_names():
-                raise APIError(400, f"'messages.{named[0]}.name' is not supported: this model's chat template has "
-                               "no place for a speaker's name; remove it.", param=f"messages.{named[0]}.name")
+                raise APIError(
+                    400,
+                    f"'messages.{named[0]}.name' is not supported: this model's chat template has "
+                    "no place for a speaker's name; remove it.",
+                    param=f"messages.{named[0]}.name",
+                )
             for i in named:
                 messages[i]["name"] = body.messages[i].name
             return chat_token_ids(tokenizer, messages)

@@ -80,6 +80,14 @@ def settings_path(name: str = "default") -> Path:
     return path
 
 
+def shipped_alignment(model: str) -> dict[str, Path]:
+    """What a shipped model brings when it is named with `zoo:NAME` and no vectors are given: the target its own
+    gate (`target_vectors`) and the demo pair's steering settings (`settings`); other names bring nothing."""
+    if model != "zoo:target":
+        return {}
+    return {"target_vectors": vectors_path("target"), "settings": settings_path()}
+
+
 def settings(name: str = "default") -> SteeringSettings:
     """The demo pair's steering settings (vectors, alpha, layers, scale) from `artifacts/`."""
     return SteeringSettings.load(settings_path(name))
