@@ -11,7 +11,8 @@ from test_aligner import PROMPTS, make_aligner
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
-from inferaligner.errors import VectorMismatchError
+from inferaligner.calibrate import candidate
+from inferaligner.errors import InferAlignerError, VectorFileError, VectorMismatchError
 from inferaligner.plan import Action
 from inferaligner.prompts import builtin_prompts
 from inferaligner.settings import SettingsError
@@ -93,3 +94,28 @@ def test_the_targets_own_vectors_are_not_steering_vectors() -> None:
     ablation = InferAligner(aligner.model, aligner.tokenizer, target_vectors=own, mode="self", steer_layers=[1, 2],
                             alpha=8.0)  # fmt: skip
     assert ablation.steering_vectors is own
+
+
+def test_teacher_fitted_vectors_cannot_be_the_gate() -> None:
+    aligner = make_aligner()
+    own = aligner.target_vectors
+    fitted = dataclasses.replace(own, provenance=dataclasses.replace(own.provenance, method="teacher-fitted"))
+    with pytest.raises(VectorFileError, match="must come from `extract` on the target, but they hold teacher-fitted"):
+        InferAligner(aligner.model, aligner.tokenizer, target_vectors=fitted, mode="simple")
+
+
+def test_a_calibration_candidate_must_hold_the_kind_it_is_named_for(tmp_path) -> None:
+    path = make_aligner().target_vectors.save(tmp_path / "gate.safetensors")
+    with pytest.raises(InferAlignerError, match="should hold teacher-fitted vectors but holds mean-difference"):
+        candidate("teacher-fitted", path, kind="teacher-fitted")
+
+
+def test_a_shipped_target_brings_its_gate_and_the_demo_settings() -> None:
+    from inferaligner import zoo
+    from inferaligner.cli import _with_shipped
+
+    assert _with_shipped({"model": "zoo:target"}) == {"model": "zoo:target", "target_vectors": zoo.vectors_path(
+        "target"), "settings": zoo.settings_path()}  # fmt: skip
+    own = _with_shipped({"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"})
+    assert own == {"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"}
+    assert _with_shipped({"model": "my-org/model"}) == {"model": "my-org/model"}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inferaligner.errors import InferAlignerError, VectorMismatchError
+from inferaligner.errors import InferAlignerError, VectorFileError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
 from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
 from inferaligner.loopstop import with_loop_stop
@@ -121,6 +121,11 @@ class InferAligner:
             if vectors is not None:
                 vectors.check_fits(model, role)
                 vectors.check_finite(role)
+        if target_vectors is not None and target_vectors.fitted:
+            raise VectorFileError(
+                f"The target vectors define the gate and must come from `extract` on the target, but "
+                f"they hold {target_vectors.describe_kind()}: pass those as steering vectors."
+            )
         if target_vectors is not None and aligned_vectors is not None:
             aligned_vectors.check_compatible(target_vectors, ("aligned", "target"))
             if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned_vectors.content_id() == target_vectors.content_id():

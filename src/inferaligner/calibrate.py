@@ -44,13 +44,17 @@ class Candidate:
 
 
 def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
-              layers: Sequence[int] | None = None, scale: str = SteerScale.UNIT.value) -> Candidate:  # fmt: skip
+              layers: Sequence[int] | None = None, scale: str = SteerScale.UNIT.value,
+              kind: str | None = None) -> Candidate:  # fmt: skip
     """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
-    vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default."""
+    vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default. `kind`:
+    the kind the file must hold (a one-line error names both otherwise)."""
     bad = [s for s in strengths or () if not (math.isfinite(s) and s > 0)]
     if bad:
         raise InferAlignerError(f"Steering strengths must be positive numbers, not {bad}.")
     vectors = SafetyVectors.load(path)
+    if kind is not None and vectors.kind != kind:
+        raise InferAlignerError(f"{path} should hold {kind} vectors but holds {vectors.describe_kind()}.")
     if vectors.fitted:
         return Candidate(name, vectors, path, tuple(vectors.fitted_layers), SteerScale.RAW.value,
                          tuple(strengths or DEFAULT_SCALES))  # fmt: skip

@@ -507,12 +507,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
     benign = load_prompt_sources(args.benign, args.column, args.limit)
-    candidates = [candidate("teacher-fitted", args.steering, args.scales)]
+    candidates = [candidate("teacher-fitted", args.steering, args.scales, kind="teacher-fitted")]
     if args.aligned_vectors:
         if not args.mean_difference_layers:
             raise InferAlignerError("--aligned-vectors needs --mean-difference-layers (which layers they steer).")
         candidates.append(candidate("mean-difference", args.aligned_vectors, args.alphas,
-                                    args.mean_difference_layers, args.mean_difference_scale))  # fmt: skip
+                                    args.mean_difference_layers, args.mean_difference_scale,
+                                    kind="mean-difference"))  # fmt: skip
     loaded = _load(vars(args))
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
@@ -778,7 +779,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             extra["aligned"] = zoo.load(args.aligned_model.removeprefix("zoo:") if args.aligned_model else "aligned")
         domain = args.demo
     else:
-        if not (args.target and args.target_vectors and (args.aligned_vectors or args.settings)):
+        options = {k: v for k, v in _with_shipped({**options, "model": args.target}).items() if k != "model"}
+        if not (args.target and options.get("target_vectors") and (options.get("aligned_vectors") or
+                                                                    options.get("settings"))):  # fmt: skip
             raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors or --settings (or --demo "
                                     "DOMAIN).")  # fmt: skip
         loaded = _load(options, args.target)
