@@ -358,25 +358,24 @@ def files(tmp_path_factory):
     (root / "mixed.jsonl").write_text('{"prompt": "one"}\n"two"\n["three"]\n')
     (root / "number.jsonl").write_text('{"prompt": 5}\n')
     (root / "outdir").mkdir()
-    assert main(["extract", "--model", str(model), "--out", str(root / "v.safetensors"), "--harmful",
-                 "builtin:harmful:extraction", "--harmless", "builtin:harmless:extraction", "--limit", "4",
-                 "--calib-harmful", "builtin:harmful:calibration", "--calib-harmless",
-                 "builtin:harmless:calibration"]) == 0  # fmt: skip
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(root / "v.safetensors"), framework="pt") as handle:
-        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    def extracted(name: str, limit: int) -> tuple[dict, dict]:
+        """Vectors of the tiny model (`limit` prompts per set) written to `name`, read back: metadata, tensors."""
+        assert main(["extract", "--model", str(model), "--out", str(root / name), "--harmful",
+                     "builtin:harmful:extraction", "--harmless", "builtin:harmless:extraction", "--limit", str(limit),
+                     "--calib-harmful", "builtin:harmful:calibration", "--calib-harmless",
+                     "builtin:harmless:calibration"]) == 0  # fmt: skip
+        with safe_open(str(root / name), framework="pt") as handle:
+            return handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+
+    metadata, tensors = extracted("v.safetensors", 4)
     save_file(tensors, str(root / "version.safetensors"), metadata={**metadata, "format_version": "x"})
     save_file({**tensors, "norms": tensors["norms"][:2]}, str(root / "short.safetensors"), metadata=metadata)
     nan = {**tensors, "bias": tensors["bias"] * float("nan")}
     save_file(nan, str(root / "nan.safetensors"), metadata=metadata)
-    assert main(["extract", "--model", str(model), "--out", str(root / "aligned.safetensors"), "--harmful",
-                 "builtin:harmful:extraction", "--harmless", "builtin:harmless:extraction", "--limit", "6",
-                 "--calib-harmful", "builtin:harmful:calibration", "--calib-harmless",
-                 "builtin:harmless:calibration"]) == 0  # fmt: skip
-    with safe_open(str(root / "aligned.safetensors"), framework="pt") as handle:
-        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    metadata, tensors = extracted("aligned.safetensors", 6)  # another set: stands in for an aligned model's
     save_file({**tensors, "directions": tensors["directions"] * 0}, str(root / "zero.safetensors"), metadata=metadata)
     steering = {"format": "inferaligner.steering_settings", "vectors": "aligned.safetensors", "alpha": 1e-300,
                 "layers": [1, 2], "scale": "raw", "kind": "mean-difference"}  # fmt: skip
