@@ -5,7 +5,8 @@ Each client loops until the time is up, drawing the next request's kind at rando
 - good: a harmless chat request (some with a system message, some a 3-turn conversation), streamed or not, or a
   text completion; it must come back whole (200, a finish reason, usage);
 - harmful: a harmful chat request; also whole, and where the gate fired the answer must say `intervened: true`
-  (a fired gate is never silently dropped);
+  (a fired gate is never silently dropped). The prompts are the built-in sets, which the shipped gate was built
+  on: the fire rates here are a check that gating runs under load, not a measure of protection;
 - malformed: one of a dozen bad requests (invalid JSON, an unknown field, a wrong key, `stream_options` without a
   stream, a `max_tokens` over the limit, an unknown model, a body trickled past the deadline, a `Content-Length`
   the parser rejects); it must get a 4xx in the OpenAI error schema, never a 5xx;
@@ -61,7 +62,8 @@ class Soak:
         self.sent: Counter[str] = Counter()
         self.lost: list[str] = []
         self.answered: list[tuple[float, float]] = []  # (when answered, latency) of good and harmful requests
-        self.fired = self.intervened = 0
+        self.fired: Counter[str] = Counter()  # per kind of request: answers whose gate fired
+        self.intervened: Counter[str] = Counter()  # ... and said `intervened: true`
 
     def chat(self, prompt: str, stream: bool, **extra: Any) -> dict[str, Any]:
         messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
@@ -119,8 +121,8 @@ class Soak:
         self.answered.append((time.time(), time.perf_counter() - started))
         gate = (extension or {}).get("gate") or {}
         if gate.get("fired"):
-            self.fired += 1
-            self.intervened += bool(extension.get("intervened"))
+            self.fired[kind] += 1
+            self.intervened[kind] += bool(extension.get("intervened"))
 
     async def streamed(self, http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tuple[Any, bool | None]:
         """A streamed request: (the inferaligner extension of its first chunk, whether it came back whole);
@@ -279,7 +281,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_options": options, "server_cpus": args.cpus or "all",
         "seconds": round(time.time() - started, 1), "sent": dict(soak.sent), "served_whole": served,
         "lost": len(soak.lost), "lost_examples": soak.lost[:10], "outcomes": dict(sorted(soak.outcomes.items())),
-        "gate_fired": soak.fired, "fired_and_intervened": soak.intervened,
+        "gate_fired": dict(soak.fired), "fired_and_intervened": dict(soak.intervened),
         "idle_at_end": health["in_flight"] == 0 and health["queue_depth"] == 0,
         "server_5xx": sum(n for k, n in soak.outcomes.items() if k.startswith("5")),
         "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),

@@ -40,6 +40,8 @@ def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("{", "Cannot read steering settings"),
+    (b"\xff\xfe{}", "Cannot read steering settings"),
+    ('{"alpha": ' + "1" * 5000 + "}", "Cannot read steering settings"),
     ('{"alpha": 1}', "is not a steering settings file"),
     ('{"format": "inferaligner.steering_settings", "alpha": 1}', "incomplete steering settings"),
     ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": NaN, "layers": [1], "scale": "raw",'
@@ -55,9 +57,9 @@ def test_settings_round_trip_with_a_path_relative_to_the_file(tmp_path) -> None:
     ('{"format": "inferaligner.steering_settings", "vectors": "v", "alpha": 1, "layers": [1], "scale": null,'
      ' "kind": "teacher-fitted"}', "need a strength"),
 ])  # fmt: skip
-def test_bad_settings_files_are_clear_errors(tmp_path, text: str, message: str) -> None:
+def test_bad_settings_files_are_clear_errors(tmp_path, text: str | bytes, message: str) -> None:
     path = tmp_path / "s.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(InferAlignerError, match=message):
         SteeringSettings.load(path)
 

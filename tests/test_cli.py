@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ def vector_file(model_dir, tmp_path_factory):
 def aligned_file(model_dir, tmp_path_factory):
     """Mean-difference vectors standing in for an aligned model's (other prompts, so not the target's own)."""
     out = tmp_path_factory.mktemp("vectors") / "aligned.safetensors"
-    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--pooling", "last", "--harmful",
+    twin = shutil.copytree(model_dir, out.parent / "aligned-model")  # another model's folder (same weights)
+    code = main(["extract", "--model", str(twin), "--out", str(out), "--pooling", "last", "--harmful",
                  "builtin:harmful:calibration", "--harmless", "builtin:harmless:calibration"])  # fmt: skip
     assert code == 0
     return out
@@ -237,7 +239,9 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     assert demo["model"] == "zoo:target" and demo["served_model_name"] == "inferaligner-demo"
     settings, target, aligned = _alignment(demo)
     assert (settings.alpha, settings.gate_bias, settings.steer_layers) == (2.0, 1e9, (12, 16))
-    assert settings.mode.value == "simple" and target is not None and aligned is not None and aligned.fitted
+    assert settings.mode.value == "simple" and target is not None and aligned is None, "simple mode steers nothing"
+    settings, target, aligned = _alignment(options())
+    assert settings.mode.value == "inferaligner" and target is not None and aligned is not None and aligned.fitted
     config = tmp_path / "serve.json"
     config.write_text(json.dumps({"alpha": 3, "layers": "12-13", "port": 9000}))
     from_file = options("--config", str(config), "--port", "9001")

@@ -1,6 +1,7 @@
 """The fuzz stage: property-based tests (hypothesis) over the HTTP request schema, the steering-settings and server
-config files and the CLI's numeric options, about a minute in all. Whatever the input: never a 5xx, never a
-traceback, never `intervened: true` from a no-op steering, never a fired gate silently dropped.
+config files and the CLI's numeric options, under a minute in all (15 s on one core of the development machine).
+Whatever the input: never a 5xx, never a traceback, never `intervened: true` from a no-op steering, never a fired
+gate silently dropped.
 
 Examples are drawn from a fixed seed (`derandomize`), so a CI run is repeatable; set INFERALIGNER_FUZZ_RANDOM=1 to
 draw new ones (and INFERALIGNER_FUZZ_EXAMPLES to draw more).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import httpx
@@ -199,8 +201,10 @@ def cli_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     tiny_model("llama", sharp=True, context=2048).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
+    shutil.copytree(root / "model", root / "aligned-model")  # stands in for an aligned model (another folder)
     for name, limit in (("target", "8"), ("aligned", "12")):
-        assert main(["extract", "--model", str(root / "model"), "--out", str(root / f"{name}.safetensors"),
+        model = root / ("model" if name == "target" else "aligned-model")
+        assert main(["extract", "--model", str(model), "--out", str(root / f"{name}.safetensors"),
                      "--pooling", "last", "--limit", limit, "--calib-harmful", "builtin:harmful:calibration",
                      "--calib-harmless", "builtin:harmless:calibration"]) == 0  # fmt: skip
     return root

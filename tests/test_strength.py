@@ -10,6 +10,7 @@ import torch
 from test_aligner import PROMPTS, make_aligner
 from tiny import tiny_model, tiny_tokenizer
 
+from inferaligner import strength
 from inferaligner.aligner import InferAligner
 from inferaligner.calibrate import candidate
 from inferaligner.errors import InferAlignerError, VectorFileError, VectorMismatchError
@@ -78,6 +79,7 @@ def test_vector_files_carry_residual_norms(tmp_path) -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     vectors = extract_safety_vectors(model, tokenizer, builtin_prompts("harmful")[:4],
                                      builtin_prompts("harmless")[:4], progress=False)  # fmt: skip
+    strength._NORMS.clear()  # measured again here, not read back from the cache the extraction filled
     measured = residual_norms(model, tokenizer, model.model.layers)
     assert vectors.residual_norms is not None and torch.equal(vectors.residual_norms, measured)
     assert bool((measured > 0).all())
@@ -88,7 +90,7 @@ def test_vector_files_carry_residual_norms(tmp_path) -> None:
 def test_the_targets_own_vectors_are_not_steering_vectors() -> None:
     aligner = make_aligner()
     own = aligner.target_vectors
-    with pytest.raises(VectorMismatchError, match="steering vectors are the target's own vectors"):
+    with pytest.raises(VectorMismatchError, match="steering vectors are the target's own"):
         InferAligner(aligner.model, aligner.tokenizer, target_vectors=own, aligned_vectors=own, steer_layers=[1, 2],
                      alpha=8.0)  # fmt: skip
     ablation = InferAligner(aligner.model, aligner.tokenizer, target_vectors=own, mode="self", steer_layers=[1, 2],
@@ -119,3 +121,18 @@ def test_a_shipped_target_brings_its_gate_and_the_demo_settings() -> None:
     own = _with_shipped({"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"})
     assert own == {"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"}
     assert _with_shipped({"model": "my-org/model"}) == {"model": "my-org/model"}
+
+
+def test_vectors_of_the_model_of_the_same_name_are_the_targets_own() -> None:
+    aligner = make_aligner()
+    own, other = aligner.target_vectors, aligner.aligned_vectors
+
+    def named(vectors: SafetyVectors, name: str) -> SafetyVectors:
+        return dataclasses.replace(vectors, provenance=dataclasses.replace(vectors.provenance, model_name=name))
+
+    assert named(other, "org/finance").is_own_gate_of(named(own, "org/finance"))
+    assert not named(other, "org/chat").is_own_gate_of(named(own, "org/finance"))
+    assert not other.is_own_gate_of(own), "models built from a config have no name to compare"
+    with pytest.raises(VectorMismatchError, match="steering vectors are the target's own"):
+        InferAligner(aligner.model, aligner.tokenizer, target_vectors=named(own, "org/finance"),
+                     aligned_vectors=named(other, "org/finance"), steer_layers=[1, 2], alpha=8.0)  # fmt: skip

@@ -128,10 +128,10 @@ class InferAligner:
             )
         if target_vectors is not None and aligned_vectors is not None:
             aligned_vectors.check_compatible(target_vectors, ("aligned", "target"))
-            if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned_vectors.content_id() == target_vectors.content_id():
+            if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned_vectors.is_own_gate_of(target_vectors):
                 raise VectorMismatchError(
-                    "The steering vectors are the target's own vectors (the gate's file): steer "
-                    "with the aligned model's vectors, or use mode 'self' for this ablation."
+                    f"The steering vectors are the target's own ({aligned_vectors.describe_kind()}): steer with the "
+                    "aligned model's vectors, or use mode 'self' for this ablation."
                 )
         self.target_vectors = target_vectors
         self.aligned_vectors = aligned_vectors

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("inferaligner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_LAYER = 4095  # a layer number above this is a typo (or an attempt to expand a huge range)
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -38,6 +39,8 @@ def parse_layers(spec: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"'{spec}' is not {example}.")
         if dash and int(high) < int(low):
             raise argparse.ArgumentTypeError(f"'{spec}': the range {part.strip()} runs backwards; write {high}-{low}.")
+        if int(high if dash else low) > MAX_LAYER:
+            raise argparse.ArgumentTypeError(f"'{spec}': layer numbers stop at {MAX_LAYER}; no model has more.")
         layers.update(range(int(low), int(high if dash else low) + 1))
     return sorted(layers)
 
@@ -135,7 +138,8 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None = "embed
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None if default is None else "float32",
                        help="default: float32")  # fmt: skip
     group.add_argument("--layers-path", help="dotted path of the decoder-block list, for unknown families")
-    group.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    group.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="run code shipped with a hub model")  # fmt: skip
 
 
 def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -199,12 +203,13 @@ def _alignment(options: Mapping[str, Any]) -> tuple[AlignerSettings, SafetyVecto
 
 
 def _with_shipped(options: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings unless other
-    steering vectors are given) filling the ones not given."""
+    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings in the modes that
+    steer with them, unless other steering vectors are given) filling the ones not given."""
     from inferaligner import zoo
 
     shipped = zoo.shipped_alignment(str(options.get("model") or ""))
-    if options.get("aligned_vectors") or options.get("settings"):
+    steers_with_aligned = options.get("mode") in (None, "inferaligner", "always")  # the settings are for those
+    if options.get("aligned_vectors") or options.get("settings") or not steers_with_aligned:
         shipped.pop("settings", None)
     return {**options, **{k: v for k, v in shipped.items() if not options.get(k)}}
 
@@ -594,6 +599,9 @@ def _config_value(action: argparse.Action, key: str, value: Any, source: Path) -
     a value of the wrong JSON type is a one-line error, never converted."""
     if value is None:
         return None
+    default = SERVE_DEFAULTS.get(action.dest)
+    if default is not None and type(value) is type(default) and value == default:  # e.g. "max_replicas": 0 (none)
+        return value
     if action.nargs == 0:  # a flag
         if not isinstance(value, bool):
             raise InferAlignerError(f"{source}: '{key}' must be true or false, not {value!r}.")
@@ -626,7 +634,7 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         try:
             loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON, a number too long to read
             raise InferAlignerError(f"Cannot read the server config {args.config}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise InferAlignerError(f"{args.config} must hold a JSON object of options.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from inferaligner import zoo
@@ -21,18 +20,12 @@ from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 HARMFUL_CATEGORIES = ("weapons", "cybercrime", "fraud", "drugs")
 
 
-def demo_sources(steering: str = "default") -> dict[str, Path | str]:
-    """Where the demo pair lives: the target model's name, its vector file (the gate), the steering settings."""
-    return {"model": "zoo:target", "target_vectors": zoo.vectors_path("target"),
-            "settings": zoo.settings_path(steering)}  # fmt: skip
-
-
 def demo_aligner(steering: str = "default", **options: Any) -> InferAligner:
     """InferAligner on the shipped target with the shipped gate, steered as the named settings say; `options`
     (fields of `AlignerSettings`) win over the settings file."""
-    sources = demo_sources(steering)
+    sources = zoo.shipped_alignment("zoo:target", steering)
     chosen = SteeringSettings.load(sources["settings"])
-    model, tokenizer = load_model(str(sources["model"]))
+    model, tokenizer = load_model("zoo:target")
     return InferAligner(
         model,
         tokenizer,

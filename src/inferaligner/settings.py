@@ -100,7 +100,7 @@ class AlignerSettings:
         if self.gate_layer is not None:
             set_(self, "gate_layer", _layer(self.gate_layer, "gate_layer"))
         if self.steer_layers is not None:
-            if isinstance(self.steer_layers, (str, bytes)) or not self.steer_layers:
+            if not isinstance(self.steer_layers, (list, tuple)) or not self.steer_layers:
                 raise SettingsError("steer_layers must be a non-empty list of layer indices (or unset: automatic).")
             set_(self, "steer_layers", tuple(sorted({_layer(i, "steer_layers") for i in self.steer_layers})))
         if not isinstance(self.refusal, str) or not self.refusal.strip():
@@ -187,7 +187,7 @@ class SteeringSettings:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON, a number too long to read
             raise InferAlignerError(f"Cannot read steering settings {path}: {exc}") from exc
         if not isinstance(data, dict) or data.pop("format", None) != SETTINGS_FORMAT:
             raise InferAlignerError(f"{path} is not a steering settings file; write one with `inferaligner calibrate`.")

@@ -50,12 +50,12 @@ class SteeringStrength:
     @property
     def dead_layers(self) -> list[int]:
         """Steered layers whose shift is nothing."""
-        return [layer for layer, value in self.per_layer.items() if value < DEAD_LAYER]
+        return [layer for layer, value in self.per_layer.items() if not value >= DEAD_LAYER]  # NaN: dead
 
     @property
     def weak(self) -> bool:
         """Whether this steering is negligible as a whole, or steers a layer with nothing."""
-        return self.total < MIN_STRENGTH or bool(self.dead_layers)
+        return not self.total >= MIN_STRENGTH or bool(self.dead_layers)  # a NaN strength is weak
 
     def describe(self) -> str:
         layers = ", ".join(f"{layer}: {value:.3g}" for layer, value in self.per_layer.items())
@@ -74,8 +74,13 @@ def residual_norms(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
     per model and kept while the model lives."""
     norms = _NORMS.get(model)
     if norms is None or len(norms) != len(layers):
-        texts = format_chats(tokenizer, PROBE_PROMPTS)
-        acts = prompt_activations(model, tokenizer, texts, layers=layers, progress=False)
+        training = model.training
+        model.eval()  # no dropout in the reading
+        try:
+            acts = prompt_activations(model, tokenizer, format_chats(tokenizer, PROBE_PROMPTS), layers=layers,
+                                      progress=False)  # fmt: skip
+        finally:
+            model.train(training)
         norms = _NORMS[model] = acts.norm(dim=-1).mean(0)
     return norms
 

@@ -142,6 +142,15 @@ class SafetyVectors:
         """What these vectors are: "mean-difference" (`extract`) or "teacher-fitted" (`fit`)."""
         return self.provenance.method
 
+    def is_own_gate_of(self, target: SafetyVectors) -> bool:
+        """Whether these mean-difference vectors are the target's own: the same file, or vectors of the model of the
+        same name (a model built from a config has no name of its own and is not compared)."""
+        if self.fitted:
+            return False  # fitted on the target on purpose, from another model's answers
+        name, other = self.provenance.model_name, target.provenance.model_name
+        named = name not in ("", self.provenance.model_type)
+        return self.content_id() == target.content_id() or (named and name == other)
+
     def describe_kind(self) -> str:
         """What the file holds, in words: its kind, source model, layers and gate."""
         layers = self.fitted_layers

@@ -337,23 +337,30 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
         named = [i for i, m in enumerate(body.messages) if m.name is not None]
         with tokenizing:
-            if named and not template_shows_names():
+            dropped = [i for i in named if not template_shows_names(messages[i]["role"])]
+            if dropped:
                 raise APIError(
                     400,
-                    f"'messages.{named[0]}.name' is not supported: this model's chat template has "
+                    f"'messages.{dropped[0]}.name' is not supported: this model's chat template has "
                     "no place for a speaker's name; remove it.",
-                    param=f"messages.{named[0]}.name",
+                    param=f"messages.{dropped[0]}.name",
                 )
             for i in named:
                 messages[i]["name"] = body.messages[i].name
             return chat_token_ids(tokenizer, messages)
 
     @functools.cache
-    def template_shows_names() -> bool:
-        """Whether the chat template writes a message's `name` into the prompt (else a name would be dropped)."""
+    def template_shows_names(role: str) -> bool:
+        """Whether the chat template writes the `name` of a message of this role into the prompt (else a name would
+        be dropped)."""
         marker = "Zq9NameProbe"
-        probe = [{"role": "user", "content": "hi", "name": marker}]
-        return marker in tokenizer.decode(chat_token_ids(tokenizer, probe))
+        probe = [{"role": role, "content": "hi", "name": marker}]
+        if role != "user":
+            probe.append({"role": "user", "content": "hi"})
+        try:
+            return marker in tokenizer.decode(chat_token_ids(tokenizer, probe))
+        except Exception:  # a template that cannot render this probe (e.g. one that wants turns to alternate)
+            return False
 
     def text_ids(prompt: str) -> list[int]:
         with tokenizing:

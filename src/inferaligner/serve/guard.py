@@ -38,7 +38,11 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        if declared is not None and not declared.isdigit():  # uvicorn's parser refuses these first; Ray's may not
+            await _reject(send, 400, f"Content-Length {declared[:20]!r} is not a number of bytes.",
+                          "invalid_request_error", "invalid_http")  # fmt: skip
+            return
+        if declared is not None and int(declared) > self.max_body_bytes:
             await _too_large(send, self.max_body_bytes)
             return
         body = bytearray()

@@ -6,10 +6,13 @@ rejected with a 400 that names them: a parameter is either honoured or refused, 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ROLE_WORDS = frozenset({"system", "user", "assistant", "developer", "tool", "function", "ipython"})
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20  # chat completions
 MAX_LOGPROBS = 5  # text completions
@@ -53,7 +56,15 @@ class ChatMessage(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_text(value, "name")
+        """OpenAI's form (letters, digits, '_' and '-', at most 64), and never a role's name: a template that writes
+        the name where the role goes must not turn a user turn into an assistant or system turn."""
+        if value is None:
+            return None
+        if not NAME.fullmatch(value):
+            raise ValueError("a name holds 1 to 64 letters, digits, '_' or '-'")
+        if value.lower() in ROLE_WORDS:
+            raise ValueError(f"a name cannot be a role ({value!r})")
+        return value
 
     def text(self) -> str:
         """The content as one text (text parts joined)."""

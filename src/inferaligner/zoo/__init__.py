@@ -80,12 +80,12 @@ def settings_path(name: str = "default") -> Path:
     return path
 
 
-def shipped_alignment(model: str) -> dict[str, Path]:
+def shipped_alignment(model: str, steering: str = "default") -> dict[str, Path]:
     """What a shipped model brings when it is named with `zoo:NAME` and no vectors are given: the target its own
-    gate (`target_vectors`) and the demo pair's steering settings (`settings`); other names bring nothing."""
+    gate (`target_vectors`) and the demo pair's named steering settings (`settings`); other names bring nothing."""
     if model != "zoo:target":
         return {}
-    return {"target_vectors": vectors_path("target"), "settings": settings_path()}
+    return {"target_vectors": vectors_path("target"), "settings": settings_path(steering)}
 
 
 def settings(name: str = "default") -> SteeringSettings:
