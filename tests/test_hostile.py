@@ -510,3 +510,26 @@ def test_serve_config_values_of_the_wrong_type_are_errors(tmp_path, capsys) -> N
         err = capsys.readouterr().err
         assert code == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     busy.close()
+
+
+def test_the_guard_answers_a_non_numeric_content_length_with_400() -> None:
+    """Behind a server whose own parser lets it through (Ray's proxy), the guard still answers in the schema."""
+    import asyncio
+
+    from inferaligner.serve.guard import RequestGuard
+
+    async def never_called(*_args) -> None:
+        raise AssertionError("the app must not run")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    guard = RequestGuard(never_called, api_key=None, max_body_bytes=1024, body_timeout_s=1.0)
+    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": [(b"content-length", b"abc")]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 400 and b"not a number of bytes" in sent[1]["body"]
