@@ -230,7 +230,12 @@ def test_bad_inputs_give_one_line_errors(model_dir, vector_file, tmp_path, capsy
 
 
 def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
-    from inferaligner.cli import _alignment, _serve_options, build_parser
+    from inferaligner.build import alignment
+    from inferaligner.cli import _serve_options, build_parser
+
+    def _alignment(options: dict) -> tuple:
+        resolved = alignment(options)
+        return resolved.settings, resolved.target_vectors, resolved.aligned_vectors
 
     def options(*argv: str) -> dict:
         return _serve_options(build_parser().parse_args(["serve", *argv]))
@@ -269,6 +274,13 @@ def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:
         capsys,
     )
     assert "4 layers x 32" in message and "4 layers x 64" in message
+
+
+def test_the_cli_offers_every_dtype_the_builder_knows() -> None:
+    from inferaligner.build import DTYPES
+    from inferaligner.cli import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
 
 
 def test_parse_layers() -> None:

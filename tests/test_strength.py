@@ -114,7 +114,7 @@ def test_a_calibration_candidate_must_hold_the_kind_it_is_named_for(tmp_path) ->
 
 def test_a_shipped_target_brings_its_gate_and_the_demo_settings() -> None:
     from inferaligner import zoo
-    from inferaligner.cli import _with_shipped
+    from inferaligner.build import with_shipped as _with_shipped
 
     assert _with_shipped({"model": "zoo:target"}) == {"model": "zoo:target", "target_vectors": zoo.vectors_path(
         "target"), "settings": zoo.settings_path()}  # fmt: skip
@@ -136,3 +136,23 @@ def test_vectors_of_the_model_of_the_same_name_are_the_targets_own() -> None:
     with pytest.raises(VectorMismatchError, match="steering vectors are the target's own"):
         InferAligner(aligner.model, aligner.tokenizer, target_vectors=named(own, "org/finance"),
                      aligned_vectors=named(other, "org/finance"), steer_layers=[1, 2], alpha=8.0)  # fmt: skip
+
+
+def test_from_pretrained_takes_a_steering_settings_file(tmp_path) -> None:
+    from inferaligner.settings import SteeringSettings
+
+    aligner = make_aligner()
+    aligner.model.save_pretrained(tmp_path / "model")
+    aligner.tokenizer.save_pretrained(tmp_path / "model")
+    gate = aligner.target_vectors.save(tmp_path / "gate.safetensors")
+    steering = aligner.aligned_vectors.save(tmp_path / "aligned.safetensors")
+    settings = SteeringSettings(str(steering), 6.0, (1, 2), "unit", "mean-difference").save(tmp_path / "s.json")
+    built = InferAligner.from_pretrained(tmp_path / "model", target_vectors=gate, steering=settings)
+    assert (built.alpha, built.steer_layers, built.aligned_vectors.content_id()) == (
+        6.0,
+        [1, 2],
+        aligner.aligned_vectors.content_id(),
+    )
+    assert (
+        InferAligner.from_pretrained(tmp_path / "model", target_vectors=gate, steering=settings, alpha=9.0).alpha == 9
+    )

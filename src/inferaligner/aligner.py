@@ -30,7 +30,15 @@ from inferaligner.models import (
 from inferaligner.plan import Action, Plan, RowPlan, make_plan
 from inferaligner.prompts import encode, format_chats, position_ids
 from inferaligner.reader import RequestReader
-from inferaligner.settings import DEFAULT_ALPHA, FITTED_ALPHA, AlignerSettings, Mode, SettingsError, SteerScale
+from inferaligner.settings import (
+    DEFAULT_ALPHA,
+    FITTED_ALPHA,
+    AlignerSettings,
+    Mode,
+    SettingsError,
+    SteeringSettings,
+    SteerScale,
+)
 from inferaligner.steer import SteeringHandle, add_steering
 from inferaligner.strength import SteeringStrength, residual_norms, steering_strength
 from inferaligner.turns import prompt_turns
@@ -179,23 +187,27 @@ class InferAligner:
         *,
         target_vectors: str | Path | None = None,
         aligned_vectors: str | Path | None = None,
+        steering: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         trust_remote_code: bool = False,
         **options: Any,
     ) -> InferAligner:
         """Load the target model (any name `inferaligner.loading.load` takes) and the vector files, then build the
-        aligner (`settings` and options as in `__init__`)."""
+        aligner. `steering` is a steering settings file (`inferaligner calibrate`): its vectors steer unless
+        `aligned_vectors` is given, and its alpha, layers and scale apply unless given here (`settings` and options
+        as in `__init__`)."""
         from inferaligner.loading import load
 
+        chosen = SteeringSettings.load(steering) if steering else None
+        aligned = SafetyVectors.load(aligned_vectors) if aligned_vectors else None
+        if aligned is None and chosen is not None:
+            aligned = chosen.load_vectors()
+        base = options.pop("settings", None) or AlignerSettings()
+        settings = base.merged(**chosen.overrides()) if chosen else base
         loaded = load(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return cls(
-            loaded.model,
-            loaded.tokenizer,
-            target_vectors=SafetyVectors.load(target_vectors) if target_vectors else None,
-            aligned_vectors=SafetyVectors.load(aligned_vectors) if aligned_vectors else None,
-            **options,
-        )
+        return cls(loaded.model, loaded.tokenizer, aligned_vectors=aligned, settings=settings, **options,
+                   target_vectors=SafetyVectors.load(target_vectors) if target_vectors else None)  # fmt: skip
 
     def variant(self, **options: Any) -> InferAligner:
         """An aligner on the same model and vectors with some settings changed (e.g. `mode="off"` for the plain

@@ -19,12 +19,10 @@ from inferaligner.errors import InferAlignerError
 if TYPE_CHECKING:
     from inferaligner.aligner import InferAligner
     from inferaligner.loading import Loaded
-    from inferaligner.settings import AlignerSettings
-    from inferaligner.vectors import SafetyVectors
 
 log = logging.getLogger("inferaligner")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # `inferaligner.build.DTYPES`' names (that module loads the library)
 MAX_LAYER = 4095  # a layer number above this is a typo (or an attempt to expand a huge range)
 
 
@@ -135,7 +133,7 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None = "embed
         group.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, .gguf file or zoo:NAME "
                            "(default: %(default)s)")  # fmt: skip
     group.add_argument("--device", default=None if default is None else "cpu", help="torch device (default: cpu)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default=None if default is None else "float32",
+    group.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None if default is None else "float32",
                        help="default: float32")  # fmt: skip
     group.add_argument("--layers-path", help="dotted path of the decoder-block list, for unknown families")
     group.add_argument("--trust-remote-code", action="store_true", default=None,
@@ -185,62 +183,18 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0)
 
 
-def _alignment(options: Mapping[str, Any]) -> tuple[AlignerSettings, SafetyVectors | None, SafetyVectors | None]:
-    """The aligner's settings and vectors from options (CLI or server config): options given win over the
-    --settings file, which wins over the defaults; the steering vectors are --aligned-vectors, else the file's."""
-    from inferaligner.settings import SteeringSettings, resolve
-    from inferaligner.vectors import SafetyVectors
-
-    options = _with_shipped(options)
-    steering = SteeringSettings.load(options["settings"]) if options.get("settings") else None
-    settings = resolve(options, steering)
-    target = SafetyVectors.load(options["target_vectors"]) if options.get("target_vectors") else None
-    if options.get("aligned_vectors"):
-        aligned = SafetyVectors.load(options["aligned_vectors"])
-    else:
-        aligned = steering.load_vectors() if steering else None
-    return settings, target, aligned
-
-
-def _with_shipped(options: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings in the modes that
-    steer with them, unless other steering vectors are given) filling the ones not given."""
-    from inferaligner import zoo
-
-    shipped = zoo.shipped_alignment(str(options.get("model") or ""))
-    steers_with_aligned = options.get("mode") in (None, "inferaligner", "always")  # the settings are for those
-    if options.get("aligned_vectors") or options.get("settings") or not steers_with_aligned:
-        shipped.pop("settings", None)
-    return {**options, **{k: v for k, v in shipped.items() if not options.get(k)}}
-
-
 def _load(options: Mapping[str, Any], name: str | None = None) -> Loaded:
     """The model named by `name` (default: the --model option), loaded as the --dtype / --device options say."""
-    from inferaligner.loading import load
+    from inferaligner.build import load_model
 
-    name = str(name or options["model"])
-    _status(f"loading {name}")
-    return load(name, dtype=_dtype(options), device=options.get("device") or "cpu",
-                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
-
-
-def _dtype(options: Mapping[str, Any]) -> torch.dtype:
-    dtype = options.get("dtype") or "float32"
-    if dtype not in DTYPES:
-        raise InferAlignerError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    return DTYPES[dtype]
+    return load_model(options, name, _status)
 
 
 def build_aligner(options: Mapping[str, Any]) -> tuple[InferAligner, Any]:
     """The aligner the options describe, and the model's processor (image-text models; else None)."""
-    from inferaligner.aligner import InferAligner
+    from inferaligner.build import build
 
-    settings, target, aligned = _alignment(options)
-    loaded = _load(options)
-    aligned_model = _load(options, options["aligned_model"]).model if options.get("aligned_model") else None
-    aligner = InferAligner(loaded.model, loaded.tokenizer, target_vectors=target, aligned_vectors=aligned,
-                           aligned_model=aligned_model, settings=settings)  # fmt: skip
-    return aligner, loaded.processor
+    return build(options, _status)
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -669,6 +623,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from inferaligner.build import dtype
     from inferaligner.serve import SCHEDULERS, ServerConfig, create_app, make_engine
     from inferaligner.serve.engine import check_limits
     from inferaligner.serve.http import http_protocol
@@ -690,7 +645,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_limits(**limits)  # every option is checked before the model loads
     if options["scheduler"] not in SCHEDULERS:
         raise InferAlignerError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {options['scheduler']!r}.")
-    _dtype(options)
+    dtype(options)
     _check_port_free(str(options["host"]), int(options["port"]))
     if config.api_key is None:
         _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
@@ -710,18 +665,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_replica_aligner(options: Mapping[str, Any]) -> InferAligner:
-    """The aligner one Ray Serve replica serves (`serve --ray`)."""
-    return build_aligner(options)[0]
-
-
 def _serve_on_ray(options: dict[str, Any], config: Any, limits: dict[str, Any]) -> int:
     """`serve --ray`: the same app as replicas on Ray Serve (`inferaligner.serve.rayserve`)."""
+    from inferaligner.build import alignment, build_aligner
     from inferaligner.serve import rayserve
 
     rayserve.ray_serve()  # installed? (a one-line error before anything loads)
-    _alignment(options)  # the vector files and settings are checked here, before any replica loads a model
-    app = rayserve.application(build_replica_aligner, options, config, limits, replicas=int(options["replicas"]),
+    alignment(options)  # the vector files and settings are checked here, before any replica loads a model
+    app = rayserve.application(build_aligner, options, config, limits, replicas=int(options["replicas"]),
                                max_replicas=int(options["max_replicas"]) or None,
                                cpus_per_replica=float(options["cpus_per_replica"]))  # fmt: skip
     _status(f"deploying '{config.model_name}' on Ray Serve: {options['replicas']} replica(s), "
@@ -760,6 +711,7 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from inferaligner import zoo
+    from inferaligner.build import alignment, with_shipped
     from inferaligner.eval.judges import RefusalJudge
     from inferaligner.eval.llm_judge import LLMJudge
     from inferaligner.eval.methods import ALL_METHODS, build_methods
@@ -787,7 +739,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             extra["aligned"] = zoo.load(args.aligned_model.removeprefix("zoo:") if args.aligned_model else "aligned")
         domain = args.demo
     else:
-        options = {k: v for k, v in _with_shipped({**options, "model": args.target}).items() if k != "model"}
+        options = {k: v for k, v in with_shipped({**options, "model": args.target}).items() if k != "model"}
         if not (args.target and options.get("target_vectors") and (options.get("aligned_vectors") or
                                                                     options.get("settings"))):  # fmt: skip
             raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors or --settings (or --demo "
@@ -804,7 +756,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
         methods = [m for m in methods if m != "aligned-answers" or "aligned" in extra]
         domain = args.domain or "custom"
-    settings, target_vectors, aligned_vectors = _alignment(options)
+    resolved = alignment(options)
+    settings, target_vectors, aligned_vectors = resolved.settings, resolved.target_vectors, resolved.aligned_vectors
     if args.multimodal:
         from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
 
@@ -1058,7 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = verbs.add_parser("eval", help="measure ASR, jailbreak ASR, over-refusal and utility per method")
     evaluation.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    evaluation.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    evaluation.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     evaluation.add_argument("--demo", choices=["arithmetic", "finance"], help="the demo pair on one domain")
     evaluation.add_argument("--target", help="target model (hub id, folder, .gguf, zoo:NAME)")
     _alignment_options(evaluation, modes=False)

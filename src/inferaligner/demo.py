@@ -9,11 +9,9 @@ from typing import Any, TextIO
 
 from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
+from inferaligner.build import build
 from inferaligner.eval.judges import REFUSAL, RefusalJudge, outcome
-from inferaligner.loading import load_model
 from inferaligner.prompts import builtin_records
-from inferaligner.settings import SteeringSettings, resolve
-from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 
@@ -23,16 +21,7 @@ HARMFUL_CATEGORIES = ("weapons", "cybercrime", "fraud", "drugs")
 def demo_aligner(steering: str = "default", **options: Any) -> InferAligner:
     """InferAligner on the shipped target with the shipped gate, steered as the named settings say; `options`
     (fields of `AlignerSettings`) win over the settings file."""
-    sources = zoo.shipped_alignment("zoo:target", steering)
-    chosen = SteeringSettings.load(sources["settings"])
-    model, tokenizer = load_model("zoo:target")
-    return InferAligner(
-        model,
-        tokenizer,
-        target_vectors=SafetyVectors.load(sources["target_vectors"]),
-        aligned_vectors=chosen.load_vectors(),
-        settings=resolve(options, chosen),
-    )
+    return build({"model": "zoo:target", **zoo.shipped_alignment("zoo:target", steering), **options})[0]
 
 
 def demo_prompts() -> tuple[list[str], list[tuple[str, int]]]:

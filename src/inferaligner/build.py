@@ -1,0 +1,96 @@
+"""The one way from options to an `InferAligner`: the CLI's verbs, the demo, eval, the server and its Ray replicas all
+build here.
+
+Options are a mapping with the CLI's names (`model`, `target_vectors`, `aligned_vectors`, `settings` (a steering
+settings file from `calibrate`), `aligned_model`, `dtype`, `device`, `trust_remote_code`, and any
+`AlignerSettings` field). Given options win over the settings file, which wins over the defaults; a shipped `zoo:`
+model fills in the vectors it ships with when none are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inferaligner import zoo
+from inferaligner.aligner import InferAligner
+from inferaligner.errors import InferAlignerError
+from inferaligner.loading import Loaded, load
+from inferaligner.settings import AlignerSettings, SteeringSettings, resolve
+from inferaligner.vectors import SafetyVectors
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """An aligner's settings and vectors, resolved from options, before any model is loaded."""
+
+    settings: AlignerSettings
+    target_vectors: SafetyVectors | None
+    aligned_vectors: SafetyVectors | None
+
+
+def with_shipped(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings in the modes that
+    steer with them, unless other steering vectors are given) filling the ones not given."""
+    shipped = zoo.shipped_alignment(str(options.get("model") or ""))
+    steers_with_aligned = options.get("mode") in (None, "inferaligner", "always")  # the settings are for those
+    if options.get("aligned_vectors") or options.get("settings") or not steers_with_aligned:
+        shipped.pop("settings", None)
+    return {**options, **{k: v for k, v in shipped.items() if not options.get(k)}}
+
+
+def alignment(options: Mapping[str, Any]) -> Alignment:
+    """The settings and vector files the options name, each checked (a settings file's vectors must be the kind it
+    says); the steering vectors are `aligned_vectors`, else the settings file's."""
+    options = with_shipped(options)
+    steering = SteeringSettings.load(options["settings"]) if options.get("settings") else None
+    settings = resolve(options, steering)
+    target = SafetyVectors.load(options["target_vectors"]) if options.get("target_vectors") else None
+    if options.get("aligned_vectors"):
+        aligned = SafetyVectors.load(options["aligned_vectors"])
+    else:
+        aligned = steering.load_vectors() if steering else None
+    return Alignment(settings, target, aligned)
+
+
+def dtype(options: Mapping[str, Any]) -> torch.dtype:
+    """The `dtype` option (a name, or a torch dtype), float32 when not given."""
+    given = options.get("dtype") or "float32"
+    if isinstance(given, torch.dtype):
+        return given
+    if given not in DTYPES:
+        raise InferAlignerError(f"dtype must be one of {', '.join(DTYPES)}, not {given!r}.")
+    return DTYPES[given]
+
+
+def load_model(options: Mapping[str, Any], name: str | None = None,
+               status: Callable[[str], None] | None = None) -> Loaded:  # fmt: skip
+    """The model named by `name` (default: the `model` option), loaded as the `dtype` / `device` options say."""
+    name = str(name or options["model"])
+    if status is not None:
+        status(f"loading {name}")
+    return load(name, dtype=dtype(options), device=options.get("device") or "cpu",
+                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
+
+
+def build(options: Mapping[str, Any], status: Callable[[str], None] | None = None) -> tuple[InferAligner, Any]:
+    """The aligner the options describe, and the model's processor (image-text models; else `None`). Every setting
+    and file is checked before the model loads."""
+    resolved = alignment(options)
+    loaded = load_model(options, status=status)
+    aligned = options.get("aligned_model")
+    aligned_model = load_model(options, aligned, status).model if aligned else None
+    aligner = InferAligner(loaded.model, loaded.tokenizer, target_vectors=resolved.target_vectors,
+                           aligned_vectors=resolved.aligned_vectors, aligned_model=aligned_model,
+                           settings=resolved.settings)  # fmt: skip
+    return aligner, loaded.processor
+
+
+def build_aligner(options: Mapping[str, Any]) -> InferAligner:
+    """`build` without the processor: what a server replica serves."""
+    return build(options)[0]
