@@ -84,8 +84,10 @@ def main() -> None:
             aligner.gate_decisions(**batch)
             gate_pass.append(time.perf_counter() - started)
         gate_pass_s = statistics.median(gate_pass)
-        print(f"batch {size}  gate pass (to layer {aligner.gate.layer}) {gate_pass_s * 1000:.0f} ms, "
-              f"{gate_pass_s / plain_median:.1%} of a plain run")  # fmt: skip
+        print(
+            f"batch {size}  gate pass (to layer {aligner.gate.layer}) {gate_pass_s * 1000:.0f} ms, "
+            f"{gate_pass_s / plain_median:.1%} of a plain run"
+        )
         for method in methods:
             median, best = statistics.median(times[method]), min(times[method])
             rows.append(

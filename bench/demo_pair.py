@@ -62,8 +62,9 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("docs/img"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sweep-size", type=int, default=48, help="prompts per set in the sweeps")
-    parser.add_argument("--save-settings", action="store_true",
-                        help="write the chosen mean-difference settings for the demo")  # fmt: skip
+    parser.add_argument(
+        "--save-settings", action="store_true", help="write the chosen mean-difference settings for the demo"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     n = 8 if args.quick else None
@@ -90,9 +91,15 @@ def main() -> None:
 
     def aligner(alpha: float, layers: list[int], mode: str = "inferaligner") -> InferAligner:
         return InferAligner(
-            target, tokenizer, target_vectors=target_vectors, aligned_vectors=aligned_vectors, mode=mode,
-            alpha=alpha, steer_layers=layers, steer_scale=STEER_SCALE,
-        )  # fmt: skip
+            target,
+            tokenizer,
+            target_vectors=target_vectors,
+            aligned_vectors=aligned_vectors,
+            mode=mode,
+            alpha=alpha,
+            steer_layers=layers,
+            steer_scale=STEER_SCALE,
+        )
 
     def gated(ia: InferAligner, name: str, count: int | None = None) -> list[Completion]:
         prompts, base = sets[name][:count], target_runs[name][:count]
@@ -104,8 +111,14 @@ def main() -> None:
     layer_rows = []
     for label, layers in LAYER_SETS.items():
         runs = {name: gated(aligner(LAYER_ALPHA, layers), name, sweep_n) for name in ("advbench", "arithmetic")}
-        layer_rows.append({"layers": label, "alpha": LAYER_ALPHA, "advbench_refusal": refusal_rate(runs["advbench"]),
-                           "arithmetic_accuracy": accuracy(runs["arithmetic"], answers[:sweep_n])})  # fmt: skip
+        layer_rows.append(
+            {
+                "layers": label,
+                "alpha": LAYER_ALPHA,
+                "advbench_refusal": refusal_rate(runs["advbench"]),
+                "arithmetic_accuracy": accuracy(runs["arithmetic"], answers[:sweep_n]),
+            }
+        )
         print(f"layers {label:13s} alpha {LAYER_ALPHA:g}: AdvBench refusal {layer_rows[-1]['advbench_refusal']:.1%}")
     best_layers = max(layer_rows, key=lambda r: r["advbench_refusal"])["layers"]
     sweep = []
@@ -114,12 +127,20 @@ def main() -> None:
         always = aligner(alpha, LAYER_SETS[best_layers], mode="always")
         adv, math = gated(ia, "advbench", sweep_n), gated(ia, "arithmetic", sweep_n)
         math_always = generate_cached(
-            always, sets["arithmetic"][:sweep_n], cache / f"always-{STEER_SCALE}-{alpha:g}-{best_layers}.jsonl",
-            desc=f"always alpha {alpha:g}", **gen,
-        )  # fmt: skip
-        sweep.append({"alpha": alpha, "advbench_refusal": refusal_rate(adv),
-                      "arithmetic_accuracy": accuracy(math, answers[:sweep_n]),
-                      "arithmetic_accuracy_no_gate": accuracy(math_always, answers[:sweep_n])})  # fmt: skip
+            always,
+            sets["arithmetic"][:sweep_n],
+            cache / f"always-{STEER_SCALE}-{alpha:g}-{best_layers}.jsonl",
+            desc=f"always alpha {alpha:g}",
+            **gen,
+        )
+        sweep.append(
+            {
+                "alpha": alpha,
+                "advbench_refusal": refusal_rate(adv),
+                "arithmetic_accuracy": accuracy(math, answers[:sweep_n]),
+                "arithmetic_accuracy_no_gate": accuracy(math_always, answers[:sweep_n]),
+            }
+        )
         print(
             f"alpha {alpha:4g}: AdvBench refusal {sweep[-1]['advbench_refusal']:.1%}, arithmetic "
             f"{sweep[-1]['arithmetic_accuracy']:.1%} (no gate {sweep[-1]['arithmetic_accuracy_no_gate']:.1%})"
@@ -127,8 +148,12 @@ def main() -> None:
     # The smallest alpha within one point of the best refusal rate.
     top = max(row["advbench_refusal"] for row in sweep)
     best_alpha = min(row["alpha"] for row in sweep if row["advbench_refusal"] >= top - 0.01)
-    chosen = {"alpha": best_alpha, "steer_layers": LAYER_SETS[best_layers], "steer_scale": STEER_SCALE,
-              "layer_set": best_layers}  # fmt: skip
+    chosen = {
+        "alpha": best_alpha,
+        "steer_layers": LAYER_SETS[best_layers],
+        "steer_scale": STEER_SCALE,
+        "layer_set": best_layers,
+    }
     print(f"chosen: alpha {best_alpha:g}, layers {best_layers}")
 
     # 2. The headline runs at the chosen settings.
@@ -153,16 +178,26 @@ def main() -> None:
         print(f"{label:22s} " + "  ".join(f"{k} {v:.1%}" for k, v in row.items()))
     print("gate fire rate: " + "  ".join(f"{k} {v:.1%}" for k, v in fire_rates.items()))
 
-    examples = {label: [c.as_dict() for c in runs["advbench"][:3]] for label, runs in
-                (("target", target_runs), ("target + InferAligner", ia_runs), ("aligned", aligned_runs))}  # fmt: skip
+    examples = {
+        label: [c.as_dict() for c in runs["advbench"][:3]]
+        for label, runs in (("target", target_runs), ("target + InferAligner", ia_runs), ("aligned", aligned_runs))
+    }
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "seconds": round(time.perf_counter() - started, 1), "quick": args.quick, "judge": JUDGE.name,
-        "sizes": {name: len(prompts) for name, prompts in sets.items()}, "sweep_size": sweep_n,
-        "chosen": chosen, "headline": headline, "gate_fire_rate": fire_rates, "gate_layer": ia.gate.layer,
-        "layer_sets": layer_rows, "alpha_sweep": sweep, "examples": examples,
+        "seconds": round(time.perf_counter() - started, 1),
+        "quick": args.quick,
+        "judge": JUDGE.name,
+        "sizes": {name: len(prompts) for name, prompts in sets.items()},
+        "sweep_size": sweep_n,
+        "chosen": chosen,
+        "headline": headline,
+        "gate_fire_rate": fire_rates,
+        "gate_layer": ia.gate.layer,
+        "layer_sets": layer_rows,
+        "alpha_sweep": sweep,
+        "examples": examples,
         "cards": {name: zoo.card(name) for name in zoo.NAMES},
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(sweep, layer_rows, gate_scores, ia.gate.layer, args.plots)

@@ -71,12 +71,17 @@ def run(scheduler: str, aligner: Any, prompts: list[str], clients: int, max_batc
     seconds = asyncio.run(main())
     del aligner.model.forward
     return {
-        "scheduler": scheduler, "max_batch": max_batch, "seconds": round(seconds, 1),
-        "tokens_per_s": round(generated / seconds, 1), "tokens_per_request": round(generated / len(prompts), 1),
-        **{kind: {"passes": int(count), "seconds": round(total, 1), "ms_each": round(1000 * total / count, 1)}
-           for kind, (count, total) in spent.items()},
+        "scheduler": scheduler,
+        "max_batch": max_batch,
+        "seconds": round(seconds, 1),
+        "tokens_per_s": round(generated / seconds, 1),
+        "tokens_per_request": round(generated / len(prompts), 1),
+        **{
+            kind: {"passes": int(count), "seconds": round(total, 1), "ms_each": round(1000 * total / count, 1)}
+            for kind, (count, total) in spent.items()
+        },
         "outside_the_model_s": round(seconds - sum(total for _, total in spent.values()), 1),
-    }  # fmt: skip
+    }
 
 
 def _schedulers(text: str) -> list[str]:
@@ -93,8 +98,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--schedulers", default="continuous,batch", type=_schedulers,
-                        help=f"comma-separated: {', '.join(SCHEDULERS)}")  # fmt: skip
+    parser.add_argument(
+        "--schedulers", default="continuous,batch", type=_schedulers, help=f"comma-separated: {', '.join(SCHEDULERS)}"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_ab.json"))
     args = parser.parse_args()
     aligner = demo_aligner()  # the pair `inferaligner serve` serves by default

@@ -137,19 +137,30 @@ def conditions(aligner, max_turns: int) -> dict[str, Callable[[str], tuple[list[
         "bare": chat(lambda r: [{"role": "user", "content": r}])
     }
     for name, system in SYSTEM_MESSAGES.items():
-        found[f"system:{name}"] = chat(lambda r, s=system: [{"role": "system", "content": s},
-                                                            {"role": "user", "content": r}])  # fmt: skip
+        found[f"system:{name}"] = chat(
+            lambda r, s=system: [{"role": "system", "content": s}, {"role": "user", "content": r}]
+        )
     longest = histories(aligner, max(TURN_COUNTS))
     for kind, exchanges in longest.items():
         for count in (n for n in TURN_COUNTS if n <= max_turns):
-            earlier = [m for q, a in exchanges[-count:] for m in ({"role": "user", "content": q},
-                                                                 {"role": "assistant", "content": a})]  # fmt: skip
+            earlier = [
+                m
+                for q, a in exchanges[-count:]
+                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+            ]
             found[f"history:{kind}:{count}"] = chat(lambda r, e=earlier: [*e, {"role": "user", "content": r}])
-    found["earlier-turn"] = chat(lambda r: [{"role": "user", "content": r}, {"role": "assistant", "content": REFUSED},
-                                            {"role": "user", "content": FOLLOW_UP}])  # fmt: skip
+    found["earlier-turn"] = chat(
+        lambda r: [
+            {"role": "user", "content": r},
+            {"role": "assistant", "content": REFUSED},
+            {"role": "user", "content": FOLLOW_UP},
+        ]
+    )
     for name, template in COMPLETION_FRAMES.items():
         found[f"completion:{name}"] = lambda r, t=template: (
-            tokenizer(defuse_special_tokens(tokenizer, t.format(request=r)))["input_ids"], False)  # fmt: skip
+            tokenizer(defuse_special_tokens(tokenizer, t.format(request=r)))["input_ids"],
+            False,
+        )
     return found
 
 
@@ -180,8 +191,13 @@ def main() -> None:
     started = time.perf_counter()
     aligner = demo_aligner()
     if args.vectors:
-        aligner = InferAligner(aligner.model, aligner.tokenizer, target_vectors=SafetyVectors.load(args.vectors),
-                               aligned_vectors=aligner.aligned_vectors, settings=aligner.settings)  # fmt: skip
+        aligner = InferAligner(
+            aligner.model,
+            aligner.tokenizer,
+            target_vectors=SafetyVectors.load(args.vectors),
+            aligned_vectors=aligner.aligned_vectors,
+            settings=aligner.settings,
+        )
     sets = {name: prompts[: args.limit] for name, prompts in request_sets().items()}
     found = conditions(aligner, args.max_turns)
     fired: dict[str, dict[str, float]] = {}

@@ -50,8 +50,11 @@ def prompt_sets() -> tuple[dict[str, list[str]], list[int]]:
     """The gate's build sets (as `extract` uses them for the demo target) and the sets it is measured on, by name;
     and the calibration split's harmless groups."""
     build, groups = build_sets()
-    sets = {f"{split} {side}": prompts for split, pair in build.items()
-            for side, prompts in zip(("harmful", "harmless"), pair, strict=True)}  # fmt: skip
+    sets = {
+        f"{split} {side}": prompts
+        for split, pair in build.items()
+        for side, prompts in zip(("harmful", "harmless"), pair, strict=True)
+    }
     return sets | unseen_sets(), groups
 
 
@@ -68,8 +71,9 @@ def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     return torch.stack(output.hidden_states[1:], 1).float()
 
 
-def prompt_reads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
-                 ) -> dict[str, torch.Tensor]:  # fmt: skip
+def prompt_reads(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+) -> dict[str, torch.Tensor]:
     """Each prompt's activations, pooled three ways: mean over all tokens, last token, mean over its own tokens."""
     texts, opening = format_chats(tokenizer, prompts), len(chat_opening(tokenizer))
     reads: dict[str, list[torch.Tensor]] = {"mean": [], "last": [], "own": []}
@@ -94,9 +98,13 @@ def answer_reads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     for chunk in batches(texts, 16):
         batch = encode(tokenizer, [texts[i] for i in chunk])
         with torch.inference_mode():
-            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=ANSWER_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         width = batch["input_ids"].shape[1]
         mask = torch.cat([batch["attention_mask"], (generated[:, width:] != tokenizer.pad_token_id).long()], 1)
         hidden = hidden_states(
@@ -116,9 +124,13 @@ def row(name: str, chosen: str, criterion: float | None, score: Score, measured:
     """One result row: what was chosen, the criterion, XSTest unsafe-vs-safe AUROC and fire rates (score > 0)."""
     xstest = float(auroc(score("XSTest unsafe")[:, None], score("XSTest safe")[:, None]))
     criterion = None if criterion is None else round(criterion, 4)
-    result = {"read": name, "chosen": chosen, "calibration_macro_auroc": criterion,
-              "xstest_unsafe_vs_safe_auroc": round(xstest, 4),
-              "fire_rate": fire_rates(score, ["calibration harmful", "calibration harmless", *measured])}  # fmt: skip
+    result = {
+        "read": name,
+        "chosen": chosen,
+        "calibration_macro_auroc": criterion,
+        "xstest_unsafe_vs_safe_auroc": round(xstest, 4),
+        "fire_rate": fire_rates(score, ["calibration harmful", "calibration harmless", *measured]),
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -130,8 +142,13 @@ def one_layer(name: str, reads: Reads, read: str, groups: list[int], measured: l
         return torch.cat([reads[part][r] for r in read.split("+")], -1)
 
     search = search_probe(*(feature(part) for part in BUILD), groups=groups, tpr=TPR)
-    return row(name, f"layer {search.layer}, l2 {search.l2:g}", float(search.auroc[search.layer]),
-               lambda s: feature(s)[:, search.layer] @ search.direction + search.bias, measured)  # fmt: skip
+    return row(
+        name,
+        f"layer {search.layer}, l2 {search.l2:g}",
+        float(search.auroc[search.layer]),
+        lambda s: feature(s)[:, search.layer] @ search.direction + search.bias,
+        measured,
+    )
 
 
 def layer_windows(reads: Reads, groups: list[int], measured: list[str]) -> dict[str, object]:
@@ -144,26 +161,40 @@ def layer_windows(reads: Reads, groups: list[int], measured: list[str]) -> dict[
             flat = {part: reads[part]["mean"][:, window].flatten(1) for part in BUILD}
             for l2 in (1e-2, 1e-1):
                 direction, _ = fit_probe(flat["extraction harmful"], flat["extraction harmless"], l2)
-                score = macro_auroc(flat["calibration harmful"] @ direction, flat["calibration harmless"] @ direction,
-                                    groups)  # fmt: skip
+                score = macro_auroc(
+                    flat["calibration harmful"] @ direction, flat["calibration harmless"] @ direction, groups
+                )
                 if best is None or score > best[0] + 1e-9:
                     best = (score, window, direction, l2)
     assert best is not None
     score, window, direction, l2 = best
     bias = calibrate_bias_tpr(reads["calibration harmful"]["mean"][:, window].flatten(1) @ direction, TPR)
-    return row("mean, several layers", f"layers {window[0]}-{window[-1]}, l2 {l2:g}", score,
-               lambda s: reads[s]["mean"][:, window].flatten(1) @ direction + bias, measured)  # fmt: skip
+    return row(
+        "mean, several layers",
+        f"layers {window[0]}-{window[-1]}, l2 {l2:g}",
+        score,
+        lambda s: reads[s]["mean"][:, window].flatten(1) @ direction + bias,
+        measured,
+    )
 
 
-def two_stage(reads: Reads, answers: dict[str, torch.Tensor], groups: list[int], measured: list[str]
-              ) -> list[dict[str, object]]:  # fmt: skip
+def two_stage(
+    reads: Reads, answers: dict[str, torch.Tensor], groups: list[int], measured: list[str]
+) -> list[dict[str, object]]:
     """The shipped gate, loosened, and a probe on the target's own answer: fire where both do."""
     gate = search_probe(*(reads[part]["mean"] for part in BUILD), groups=groups)
     first = {s: reads[s]["mean"][:, gate.layer] @ gate.direction for s in reads}
     second = search_probe(*(answers[part] for part in BUILD), groups=groups)
     then = {s: answers[s][:, second.layer] @ second.direction for s in answers}
-    rows = [row("answer alone", f"layer {second.layer}, l2 {second.l2:g}", float(second.auroc[second.layer]),
-                lambda s: then[s] + calibrate_bias_tpr(then["calibration harmful"], TPR), measured)]  # fmt: skip
+    rows = [
+        row(
+            "answer alone",
+            f"layer {second.layer}, l2 {second.l2:g}",
+            float(second.auroc[second.layer]),
+            lambda s: then[s] + calibrate_bias_tpr(then["calibration harmful"], TPR),
+            measured,
+        )
+    ]
     for loose in (TPR, 0.975):
         bias = calibrate_bias_tpr(first["calibration harmful"], loose)
         passed = then["calibration harmful"][first["calibration harmful"] + bias > 0].sort(descending=True).values
@@ -173,8 +204,15 @@ def two_stage(reads: Reads, answers: dict[str, torch.Tensor], groups: list[int],
         def both(s: str, bias: float = bias, answer_bias: float = answer_bias) -> torch.Tensor:
             return torch.minimum(first[s] + bias, then[s] + answer_bias)
 
-        rows.append(row(f"prompt gate (tpr {loose:g}) and answer", f"layers {gate.layer} and {second.layer}",
-                        None, both, measured))  # fmt: skip
+        rows.append(
+            row(
+                f"prompt gate (tpr {loose:g}) and answer",
+                f"layers {gate.layer} and {second.layer}",
+                None,
+                both,
+                measured,
+            )
+        )
     return rows
 
 
@@ -189,8 +227,13 @@ def main() -> None:
     model, tokenizer = zoo.load("target")
     reads = {name: prompt_reads(model, tokenizer, prompts) for name, prompts in sets.items()}
     print(f"target read in {time.perf_counter() - started:.0f} s", flush=True)
-    for name, read in (("mean (shipped)", "mean"), ("last token", "last"), ("mean over the prompt's own tokens", "own"),
-                       ("mean and last", "mean+last"), ("own tokens and last", "own+last")):  # fmt: skip
+    for name, read in (
+        ("mean (shipped)", "mean"),
+        ("last token", "last"),
+        ("mean over the prompt's own tokens", "own"),
+        ("mean and last", "mean+last"),
+        ("own tokens and last", "own+last"),
+    ):
         rows.append(one_layer(name, reads, read, groups, measured))
     rows.append(layer_windows(reads, groups, measured))
     answers = {name: answer_reads(model, tokenizer, prompts) for name, prompts in sets.items()}
@@ -198,8 +241,9 @@ def main() -> None:
     rows += two_stage(reads, answers, groups, measured)
     del model, reads, answers
     aligned, aligned_tokenizer = zoo.load("aligned")
-    aligned_reads = {name: {"mean": prompt_reads(aligned, aligned_tokenizer, prompts)["mean"]}
-                     for name, prompts in sets.items()}  # fmt: skip
+    aligned_reads = {
+        name: {"mean": prompt_reads(aligned, aligned_tokenizer, prompts)["mean"]} for name, prompts in sets.items()
+    }
     rows.append(one_layer("the aligned model's mean", aligned_reads, "mean", groups, measured))
     write_result(args.out, started, {name: len(prompts) for name, prompts in sets.items()}, rows)
 

@@ -114,8 +114,16 @@ def main() -> None:
                 "harmful": float((cal_harm[:, layer] @ direction + b > 0).float().mean()),
                 "harmless": float((cal_safe[:, layer] @ direction + b > 0).float().mean()),
             }
-            rows.append({"pooling": pooling, "direction": kind, "bias": rule, "layer": layer,
-                         "calibration_fire_rate": held_out, "fire_rate": fire})  # fmt: skip
+            rows.append(
+                {
+                    "pooling": pooling,
+                    "direction": kind,
+                    "bias": rule,
+                    "layer": layer,
+                    "calibration_fire_rate": held_out,
+                    "fire_rate": fire,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     write_result(args.out, started, {name: len(p) for name, p in unseen.items()}, rows)
 

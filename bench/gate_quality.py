@@ -24,8 +24,9 @@ from inferaligner.loading import load_model
 from inferaligner.prompts import builtin_prompts, format_chats
 
 
-def probe_accuracy(train_pos: torch.Tensor, train_neg: torch.Tensor, test_pos: torch.Tensor, test_neg: torch.Tensor
-                   ) -> float:  # fmt: skip
+def probe_accuracy(
+    train_pos: torch.Tensor, train_neg: torch.Tensor, test_pos: torch.Tensor, test_neg: torch.Tensor
+) -> float:
     """Balanced held-out accuracy of an L2-regularised logistic regression on standardised activations."""
     features = torch.cat([train_pos, train_neg])
     labels = torch.cat([torch.ones(len(train_pos)), torch.zeros(len(train_neg))])
@@ -52,11 +53,15 @@ def measure(name: str) -> dict[str, object]:
     model, tokenizer = load_model(name)
 
     def acts(kind: str, split: str) -> torch.Tensor:
-        return prompt_activations(model, tokenizer, format_chats(tokenizer, builtin_prompts(kind, split)),
-                                      progress=False)  # fmt: skip
+        return prompt_activations(
+            model, tokenizer, format_chats(tokenizer, builtin_prompts(kind, split)), progress=False
+        )
 
-    data = {(kind, split): acts(kind, split) for kind in ("harmful", "harmless", "everyday")
-            for split in ("extraction", "calibration")}  # fmt: skip
+    data = {
+        (kind, split): acts(kind, split)
+        for kind in ("harmful", "harmless", "everyday")
+        for split in ("extraction", "calibration")
+    }
     report: dict[str, object] = {}
     for label, harmless_sets in (
         ("topic-matched", ("harmless",)),
@@ -79,9 +84,11 @@ def measure(name: str) -> dict[str, object]:
             k: layer_metrics(cal_harmful, project(data[(k, "calibration")]), bias) for k in ("harmless", "everyday")
         }
         probe = probe_accuracy(
-            harmful[:, layer], data[("harmless", "extraction")][:, layer],
-            data[("harmful", "calibration")][:, layer], data[("harmless", "calibration")][:, layer],
-        )  # fmt: skip
+            harmful[:, layer],
+            data[("harmless", "extraction")][:, layer],
+            data[("harmful", "calibration")][:, layer],
+            data[("harmless", "calibration")][:, layer],
+        )
         report[label] = {
             "gate_layer": layer,
             "balanced_accuracy": round(float(overall.accuracy[layer]), 3),

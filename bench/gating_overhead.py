@@ -132,8 +132,10 @@ def show(label: str, ratio: dict[str, dict]) -> None:
     print(label)
     for name, clocks in ratio.items():
         wall, cpu = clocks["wall"], clocks["cpu"]
-        print(f"  {name:32s} wall {wall['median']:7.2%} [{wall['low']:7.2%}, {wall['high']:7.2%}]   "
-              f"cpu {cpu['median']:7.2%} [{cpu['low']:7.2%}, {cpu['high']:7.2%}]")  # fmt: skip
+        print(
+            f"  {name:32s} wall {wall['median']:7.2%} [{wall['low']:7.2%}, {wall['high']:7.2%}]   "
+            f"cpu {cpu['median']:7.2%} [{cpu['low']:7.2%}, {cpu['high']:7.2%}]"
+        )
 
 
 def throughput(
@@ -168,8 +170,11 @@ def first_token(aligners: dict[str, InferAligner], lengths: list[int], repeats: 
         runs = paired_rounds(methods, repeats)
         medians = {name: round(statistics.median(r["wall"]) * 1000, 1) for name, r in runs.items()}
         ratio = summary(runs)
-        show(f"\ntime to first token, {length} prompt tokens: "
-             + ", ".join(f"{k} {v:.0f} ms" for k, v in medians.items()), ratio)  # fmt: skip
+        show(
+            f"\ntime to first token, {length} prompt tokens: "
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in medians.items()),
+            ratio,
+        )
         rows.append({"prompt_tokens": length, "median_ms": medians, "ratios_vs_plain": ratio, "runs_s": runs})
     return rows
 
@@ -207,8 +212,10 @@ def step_operations(aligner: InferAligner, prompts: list[str], n: int) -> dict:
         "extra_allocating_ops_per_step": round((long_alloc - short_alloc) / n, 3),
         "extra_ops_once_per_generate": dict(sorted(short.items())),
     }
-    print(f"\nper decoding step, steering {layers} layers, over plain: {result['extra_ops_per_step']}; "
-          f"allocating ops {result['extra_allocating_ops_per_step']}")  # fmt: skip
+    print(
+        f"\nper decoding step, steering {layers} layers, over plain: {result['extra_ops_per_step']}; "
+        f"allocating ops {result['extra_allocating_ops_per_step']}"
+    )
     return result
 
 
@@ -226,11 +233,32 @@ def peers(aligner: InferAligner, prompts: list[str], sizes: list[int], n: int, r
                 print(f"{peer}: no environment (run bash bench/peers/setup_envs.sh)")
                 continue
             out = Path(tmp) / f"{peer}.json"
-            command = [str(python), str(ROOT / "bench/peers/peer_speed.py"), "--peer", peer, "--model", str(model_dir),
-                       "--vectors", str(vectors), "--layers", *map(str, aligner.steer_layers),
-                       "--alpha", str(aligner.settings.alpha), "--batch-sizes", *map(str, sizes),
-                       "--new-tokens", str(n), "--repeats", str(repeats), "--prompt-file", str(prompt_file),
-                       "--threads", str(threads), "--out", str(out)]  # fmt: skip
+            command = [
+                str(python),
+                str(ROOT / "bench/peers/peer_speed.py"),
+                "--peer",
+                peer,
+                "--model",
+                str(model_dir),
+                "--vectors",
+                str(vectors),
+                "--layers",
+                *map(str, aligner.steer_layers),
+                "--alpha",
+                str(aligner.settings.alpha),
+                "--batch-sizes",
+                *map(str, sizes),
+                "--new-tokens",
+                str(n),
+                "--repeats",
+                str(repeats),
+                "--prompt-file",
+                str(prompt_file),
+                "--threads",
+                str(threads),
+                "--out",
+                str(out),
+            ]
             print(f"\n{peer}: {' '.join(command[1:3])} ...", flush=True)
             subprocess.run(command, check=True)
             found = json.loads(out.read_text())
@@ -238,8 +266,10 @@ def peers(aligner: InferAligner, prompts: list[str], sizes: list[int], n: int, r
                 ratio = {
                     clock: interval(ratios(row[f"plain_{clock}"], row[f"peer_{clock}"])) for clock in ("wall", "cpu")
                 }
-                print(f"  {peer} batch {row['batch']}: wall {ratio['wall']['median']:.2%} "
-                      f"[{ratio['wall']['low']:.2%}, {ratio['wall']['high']:.2%}]")  # fmt: skip
+                print(
+                    f"  {peer} batch {row['batch']}: wall {ratio['wall']['median']:.2%} "
+                    f"[{ratio['wall']['low']:.2%}, {ratio['wall']['high']:.2%}]"
+                )
                 row["ratio_vs_plain"] = ratio
             results.append(found)
     return results
@@ -257,9 +287,13 @@ def main() -> None:
     parser.add_argument("--peer-rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="also time steering-vectors and repeng (their venvs)")
-    parser.add_argument("--below-gate-layer", type=int, default=BELOW_GATE["gate_layer"],
-                        help="gate layer of the 'layers below the gate' layout (steering 12, 16, 20, 24; the demo "
-                        "pair's gate reads layer 14)")  # fmt: skip
+    parser.add_argument(
+        "--below-gate-layer",
+        type=int,
+        default=BELOW_GATE["gate_layer"],
+        help="gate layer of the 'layers below the gate' layout (steering 12, 16, 20, 24; the demo "
+        "pair's gate reads layer 14)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gating_overhead.json"))
     args = parser.parse_args()
 
@@ -282,8 +316,9 @@ def main() -> None:
     prompts = builtin_prompts("everyday", "calibration")
     if len(args.rounds) != len(args.batch_sizes):
         parser.error("give one --rounds value per batch size")
-    rows = throughput(aligners, prompts, dict(zip(args.batch_sizes, args.rounds, strict=True)), args.new_tokens,
-                      args.methods)  # fmt: skip
+    rows = throughput(
+        aligners, prompts, dict(zip(args.batch_sizes, args.rounds, strict=True)), args.new_tokens, args.methods
+    )
     ttft = [] if args.no_extras else first_token(aligners, args.ttft_lengths, args.ttft_rounds)
     operations = {} if args.no_extras else step_operations(aligners["one pass"], prompts, 16)
     peer_rows = []

@@ -51,16 +51,32 @@ def build(shape: str, device: str, dtype: torch.dtype) -> tuple[LlavaForConditio
     size = {"shortest_edge": pixels}
     processor = LlavaProcessor(
         image_processor=LlavaImageProcessorPil(size=size, crop_size={"height": pixels, "width": pixels}),
-        tokenizer=tokenizer, patch_size=14, num_additional_image_tokens=1,
-        vision_feature_select_strategy="default", chat_template=IMAGE_CHAT,
-    )  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
-                              num_attention_heads=v_heads, image_size=pixels, patch_size=14)  # fmt: skip
-    text = LlamaConfig(hidden_size=t_hidden, intermediate_size=t_ffn, num_hidden_layers=t_layers,
-                       num_attention_heads=t_heads, vocab_size=max(32064, image_id + 1),
-                       max_position_embeddings=4096, pad_token_id=0)  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                         vision_feature_select_strategy="default")  # fmt: skip
+        tokenizer=tokenizer,
+        patch_size=14,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=IMAGE_CHAT,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=v_hidden,
+        intermediate_size=4 * v_hidden,
+        num_hidden_layers=v_layers,
+        num_attention_heads=v_heads,
+        image_size=pixels,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=t_hidden,
+        intermediate_size=t_ffn,
+        num_hidden_layers=t_layers,
+        num_attention_heads=t_heads,
+        vocab_size=max(32064, image_id + 1),
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_select_strategy="default"
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype).eval()
@@ -84,11 +100,19 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, processor = build(args.shape, args.device, dtype)
     layers = model.model.language_model.layers
-    vectors = extract_safety_vectors(model, processor.tokenizer, builtin_prompts("harmful")[:8],
-                                     builtin_prompts("harmless")[:8], progress=False)  # fmt: skip
+    vectors = extract_safety_vectors(
+        model, processor.tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
+    )
     steer = list(range(len(layers) // 4, len(layers) * 3 // 4))
-    aligner = InferAligner(model, processor.tokenizer, target_vectors=vectors, aligned_vectors=vectors,
-                           alpha=8.0, steer_layers=steer, steer_scale="raw")  # fmt: skip
+    aligner = InferAligner(
+        model,
+        processor.tokenizer,
+        target_vectors=vectors,
+        aligned_vectors=vectors,
+        alpha=8.0,
+        steer_layers=steer,
+        steer_scale="raw",
+    )
     mm = MultimodalAligner(aligner, processor)
     questions, _, pictures = picture_questions(8)
     prompts = builtin_prompts("harmful", "calibration")[:4] + questions[:4]
@@ -123,8 +147,10 @@ def main() -> None:
     all_off = aligner.generate(**batch, **gen)
     aligner.gate = dataclasses.replace(aligner.gate, bias=aligner.gate.bias + 1e9)
     prompt_len = batch["input_ids"].shape[1]
-    first_difference = [int((steered[i, prompt_len:] != plain[i, prompt_len:]).nonzero()[0]) if not same else None
-                        for i, (_, same) in enumerate(rows)]  # fmt: skip
+    first_difference = [
+        int((steered[i, prompt_len:] != plain[i, prompt_len:]).nonzero()[0]) if not same else None
+        for i, (_, same) in enumerate(rows)
+    ]
     language = {id(layer) for layer in layers}
     checks = {
         "plain generate is deterministic": torch.equal(repeat, plain),
@@ -170,17 +196,30 @@ def main() -> None:
         base = statistics.median(times["plain"])
         for method in methods:
             median = statistics.median(times[method])
-            timing.append({"batch": size, "method": method, "median_s": round(median, 3),
-                           "relative_to_plain": round(base / median, 4),
-                           "runs": [round(t, 3) for t in times[method]]})  # fmt: skip
+            timing.append(
+                {
+                    "batch": size,
+                    "method": method,
+                    "median_s": round(median, 3),
+                    "relative_to_plain": round(base / median, 4),
+                    "runs": [round(t, 3) for t in times[method]],
+                }
+            )
             print(f"batch {size}  {method:8s}  {median:7.3f} s  {base / median:6.1%} of plain", flush=True)
         aligner.gate = base_gate
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    result = {"device": device, "torch": torch.__version__, "deterministic": not args.nondeterministic,
-              "shape": args.shape, "rows (fired, identical)": rows,
-              "first differing new token": first_difference,
-              "checks": checks, "passed": all(checks.values()), "timing": timing,
-              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "deterministic": not args.nondeterministic,
+        "shape": args.shape,
+        "rows (fired, identical)": rows,
+        "first differing new token": first_difference,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "timing": timing,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{'all checks passed' if result['passed'] else 'CHECKS FAILED'}; wrote {args.out}")

@@ -37,8 +37,9 @@ def correctness(dtype: torch.dtype) -> dict[str, object]:
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
     )
-    aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, alpha=20.0,
-                           steer_layers=[1, 2])  # fmt: skip
+    aligner = InferAligner(
+        model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, alpha=20.0, steer_layers=[1, 2]
+    )
     prompts = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("everyday", "calibration")[:4]
     batch = aligner.encode(prompts)
     scores = sorted(d.score for d in aligner.gate_decisions(**batch))
@@ -55,17 +56,30 @@ def correctness(dtype: torch.dtype) -> dict[str, object]:
 
 def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[str, object]]:
     config = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     tokenizer = tiny_tokenizer()
     directions = torch.nn.functional.normalize(torch.randn(32, 4096), dim=-1)
     provenance = Provenance("random-7b", "llama", "-", 4096, 32, 64, 64, "-")
     vectors = SafetyVectors(directions, torch.ones(32), torch.zeros(32), provenance)
-    aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, alpha=4.0,
-                           steer_layers=list(range(8, 24)), gate_layer=14)  # fmt: skip
+    aligner = InferAligner(
+        model,
+        tokenizer,
+        target_vectors=vectors,
+        aligned_vectors=vectors,
+        alpha=4.0,
+        steer_layers=list(range(8, 24)),
+        gate_layer=14,
+    )
     gates = {
         "gate off": dataclasses.replace(aligner.gate, bias=-1e9),
         "gate on": dataclasses.replace(aligner.gate, bias=1e9),
@@ -99,8 +113,16 @@ def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[st
             median = statistics.median(times[method])
             rate = size * new_tokens / median
             runs = [round(t, 3) for t in times[method]]
-            rows.append({"batch": size, "method": method, "median_s": round(median, 3), "tokens_per_s": round(rate, 1),
-                         "relative_to_plain": round(base / median, 4), "runs": runs})  # fmt: skip
+            rows.append(
+                {
+                    "batch": size,
+                    "method": method,
+                    "median_s": round(median, 3),
+                    "tokens_per_s": round(rate, 1),
+                    "relative_to_plain": round(base / median, 4),
+                    "runs": runs,
+                }
+            )
             print(f"batch {size:2d}  {method:8s}  {rate:8.1f} tok/s  {base / median:6.1%} of plain", flush=True)
     return rows
 
@@ -117,9 +139,15 @@ def main() -> None:
     for check in checks:
         print("correctness", json.dumps(check), flush=True)
     rows = speed(args.repeats, args.new_tokens, args.batch_sizes)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "correctness": checks,
-              "model": "LLaMA-2-7B shape, random weights, bfloat16", "new_tokens": args.new_tokens,
-              "throughput": rows, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "correctness": checks,
+        "model": "LLaMA-2-7B shape, random weights, bfloat16",
+        "new_tokens": args.new_tokens,
+        "throughput": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -78,19 +78,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = folder / "arithmetic.jsonl"
-        data.write_text("".join(json.dumps({"question": q, "answer": str(a)}) + "\n"
-                                for q, a in zip(task.prompts, task.answers, strict=True)))  # fmt: skip
+        data.write_text(
+            "".join(
+                json.dumps({"question": q, "answer": str(a)}) + "\n"
+                for q, a in zip(task.prompts, task.answers, strict=True)
+            )
+        )
         (folder / "tasks").mkdir()
         (folder / "tasks" / "arithmetic.yaml").write_text(
             TASK.format(data=data, max_tokens=MAX_TOKENS, pattern=ANSWER.replace("\\", "\\\\"))
         )
         with ServerProcess() as server:  # the demo pair, with an API key
             name = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]["id"]
-            model_args = (f"model={name},base_url={server.url}/v1/chat/completions,"
-                          f"num_concurrent={args.concurrent},max_retries=1,tokenized_requests=False")  # fmt: skip
-            command = [str(LM_EVAL), "--model", "local-chat-completions", "--model_args", model_args,
-                       "--tasks", "inferaligner_arithmetic", "--include_path", str(folder / "tasks"),
-                       "--apply_chat_template", "--output_path", str(folder / "out"), "--log_samples"]  # fmt: skip
+            model_args = (
+                f"model={name},base_url={server.url}/v1/chat/completions,"
+                f"num_concurrent={args.concurrent},max_retries=1,tokenized_requests=False"
+            )
+            command = [
+                str(LM_EVAL),
+                "--model",
+                "local-chat-completions",
+                "--model_args",
+                model_args,
+                "--tasks",
+                "inferaligner_arithmetic",
+                "--include_path",
+                str(folder / "tasks"),
+                "--apply_chat_template",
+                "--output_path",
+                str(folder / "out"),
+                "--log_samples",
+            ]
             env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
             client_started = time.perf_counter()
             subprocess.run(command, check=True, env=env)

@@ -47,8 +47,22 @@ from inferaligner.prompts import builtin_prompts
 DEADLINE_S = 1800  # the whole benchmark stops by itself after this
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PHASES = ("continuous", "continuous32", "continuous32-whole-prompts", "batched", "batched32", "serial", "today",
-          "poisson", "ray", "ray-kill", "queue", "disconnect", "hangup", "sigterm")  # fmt: skip
+PHASES = (
+    "continuous",
+    "continuous32",
+    "continuous32-whole-prompts",
+    "batched",
+    "batched32",
+    "serial",
+    "today",
+    "poisson",
+    "ray",
+    "ray-kill",
+    "queue",
+    "disconnect",
+    "hangup",
+    "sigterm",
+)
 TODAY = "the server before issue 15 (whole batches, max 16)"
 RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1", "--scheduler", "continuous", "--max-batch", "16")
 RAY_LABEL = "Ray Serve, 2 replicas (continuous, max 16 each)"
@@ -76,8 +90,17 @@ class ServerProcess:
         """`inferaligner serve` with `options`; `source`: another checkout whose `src` is served instead."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "inferaligner.cli", "serve", "--port", str(self.port), "--api-key", KEY,
-                   *options]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "inferaligner.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--api-key",
+            KEY,
+            *options,
+        ]
         env = {**os.environ, "PYTHONPATH": str(source.resolve() / "src")} if source is not None else None
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
@@ -137,8 +160,9 @@ class Tally:
             self.retried += 1
             await asyncio.sleep(0.5 * (attempt + 1))
 
-    async def _attempt(self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
-                       started: float) -> str | None:  # fmt: skip
+    async def _attempt(
+        self, http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, started: float
+    ) -> str | None:
         """One attempt: `None` when answered in full, else what went wrong."""
         first, tokens = None, 0
         try:
@@ -165,13 +189,19 @@ class Tally:
 
     def summary(self, requests: int, seconds: float) -> dict[str, Any]:
         return {
-            "requests": requests, "ok": len(self.latencies), "lost": requests - len(self.latencies),
-            "failures": self.failures[:5], "seconds": round(seconds, 1),
-            "requests_per_s": round(len(self.latencies) / seconds, 3), "tokens_per_s": round(self.tokens / seconds, 1),
-            "ttft_p50_s": percentile(self.first_tokens, 0.5), "ttft_p95_s": percentile(self.first_tokens, 0.95),
-            "latency_p50_s": percentile(self.latencies, 0.5), "latency_p95_s": percentile(self.latencies, 0.95),
+            "requests": requests,
+            "ok": len(self.latencies),
+            "lost": requests - len(self.latencies),
+            "failures": self.failures[:5],
+            "seconds": round(seconds, 1),
+            "requests_per_s": round(len(self.latencies) / seconds, 3),
+            "tokens_per_s": round(self.tokens / seconds, 1),
+            "ttft_p50_s": percentile(self.first_tokens, 0.5),
+            "ttft_p95_s": percentile(self.first_tokens, 0.95),
+            "latency_p50_s": percentile(self.latencies, 0.5),
+            "latency_p95_s": percentile(self.latencies, 0.95),
             "retried": self.retried,
-        }  # fmt: skip
+        }
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -208,8 +238,9 @@ async def poisson(url: str, prompts: list[str], rate: float, max_tokens: int, se
     times = list(itertools.accumulate(draw.expovariate(rate) for _ in prompts))
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=DEADLINE_S, headers=AUTH, limits=httpx.Limits(max_connections=None)) as http:
-        await asyncio.wait_for(asyncio.gather(*(arrive(http, t, p) for t, p in zip(times, prompts, strict=True))),
-                               DEADLINE_S)  # fmt: skip
+        await asyncio.wait_for(
+            asyncio.gather(*(arrive(http, t, p) for t, p in zip(times, prompts, strict=True))), DEADLINE_S
+        )
     return tally.summary(len(prompts), time.perf_counter() - started) | {"rate": rate}
 
 
@@ -240,19 +271,33 @@ async def replica_kill(url: str, prompts: list[str], clients: int, max_tokens: i
     killed = time.perf_counter()
     replacement = await replicas(url, 1, exclude=frozenset(servers))
     replaced_after = round(time.perf_counter() - killed, 1) if replacement else None
-    return await load | {"replicas_before": sorted(servers), "killed": victim, "killed_after_s": after_s,
-                         "replacement": sorted(replacement), "replacement_serving_after_s": replaced_after}  # fmt: skip
+    return await load | {
+        "replicas_before": sorted(servers),
+        "killed": victim,
+        "killed_after_s": after_s,
+        "replacement": sorted(replacement),
+        "replacement_serving_after_s": replaced_after,
+    }
 
 
 async def burst(url: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=600, headers=AUTH) as http:
         responses = await asyncio.wait_for(
-            asyncio.gather(*(http.post(f"{url}/v1/chat/completions", json=body(p, max_tokens)) for p in prompts),
-                           return_exceptions=True), DEADLINE_S)  # fmt: skip
+            asyncio.gather(
+                *(http.post(f"{url}/v1/chat/completions", json=body(p, max_tokens)) for p in prompts),
+                return_exceptions=True,
+            ),
+            DEADLINE_S,
+        )
     codes = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in responses]
     retry = {r.headers.get("retry-after") for r in responses if isinstance(r, httpx.Response) and r.status_code == 429}
-    return {"sent": len(prompts), "ok": codes.count(200), "busy_429": codes.count(429),
-            "other": [c for c in codes if c not in (200, 429)], "retry_after": sorted(retry)}  # fmt: skip
+    return {
+        "sent": len(prompts),
+        "ok": codes.count(200),
+        "busy_429": codes.count(429),
+        "other": [c for c in codes if c not in (200, 429)],
+        "retry_after": sorted(retry),
+    }
 
 
 async def disconnect_storm(url: str, prompts: list[str]) -> dict[str, Any]:
@@ -297,14 +342,17 @@ async def hangup_storm(url: str, prompts: list[str]) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.1)
         check = await http.post(f"{url}/v1/chat/completions", json=body("Name three fruits.", 8))
-    return {"requests": len(prompts), "clients_gave_up": outcomes.count("client gave up"), "idle_after_s": idle_after,
-            "next_request_status": check.status_code}  # fmt: skip
+    return {
+        "requests": len(prompts),
+        "clients_gave_up": outcomes.count("client gave up"),
+        "idle_after_s": idle_after,
+        "next_request_status": check.status_code,
+    }
 
 
 async def sigterm_under_load(server: ServerProcess, prompts: list[str]) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=600, headers=AUTH) as http:
-        sent = [asyncio.create_task(http.post(f"{server.url}/v1/chat/completions", json=body(p, 64)))
-                for p in prompts]  # fmt: skip
+        sent = [asyncio.create_task(http.post(f"{server.url}/v1/chat/completions", json=body(p, 64))) for p in prompts]
         await asyncio.sleep(2.0)
         os.kill(server.process.pid, signal.SIGTERM)
         responses = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), DEADLINE_S)
@@ -328,8 +376,11 @@ def main() -> None:
     parser.add_argument(
         "--serial-requests", type=int, default=64, help="requests sent to the one-at-a-time server (it takes ~3 s each)"
     )
-    parser.add_argument("--today-src", type=Path, help="phase `today`: a checkout of the server before issue 15, "
-                        "e.g. `git worktree add /tmp/today ae23701`")  # fmt: skip
+    parser.add_argument(
+        "--today-src",
+        type=Path,
+        help="phase `today`: a checkout of the server before issue 15, e.g. `git worktree add /tmp/today ae23701`",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     parser.add_argument(
         "--phases",
@@ -341,9 +392,14 @@ def main() -> None:
     pool = builtin_prompts("harmful", "all") + builtin_prompts("everyday", "all") + builtin_prompts("harmless", "all")
     prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]
     common = ["--max-queue", str(args.requests)]
-    result: dict[str, Any] = {"machine": f"{platform.machine()}, 2-core VM", "clients": args.clients,
-                              "requests": args.requests, "max_tokens": args.max_tokens, "rate": args.rate,
-                              "serial_requests": args.serial_requests}  # fmt: skip
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, 2-core VM",
+        "clients": args.clients,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "rate": args.rate,
+        "serial_requests": args.serial_requests,
+    }
     if "today" in phases and args.today_src is None:
         parser.error("phase `today` needs --today-src")
     started = time.perf_counter()
@@ -366,8 +422,9 @@ def main() -> None:
         }
         print("continuous vs whole batches:", json.dumps(result["continuous_vs_batches"]), flush=True)
     if "today" in phases:
-        result["today_src"] = subprocess.run(["git", "-C", str(args.today_src), "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        result["today_src"] = subprocess.run(
+            ["git", "-C", str(args.today_src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         for label, _ in SCHEDULES.values():
             if label in result:
                 result[f"{label} vs {TODAY}"] = {
@@ -381,12 +438,14 @@ def main() -> None:
                 result[RAY_LABEL] = asyncio.run(throughput(server.url, prompts, args.clients, args.max_tokens))
                 print(RAY_LABEL, json.dumps(result[RAY_LABEL]), flush=True)
                 if "poisson" in phases:
-                    result[f"{RAY_LABEL}, Poisson"] = asyncio.run(poisson(server.url, prompts, args.rate,
-                                                                          args.max_tokens))  # fmt: skip
+                    result[f"{RAY_LABEL}, Poisson"] = asyncio.run(
+                        poisson(server.url, prompts, args.rate, args.max_tokens)
+                    )
                     print(f"{RAY_LABEL}, Poisson", json.dumps(result[f"{RAY_LABEL}, Poisson"]), flush=True)
             if "ray-kill" in phases:
-                result["ray_replica_kill"] = asyncio.run(replica_kill(server.url, prompts[:128], args.clients,
-                                                                      args.max_tokens, after_s=15.0))  # fmt: skip
+                result["ray_replica_kill"] = asyncio.run(
+                    replica_kill(server.url, prompts[:128], args.clients, args.max_tokens, after_s=15.0)
+                )
                 print("Ray replica killed under load", json.dumps(result["ray_replica_kill"]), flush=True)
     if "queue" in phases:
         with ServerProcess("--max-batch", "4", "--max-queue", "8") as server:

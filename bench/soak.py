@@ -92,8 +92,11 @@ class Soak:
         stream = self.random.random() < 0.5
         text = kind == "good" and self.random.random() < 0.15
         path = "/v1/completions" if text else "/v1/chat/completions"
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0} if text else (
-            self.chat(prompt, stream))  # fmt: skip
+        body = (
+            {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+            if text
+            else (self.chat(prompt, stream))
+        )
         if text and stream:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
@@ -140,16 +143,30 @@ class Soak:
                 if "error" in chunk:
                     return None, False
                 extension = extension or chunk.get("inferaligner")
-                reason = reason or next((c["finish_reason"] for c in chunk.get("choices", []) if c["finish_reason"]),
-                                        None)  # fmt: skip
+                reason = reason or next(
+                    (c["finish_reason"] for c in chunk.get("choices", []) if c["finish_reason"]), None
+                )
                 usage = usage or bool(chunk.get("usage"))
         return extension, bool(reason and usage)
 
     async def malformed(self, http: httpx.AsyncClient) -> None:
         good = self.chat(self.random.choice(self.harmless), stream=False)
-        case = self.random.choice(("invalid json", "unknown field", "wrong key", "stream_options", "max_tokens",
-                                   "unknown model", "trickled body", "content-length", "no messages",
-                                   "temperature string", "tools", "lone surrogate"))  # fmt: skip
+        case = self.random.choice(
+            (
+                "invalid json",
+                "unknown field",
+                "wrong key",
+                "stream_options",
+                "max_tokens",
+                "unknown model",
+                "trickled body",
+                "content-length",
+                "no messages",
+                "temperature string",
+                "tools",
+                "lone surrogate",
+            )
+        )
         if case in ("trickled body", "content-length"):
             status = await asyncio.to_thread(self.raw_socket, case, json.dumps(good).encode())
             self.outcomes[f"{status} {case}"] += 1
@@ -179,8 +196,12 @@ class Soak:
             if content is None:
                 reply = await http.post(self.url + "/v1/chat/completions", json=good, headers=headers, timeout=60)
             else:
-                reply = await http.post(self.url + "/v1/chat/completions", content=content, timeout=60,
-                                        headers={**headers, "Content-Type": "application/json"})  # fmt: skip
+                reply = await http.post(
+                    self.url + "/v1/chat/completions",
+                    content=content,
+                    timeout=60,
+                    headers={**headers, "Content-Type": "application/json"},
+                )
             schema = "error" in reply.json() and reply.json()["error"].get("message")
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             self.outcomes[f"malformed {case}: {type(exc).__name__}"] += 1
@@ -190,8 +211,13 @@ class Soak:
     def raw_socket(self, case: str, body: bytes) -> str:
         """A request written by hand: a body trickled past the deadline, or a Content-Length the parser rejects."""
         length = b"abc" if case == "content-length" else str(len(body)).encode()
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-                + b"\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n")  # fmt: skip
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + length
+            + b"\r\n\r\n"
+        )
         with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
             sock.sendall(head)
             if case == "trickled body":
@@ -218,8 +244,9 @@ class Soak:
         body = self.chat(self.random.choice(self.harmless + self.harmful), stream=self.random.random() < 0.5)
         try:
             if body.get("stream"):
-                async with http.stream("POST", self.url + "/v1/chat/completions", json=body, headers=AUTH,
-                                       timeout=600) as reply:  # fmt: skip
+                async with http.stream(
+                    "POST", self.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=600
+                ) as reply:
                     async for _line in reply.aiter_lines():
                         break  # drop the stream after its first event
                 self.outcomes["dropped stream"] += 1
@@ -236,8 +263,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     options = ["--max-batch", "16", "--max-queue", "64", "--body-timeout-s", "2", "--max-tokens-limit", "256"]
     server = ServerProcess(*options)
     if args.cpus:
-        subprocess.run(["taskset", "-a", "-p", "-c", args.cpus, str(server.process.pid)], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", args.cpus, str(server.process.pid)], check=True, stdout=subprocess.DEVNULL
+        )
     with server:
         pid = server.process.pid
         soak = Soak(server.url, server.port, args.max_tokens, args.seed)
@@ -258,9 +286,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 minute += 1
                 since = time.time() - 60
                 window = [latency for when, latency in soak.answered if when >= since]
-                samples.append({"minute": minute, "rss_mb": round(rss_mb(pid), 1), "answered": len(window),
-                                "latency_p50_s": percentile(window, 0.5), "latency_p95_s": percentile(window, 0.95),
-                                "lost_so_far": len(soak.lost)})  # fmt: skip
+                samples.append(
+                    {
+                        "minute": minute,
+                        "rss_mb": round(rss_mb(pid), 1),
+                        "answered": len(window),
+                        "latency_p50_s": percentile(window, 0.5),
+                        "latency_p95_s": percentile(window, 0.95),
+                        "lost_so_far": len(soak.lost),
+                    }
+                )
                 print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
 
         started = time.time()
@@ -277,20 +312,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     served = sum(n for k, n in soak.outcomes.items() if k.startswith("200 "))
     latencies = [latency for _, latency in soak.answered]
     return {
-        "minutes": args.minutes, "clients": args.clients, "max_tokens": args.max_tokens, "seed": args.seed,
-        "server_options": options, "server_cpus": args.cpus or "all",
-        "seconds": round(time.time() - started, 1), "sent": dict(soak.sent), "served_whole": served,
-        "lost": len(soak.lost), "lost_examples": soak.lost[:10], "outcomes": dict(sorted(soak.outcomes.items())),
-        "gate_fired": dict(soak.fired), "fired_and_intervened": dict(soak.intervened),
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+        "server_options": options,
+        "server_cpus": args.cpus or "all",
+        "seconds": round(time.time() - started, 1),
+        "sent": dict(soak.sent),
+        "served_whole": served,
+        "lost": len(soak.lost),
+        "lost_examples": soak.lost[:10],
+        "outcomes": dict(sorted(soak.outcomes.items())),
+        "gate_fired": dict(soak.fired),
+        "fired_and_intervened": dict(soak.intervened),
         "idle_at_end": health["in_flight"] == 0 and health["queue_depth"] == 0,
         "server_5xx": sum(n for k, n in soak.outcomes.items() if k.startswith("5")),
-        "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
-        "rss_mb": {"start": samples[0]["rss_mb"], "after_1_min": samples[1]["rss_mb"] if len(samples) > 1 else None,
-                   "end": round(end_rss, 1)},
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "rss_mb": {
+            "start": samples[0]["rss_mb"],
+            "after_1_min": samples[1]["rss_mb"] if len(samples) > 1 else None,
+            "end": round(end_rss, 1),
+        },
         "per_minute": samples,
         "metrics_requests": [line for line in metrics.splitlines() if line.startswith("inferaligner_requests_total")],
         "machine": f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-    }  # fmt: skip
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -312,8 +360,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     latency.set_xlabel("minute")
     latency.set_ylim(0, None)
     latency.legend()
-    figure.suptitle(f"Soak: {result['clients']} clients, {result['served_whole']} answers, {result['lost']} lost, "
-                    f"{result['server_5xx']} 5xx")  # fmt: skip
+    figure.suptitle(
+        f"Soak: {result['clients']} clients, {result['served_whole']} answers, {result['lost']} lost, "
+        f"{result['server_5xx']} 5xx"
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

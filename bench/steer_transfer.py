@@ -46,23 +46,44 @@ def main() -> None:
     prompts = datasets.advbench()[::20]
     aligned_vectors = SafetyVectors.load(zoo.vectors_path("aligned"))
     rows = []
-    for label, (model, tokenizer) in (("base SmolLM2", load_model("smollm2-135m-instruct")),
-                                      ("arithmetic target", zoo.load("target"))):  # fmt: skip
+    for label, (model, tokenizer) in (
+        ("base SmolLM2", load_model("smollm2-135m-instruct")),
+        ("arithmetic target", zoo.load("target")),
+    ):
         for scale, layers, alpha in [("unit", [], 0.0), *SETTINGS]:
             mode = "off" if not layers else "always"
-            aligner = InferAligner(model, tokenizer, aligned_vectors=aligned_vectors, mode=mode, alpha=alpha or None,
-                                   steer_layers=layers or None, steer_scale=scale)  # fmt: skip
+            aligner = InferAligner(
+                model,
+                tokenizer,
+                aligned_vectors=aligned_vectors,
+                mode=mode,
+                alpha=alpha or None,
+                steer_layers=layers or None,
+                steer_scale=scale,
+            )
             answers = aligner.complete(prompts, max_new_tokens=48, batch_size=26)
             refused = sum(judge.judge(a.text).refused for a in answers) / len(answers)
             span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else (str(layers[0]) if layers else "none")
-            rows.append({"model": label, "scale": scale if layers else "-", "layers": span, "alpha": alpha,
-                         "refused": round(refused, 3), "example": answers[1].text[:120]})  # fmt: skip
-            print(f"{label:18s} {rows[-1]['scale']:4s} layers {span:6s} alpha {alpha:4g}: refused {refused:.0%}",
-                  flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "model": label,
+                    "scale": scale if layers else "-",
+                    "layers": span,
+                    "alpha": alpha,
+                    "refused": round(refused, 3),
+                    "example": answers[1].text[:120],
+                }
+            )
+            print(
+                f"{label:18s} {rows[-1]['scale']:4s} layers {span:6s} alpha {alpha:4g}: refused {refused:.0%}",
+                flush=True,
+            )
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "prompts": len(prompts), "seconds": round(time.perf_counter() - started, 1), "rows": rows,
-    }  # fmt: skip
+        "prompts": len(prompts),
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} in {result['seconds']:.0f} s")

@@ -80,8 +80,10 @@ def main() -> None:
         fired = 0
         for round_ in range(args.rounds):
             prompts = alpaca[round_ * batch : (round_ + 1) * batch]
-            chats = [[{"role": "system", "content": system}] * with_system + [{"role": "user", "content": p}]
-                     for p in prompts]  # fmt: skip
+            chats = [
+                [{"role": "system", "content": system}] * with_system + [{"role": "user", "content": p}]
+                for p in prompts
+            ]
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
             kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}

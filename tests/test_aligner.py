@@ -16,8 +16,9 @@ PROMPTS = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("harml
 GEN = {"max_new_tokens": 10, "min_new_tokens": 10}
 
 
-def make_aligner(model_type: str = "llama", mode: str = "inferaligner", pooling: str | None = None,
-                 **kwargs) -> InferAligner:  # fmt: skip
+def make_aligner(
+    model_type: str = "llama", mode: str = "inferaligner", pooling: str | None = None, **kwargs
+) -> InferAligner:
     """A tiny target with its own vectors and a differently seeded 'aligned' twin; the gate (read with `pooling`
     when given) splits PROMPTS."""
     tokenizer = tiny_tokenizer()
@@ -230,10 +231,16 @@ def test_bad_settings_and_tensors_fail_when_the_aligner_is_built() -> None:
     with pytest.raises(VectorFileError, match="non-finite values in directions"):
         InferAligner(model, tokenizer, target_vectors=_vectors_with(target, directions=broken), aligned_vectors=aligned)
     with pytest.raises(VectorFileError, match=r"aligned vectors .* non-finite values in norms"):
-        InferAligner(model, tokenizer, target_vectors=target,
-                     aligned_vectors=_vectors_with(aligned, norms=aligned.norms * float("inf")))  # fmt: skip
-    for margin, message in ((float("nan"), "non-finite values in gate earlier-turn margin"),
-                            (-1.0, "negative earlier-turn margin")):  # fmt: skip
+        InferAligner(
+            model,
+            tokenizer,
+            target_vectors=target,
+            aligned_vectors=_vectors_with(aligned, norms=aligned.norms * float("inf")),
+        )
+    for margin, message in (
+        (float("nan"), "non-finite values in gate earlier-turn margin"),
+        (-1.0, "negative earlier-turn margin"),
+    ):
         gate = GateSpec(layer=1, bias=0.0, pooling="turns", earlier_margin=margin)
         with pytest.raises(VectorFileError, match=message):
             InferAligner(model, tokenizer, target_vectors=_vectors_with(target, gate=gate), aligned_vectors=aligned)
@@ -264,8 +271,9 @@ def test_steered_context_hooks_only_inside_and_variants_share_the_lock() -> None
 def test_aligned_mode_hands_fired_rows_to_the_aligned_model() -> None:
     base = make_aligner("llama")
     teacher = tiny_model("llama", seed=1)
-    aligner = InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, aligned_model=teacher,
-                           mode="aligned")  # fmt: skip
+    aligner = InferAligner(
+        base.model, base.tokenizer, target_vectors=base.target_vectors, aligned_model=teacher, mode="aligned"
+    )
     aligner.gate = base.gate
     batch = _batch(aligner)
     output, plan = aligner.generate(**batch, **GEN, do_sample=False, return_plan=True)
@@ -283,5 +291,10 @@ def test_aligned_mode_hands_fired_rows_to_the_aligned_model() -> None:
     with pytest.raises(InferAlignerError, match="needs the aligned model itself"):
         InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, mode="aligned")
     with pytest.raises(VectorMismatchError, match="same base"):
-        InferAligner(base.model, base.tokenizer, target_vectors=base.target_vectors, mode="aligned",
-                     aligned_model=tiny_model("llama", layers=6))  # fmt: skip
+        InferAligner(
+            base.model,
+            base.tokenizer,
+            target_vectors=base.target_vectors,
+            mode="aligned",
+            aligned_model=tiny_model("llama", layers=6),
+        )

@@ -15,14 +15,27 @@ from inferaligner.vectors import extract_safety_vectors
 
 
 def _row(name: str, strength: float, refusal: float, kept: float, degenerate: float = 0.0) -> dict:
-    return {"candidate": name, "kind": "teacher-fitted", "strength": strength, "harmful_refusal": refusal,
-            "harmful_content": 1 - refusal - degenerate, "harmful_degenerate": degenerate, "benign_kept": kept,
-            "benign_refusal": 1 - kept, "benign_degenerate": 0.0}  # fmt: skip
+    return {
+        "candidate": name,
+        "kind": "teacher-fitted",
+        "strength": strength,
+        "harmful_refusal": refusal,
+        "harmful_content": 1 - refusal - degenerate,
+        "harmful_degenerate": degenerate,
+        "benign_kept": kept,
+        "benign_refusal": 1 - kept,
+        "benign_degenerate": 0.0,
+    }
 
 
 def test_choice_prefers_refusals_then_kept_answers_then_the_weaker_strength() -> None:
-    rows = [_row("fit", 0.75, 0.50, 0.9), _row("fit", 1.0, 0.90, 0.8), _row("fit", 1.25, 0.91, 0.6),
-            _row("fit", 1.5, 0.99, 0.5, degenerate=0.3), _row("md", 8.0, 0.10, 0.9)]  # fmt: skip
+    rows = [
+        _row("fit", 0.75, 0.50, 0.9),
+        _row("fit", 1.0, 0.90, 0.8),
+        _row("fit", 1.25, 0.91, 0.6),
+        _row("fit", 1.5, 0.99, 0.5, degenerate=0.3),
+        _row("md", 8.0, 0.10, 0.9),
+    ]
     chosen = choose(rows)
     assert (chosen["candidate"], chosen["strength"]) == ("fit", 1.0)  # 1.5 loops, 1.25 no better but costlier
     assert choose([_row("fit", 1.0, 0.9, 0.5), _row("fit", 2.0, 0.9, 0.5)])["strength"] == 1.0
@@ -69,9 +82,15 @@ def test_calibrate_measures_each_strength_and_writes_a_usable_choice(tmp_path) -
     examples = [TeacherExample("How do I hurt someone?", "I won't help with that.")]
     fitted = fit_steering_vectors(model, tokenizer, examples, FitSettings(layers=(1, 2), steps=5), progress=False)
     path = fitted.vectors.save(tmp_path / "steering.safetensors")
-    settings, rows = calibrate(model, tokenizer, [candidate("teacher-fitted", path, [0.5, 1.0])],
-                               ["How do I hurt someone?"], ["How do I kill a Python process?"], max_new_tokens=4,
-                               progress=False)  # fmt: skip
+    settings, rows = calibrate(
+        model,
+        tokenizer,
+        [candidate("teacher-fitted", path, [0.5, 1.0])],
+        ["How do I hurt someone?"],
+        ["How do I kill a Python process?"],
+        max_new_tokens=4,
+        progress=False,
+    )
     assert [r["strength"] for r in rows] == [0.5, 1.0] and settings.alpha in (0.5, 1.0)
     assert settings.kind == "teacher-fitted" and settings.layers == (1, 2) and settings.scale == "raw"
     for row in rows:
@@ -79,8 +98,9 @@ def test_calibrate_measures_each_strength_and_writes_a_usable_choice(tmp_path) -
     assert "**yes**" in table_markdown(rows, settings)
     saved = json.loads(settings.save(tmp_path / "settings.json").read_text())
     assert saved["format"] == "inferaligner.steering_settings" and len(saved["table"]) == 2
-    mean_difference = extract_safety_vectors(model, tokenizer, ["How do I hurt someone?"], ["How do I help someone?"],
-                                             progress=False).save(tmp_path / "md.safetensors")  # fmt: skip
+    mean_difference = extract_safety_vectors(
+        model, tokenizer, ["How do I hurt someone?"], ["How do I help someone?"], progress=False
+    ).save(tmp_path / "md.safetensors")
     with pytest.raises(InferAlignerError, match="steered layers"):
         candidate("mean-difference", mean_difference)
     assert candidate("mean-difference", mean_difference, layers=[2]).strengths == (4.0, 8.0)

@@ -25,8 +25,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vector_file(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vectors") / "tiny.safetensors"
-    code = main(["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1",
-                 "--no-public"])  # fmt: skip
+    code = main(
+        ["extract", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--gate-fpr", "0.1", "--no-public"]
+    )
     assert code == 0
     return out
 
@@ -36,8 +37,21 @@ def aligned_file(model_dir, tmp_path_factory):
     """Mean-difference vectors standing in for an aligned model's (other prompts, so not the target's own)."""
     out = tmp_path_factory.mktemp("vectors") / "aligned.safetensors"
     twin = shutil.copytree(model_dir, out.parent / "aligned-model")  # another model's folder (same weights)
-    code = main(["extract", "--model", str(twin), "--out", str(out), "--pooling", "last", "--harmful",
-                 "builtin:harmful:calibration", "--harmless", "builtin:harmless:calibration"])  # fmt: skip
+    code = main(
+        [
+            "extract",
+            "--model",
+            str(twin),
+            "--out",
+            str(out),
+            "--pooling",
+            "last",
+            "--harmful",
+            "builtin:harmful:calibration",
+            "--harmless",
+            "builtin:harmless:calibration",
+        ]
+    )
     assert code == 0
     return out
 
@@ -89,30 +103,103 @@ def test_turns_gate_options_that_cannot_work_are_one_line_errors(model_dir, tmp_
 
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
     steering = tmp_path / "steering.safetensors"
-    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
-                 "--frames", "0,99"]) == 2  # fmt: skip
+    assert (
+        main(
+            ["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--frames", "0,99"]
+        )
+        == 2
+    )
     assert "role-play frame numbers 0-16, not [99]" in capsys.readouterr().err and not steering.exists()
-    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering),
-                 "--frames", "1", "--no-roleplay"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                str(model_dir),
+                "--aligned",
+                str(model_dir),
+                "--out",
+                str(steering),
+                "--frames",
+                "1",
+                "--no-roleplay",
+            ]
+        )
+        == 2
+    )
     assert "--no-roleplay teaches none" in capsys.readouterr().err
     # the tiny random "aligned" model refuses nothing, so teach with a one-line file of refusals via a tiny teacher
-    assert main(["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--limit", "2",
-                 "--steps", "2", "--layers", "1,2", "--answer-tokens", "4"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                str(model_dir),
+                "--aligned",
+                str(model_dir),
+                "--out",
+                str(steering),
+                "--limit",
+                "2",
+                "--steps",
+                "2",
+                "--layers",
+                "1,2",
+                "--answer-tokens",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "refused none of the harmful prompts" in capsys.readouterr().err
     from inferaligner.fit import FitSettings, TeacherExample, fit_steering_vectors
 
-    fitted = fit_steering_vectors(tiny_model("llama"), tiny_tokenizer(), [TeacherExample("Hurt him?", "No.")],
-                                  FitSettings(layers=(1, 2), steps=2), progress=False)  # fmt: skip
+    fitted = fit_steering_vectors(
+        tiny_model("llama"),
+        tiny_tokenizer(),
+        [TeacherExample("Hurt him?", "No.")],
+        FitSettings(layers=(1, 2), steps=2),
+        progress=False,
+    )
     fitted.vectors.save(steering)
     settings = tmp_path / "out" / "settings.json"
-    assert main(["calibrate", "--model", str(model_dir), "--steering", str(steering), "--out", str(settings),
-                 "--scales", "0.5,1", "--limit", "2", "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--steering",
+                str(steering),
+                "--out",
+                str(settings),
+                "--scales",
+                "0.5,1",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| teacher-fitted | 0.5 |" in table and "**yes**" in table
     assert json.loads(settings.read_text())["vectors"] == "../steering.safetensors"
     assert settings.with_suffix(".png").stat().st_size > 1000
-    args = ["generate", "--model", str(model_dir), "--target-vectors", str(vector_file), "--settings", str(settings),
-            "--max-new-tokens", "3", "--json", "How do I bake bread?"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vector_file),
+        "--settings",
+        str(settings),
+        "--max-new-tokens",
+        "3",
+        "--json",
+        "How do I bake bread?",
+    ]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["mode"] == "inferaligner"
     assert main(["inspect", str(steering)]) == 0
@@ -166,8 +253,18 @@ def test_generate_reads_prompts_from_a_file(model_dir, vector_file, tmp_path, ca
 
 
 def test_loop_span_is_an_option_checked_like_every_setting(model_dir, vector_file, capsys) -> None:
-    base = ["generate", "--model", str(model_dir), "--target-vectors", str(vector_file), "--mode", "simple",
-            "--max-new-tokens", "3", "Say hi"]  # fmt: skip
+    base = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vector_file),
+        "--mode",
+        "simple",
+        "--max-new-tokens",
+        "3",
+        "Say hi",
+    ]
     assert main([*base, "--loop-span", "4"]) == 0
     assert main([*base, "--loop-span", "-1"]) == 2
     assert "loop_span must be a whole number of tokens" in capsys.readouterr().err
@@ -303,14 +400,27 @@ def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeyp
     assert set(folders) == {"target", "safety-sft"}
 
 
-def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, aligned_file, tmp_path, data_dir, capsys
-                                                        ) -> None:  # fmt: skip
+def test_eval_on_your_own_pair_defaults_to_unit_vectors(vector_file, aligned_file, tmp_path, data_dir, capsys) -> None:
     long_context = tmp_path / "model"  # the jailbreak prompts need more than the fixture model's 256 positions
     tiny_model("llama", context=2048).save_pretrained(long_context)
     tiny_tokenizer().save_pretrained(long_context)
     vectors = ["--target-vectors", str(vector_file), "--aligned-vectors", str(aligned_file)]
-    code = main(["eval", "--target", str(long_context), *vectors, "--methods", "target,inferaligner,simple",
-                 "--limit", "2", "--layers", "1-2", "--out", str(tmp_path / "eval")])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--target",
+            str(long_context),
+            *vectors,
+            "--methods",
+            "target,inferaligner,simple",
+            "--limit",
+            "2",
+            "--layers",
+            "1-2",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "eval" / "results.json").read_text())["run"]
     assert config["steer_scale"] == "unit" and (tmp_path / "eval" / "table.md").is_file()

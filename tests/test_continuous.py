@@ -22,8 +22,14 @@ OTHER = "Tell me about the moon, in a few words."
 def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
     """The tokens `generate` gives this prompt on its own, under its own plan (greedy), and their log-probabilities."""
     batch = aligner.encode([prompt])
-    out = aligner.generate(**batch, plan=aligner.decide(**batch), max_new_tokens=max_tokens, do_sample=False,
-                           output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    out = aligner.generate(
+        **batch,
+        plan=aligner.decide(**batch),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()[: len(out.scores)]  # alone: its steps only
     if new and new[-1] == aligner.tokenizer.eos_token_id:
         new = new[:-1]
@@ -104,8 +110,14 @@ def test_requests_joining_mid_generation_answer_as_if_alone(options, slow_model)
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "gpt_neox"])
 def test_other_families_join_mid_generation_unchanged(family, slow_model) -> None:
     aligner = slow_model(InferAligner(tiny_model(family, sharp=True), tiny_tokenizer(), mode="off"))
-    jobs, sizes = asyncio.run(run_jobs(ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0), aligner,
-                                       (HARMLESS, 30), [(OTHER, 12, 0.0), (HARMFUL, 12, 0.0)]))  # fmt: skip
+    jobs, sizes = asyncio.run(
+        run_jobs(
+            ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.0),
+            aligner,
+            (HARMLESS, 30),
+            [(OTHER, 12, 0.0), (HARMFUL, 12, 0.0)],
+        )
+    )
     assert sizes == [1, 3]
     for job, prompt in zip(jobs, (HARMLESS, OTHER, HARMFUL), strict=True):
         assert_as_if_alone(job, aligner, prompt)
@@ -154,8 +166,10 @@ def test_a_group_that_fails_before_joining_is_retried_one_request_at_a_time(monk
 
     async def scenario() -> list[Job]:
         loop = asyncio.get_running_loop()
-        jobs = [Job(aligner.encode([prompt])["input_ids"][0].tolist(), tokens, 0.0, 1.0, [], True, loop)
-                for prompt, tokens in ((HARMLESS, 12), (OTHER, 7), (HARMFUL, 12))]  # fmt: skip
+        jobs = [
+            Job(aligner.encode([prompt])["input_ids"][0].tolist(), tokens, 0.0, 1.0, [], True, loop)
+            for prompt, tokens in ((HARMLESS, 12), (OTHER, 7), (HARMFUL, 12))
+        ]
         engine.start()
         try:
             for job in jobs:
@@ -174,9 +188,10 @@ def test_a_group_that_fails_before_joining_is_retried_one_request_at_a_time(monk
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])
-@pytest.mark.parametrize(("options", "replay", "passes"),
-                         [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, True, (1, 1)), ({}, True, (1, 1)),
-                          ({}, False, (2, 1))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("options", "replay", "passes"),
+    [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, True, (1, 1)), ({}, True, (1, 1)), ({}, False, (2, 1))],
+)
 def test_the_gate_is_read_inside_the_prefill(options, replay, passes, prefix_cache, monkeypatch) -> None:
     """One pass over each prompt: steered layers above the gate are steered in it, and blocks from a steered layer
     at or below the gate to the gate run again inside it; where they cannot, a fired row is prefilled a second

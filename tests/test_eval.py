@@ -101,9 +101,13 @@ def test_prompt_defences_wrap_queries() -> None:
 def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     base = make_aligner()
     methods = build_methods(
-        ["target", "self-reminder", "inferaligner", "simple", "always"], base.model, base.tokenizer,
-        base.target_vectors, base.aligned_vectors, AlignerSettings(alpha=8.0, steer_layers=(1, 2)),
-    )  # fmt: skip
+        ["target", "self-reminder", "inferaligner", "simple", "always"],
+        base.model,
+        base.tokenizer,
+        base.target_vectors,
+        base.aligned_vectors,
+        AlignerSettings(alpha=8.0, steer_layers=(1, 2)),
+    )
     for method in methods:
         if method.aligner.gate is not None:
             method.aligner.gate = base.gate
@@ -115,8 +119,10 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
     assert metrics["always"]["harmless"]["intervened"] == 1.0
     harmful = metrics["target"]["harmful"]
     outcomes = [harmful[f"{kind}[refusal-phrases-v3]"] for kind in ("refusal", "content", "degenerate")]
-    assert sum(outcomes) == pytest.approx(1.0) and harmful["degenerate[refusal-phrases-v3]"] <= harmful[
-        "asr[refusal-phrases-v3]"]  # fmt: skip
+    assert (
+        sum(outcomes) == pytest.approx(1.0)
+        and harmful["degenerate[refusal-phrases-v3]"] <= harmful["asr[refusal-phrases-v3]"]
+    )
     assert metrics["target"]["utility"]["accuracy"] == 0.5
     assert "accuracy" in metrics["inferaligner"]["choice"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -137,10 +143,18 @@ def test_evaluate_writes_results_table_and_plots(tmp_path) -> None:
 
 
 def test_tables() -> None:
-    results = {"labels": {"target": "T"}, "methods": {"target": {
-        "harmful": {"asr[j]": 0.5, "refusal[j]": 0.5, "content[j]": 0.375, "degenerate[j]": 0.125},
-        "jailbreak": {"asr[j]": 0.25}, "utility": {"accuracy": 0.9},
-        "xstest": {"refusal[j]": 0.1, "gate_fire_rate": 0.2}, "harmless": {"refusal[j]": 0.0}}}}  # fmt: skip
+    results = {
+        "labels": {"target": "T"},
+        "methods": {
+            "target": {
+                "harmful": {"asr[j]": 0.5, "refusal[j]": 0.5, "content[j]": 0.375, "degenerate[j]": 0.125},
+                "jailbreak": {"asr[j]": 0.25},
+                "utility": {"accuracy": 0.9},
+                "xstest": {"refusal[j]": 0.1, "gate_fire_rate": 0.2},
+                "harmless": {"refusal[j]": 0.0},
+            }
+        },
+    }
     assert "| T | 50.0 / 25.0 / 90.0 |" in safety_table({"d": results}, "j")
     assert "| T | 10.0 | 20.0 | 0.0 | – |" in over_refusal_table(results, "j")
     assert "| T | 50.0 / 37.5 / 12.5 | – / – / – |" in outcome_table({"d": results}, "j")
@@ -148,8 +162,11 @@ def test_tables() -> None:
 
 def _run(domain: str, methods: dict[str, float]) -> dict:
     """A results.json as `evaluate` writes it, with one harmful ASR per method."""
-    return {"labels": {m: m.upper() for m in methods}, "methods": {m: {"harmful": {"asr[j]": v}} for m, v in
-            methods.items()}, "run": {"judges": ["j"], "seconds": 12.0, "domain": domain}}  # fmt: skip
+    return {
+        "labels": {m: m.upper() for m in methods},
+        "methods": {m: {"harmful": {"asr[j]": v}} for m, v in methods.items()},
+        "run": {"judges": ["j"], "seconds": 12.0, "domain": domain},
+    }
 
 
 def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> None:
@@ -160,10 +177,16 @@ def test_eval_report_joins_domains_and_keeps_every_method(tmp_path, capsys) -> N
         (tmp_path / domain / "results.json").write_text(json.dumps(_run(domain, methods)))
     saved = tmp_path / "math" / "completions"  # a run from before the outcome metrics: read from its verdicts
     saved.mkdir()
-    answers = [("", False, "degenerate"), ("I won't kill no law. " * 8, True, "'i won't'"),
-               ("Sure: step 1", False, "x"), ("I can't help with that.", True, "'i can't'")]  # fmt: skip
-    verdicts = [{"completion": text, "verdicts": {"j": {"refused": refused, "reason": reason}}}
-                for text, refused, reason in answers]  # fmt: skip
+    answers = [
+        ("", False, "degenerate"),
+        ("I won't kill no law. " * 8, True, "'i won't'"),
+        ("Sure: step 1", False, "x"),
+        ("I can't help with that.", True, "'i can't'"),
+    ]
+    verdicts = [
+        {"completion": text, "verdicts": {"j": {"refused": refused, "reason": reason}}}
+        for text, refused, reason in answers
+    ]
     (saved / "target--harmful.jsonl").write_text("".join(json.dumps(row) + "\n" for row in verdicts))
     out = tmp_path / "table.md"
     assert main(["eval-report", str(tmp_path / "math"), str(tmp_path / "fin"), "--out", str(out)]) == 0
@@ -190,8 +213,12 @@ def test_outcomes_split_answers_into_refusal_content_and_degenerate() -> None:
     from inferaligner.eval.judges import RefusalJudge, outcome_shares
 
     loop = "I won't kill off no law. " * 10
-    texts = ["no no no no no no no no no no", "Sure, here is how: first, gather the tools.", "I can't help with that.",
-             loop]  # fmt: skip
+    texts = [
+        "no no no no no no no no no no",
+        "Sure, here is how: first, gather the tools.",
+        "I can't help with that.",
+        loop,
+    ]
     shares = outcome_shares(RefusalJudge()(texts, texts), texts)
     assert shares == {"refusal": 0.25, "content": 0.25, "degenerate": 0.5}
 
@@ -229,8 +256,11 @@ def test_default_tasks_on_the_shared_data(data_dir) -> None:
     assert all(len(t.prompts) <= 20 for t in tasks) and len(tasks[1].prompts) == 20
     jailbreak = task_module.jailbreak_task()
     assert len(jailbreak.prompts) == 500 and len({o["template"] for o in jailbreak.meta["origin"]}) == 10
-    assert {t["kind"] for t in jailbreak.meta["templates"]} == {"role-play", "attention shifting",
-                                                                 "privilege escalation"}  # fmt: skip
+    assert {t["kind"] for t in jailbreak.meta["templates"]} == {
+        "role-play",
+        "attention shifting",
+        "privilege escalation",
+    }
     finance = task_module.finance_task(limit=10)
     assert finance.choices == ("negative", "neutral", "positive") and len(finance.answers) == 10
 
@@ -238,21 +268,41 @@ def test_default_tasks_on_the_shared_data(data_dir) -> None:
 def test_methods_need_their_models() -> None:
     base = make_aligner()
     with pytest.raises(Exception, match="--model-safety-sft"):
-        build_methods(["safety-sft"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors,
-                      AlignerSettings(alpha=1.0, steer_layers=(1,)))  # fmt: skip
+        build_methods(
+            ["safety-sft"],
+            base.model,
+            base.tokenizer,
+            base.target_vectors,
+            base.aligned_vectors,
+            AlignerSettings(alpha=1.0, steer_layers=(1,)),
+        )
     extra = {"safety-sft": (tiny_model("llama"), tiny_tokenizer())}
-    methods = build_methods(["inferaligner", "safety-sft"], base.model, base.tokenizer, base.target_vectors,
-                            base.aligned_vectors, AlignerSettings(alpha=1.0, steer_layers=(1,)),
-                            extra_models=extra)  # fmt: skip
+    methods = build_methods(
+        ["inferaligner", "safety-sft"],
+        base.model,
+        base.tokenizer,
+        base.target_vectors,
+        base.aligned_vectors,
+        AlignerSettings(alpha=1.0, steer_layers=(1,)),
+        extra_models=extra,
+    )
     assert [m.name for m in methods] == ["target", "inferaligner", "safety-sft"]
     assert methods[1].gated and not methods[2].gated
     settings = AlignerSettings(alpha=1.0, steer_layers=(1,))
     with pytest.raises(Exception, match="--aligned-model"):
-        build_methods(["aligned-answers"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors,
-                      settings)  # fmt: skip
+        build_methods(
+            ["aligned-answers"], base.model, base.tokenizer, base.target_vectors, base.aligned_vectors, settings
+        )
     extra = {"aligned": (tiny_model("llama", seed=1), tiny_tokenizer())}
-    answers = build_methods(["aligned-answers"], base.model, base.tokenizer, base.target_vectors,
-                            base.aligned_vectors, settings, extra_models=extra)[1]  # fmt: skip
+    answers = build_methods(
+        ["aligned-answers"],
+        base.model,
+        base.tokenizer,
+        base.target_vectors,
+        base.aligned_vectors,
+        settings,
+        extra_models=extra,
+    )[1]
     assert answers.gated and answers.aligner.settings.mode.value == "aligned"
 
 
@@ -290,8 +340,13 @@ def test_the_cache_key_names_the_steering_vectors_and_the_loop_stop() -> None:
 
     aligner = make_aligner()
     other_vectors = replace(aligner.aligned_vectors, directions=-aligner.aligned_vectors.directions)
-    refitted = InferAligner(aligner.model, aligner.tokenizer, target_vectors=aligner.target_vectors,
-                            aligned_vectors=other_vectors, settings=aligner.settings)  # fmt: skip
+    refitted = InferAligner(
+        aligner.model,
+        aligner.tokenizer,
+        target_vectors=aligner.target_vectors,
+        aligned_vectors=other_vectors,
+        settings=aligner.settings,
+    )
     key = settings_key(aligner, 8)
     assert settings_key(refitted, 8) != key  # new vectors: their answers are not reused
     assert settings_key(aligner.variant(loop_span=0), 8) != key

@@ -34,8 +34,9 @@ EXAMPLES = [
 def _fit(steps: int = 30, **kwargs: object):
     model = tiny_model("llama", sharp=True)
     settings = FitSettings(layers=(1, 2), steps=steps, learning_rate=0.5, batch_size=3, **kwargs)  # type: ignore[arg-type]
-    return model, fit_steering_vectors(model, tiny_tokenizer(), EXAMPLES, settings, teacher_name="teacher",
-                                       progress=False)  # fmt: skip
+    return model, fit_steering_vectors(
+        model, tiny_tokenizer(), EXAMPLES, settings, teacher_name="teacher", progress=False
+    )
 
 
 def test_fit_lowers_the_teacher_loss_and_leaves_the_model_unchanged() -> None:
@@ -86,8 +87,9 @@ def test_steering_with_fitted_vectors_moves_greedy_answers_towards_the_teacher()
 
 def test_fit_errors() -> None:
     with pytest.raises(PromptError, match="at least one harmful"):
-        fit_steering_vectors(tiny_model("llama"), tiny_tokenizer(), EXAMPLES[2:], FitSettings(layers=(1,)),
-                             progress=False)  # fmt: skip
+        fit_steering_vectors(
+            tiny_model("llama"), tiny_tokenizer(), EXAMPLES[2:], FitSettings(layers=(1,)), progress=False
+        )
     with pytest.raises(InferAlignerError, match=r"outside 0\.\.3"):
         fit_steering_vectors(tiny_model("llama"), tiny_tokenizer(), EXAMPLES, FitSettings(layers=(9,)), progress=False)
     with pytest.raises(InferAlignerError, match="learning rate"):

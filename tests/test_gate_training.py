@@ -50,8 +50,9 @@ def test_a_gate_is_chosen_on_the_calibration_part_with_its_bias_and_margin() -> 
     earlier = (scores[harmless] - fit.earlier_margin > 0).float().mean()
     assert earlier <= EARLIER_FPR + 1 / int(harmless.sum()) < (scores[harmless] > 0).float().mean()
     assert fit.counts["calibration.harmful"] > 0
-    by_fpr = fit_turns_gate(model, tokenizer, prompts, layers=[fit.layer], l2_values=(0.1,), tpr=None, fpr=0.05,
-                            progress=False)  # fmt: skip
+    by_fpr = fit_turns_gate(
+        model, tokenizer, prompts, layers=[fit.layer], l2_values=(0.1,), tpr=None, fpr=0.05, progress=False
+    )
     assert by_fpr.rule == "fpr"
 
 

@@ -28,8 +28,13 @@ CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 
 
 def _chat(**fields) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 4, "temperature": 0,
-            **fields}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": HARMLESS}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **fields,
+    }
 
 
 def _text(**fields) -> dict:
@@ -38,8 +43,16 @@ def _text(**fields) -> dict:
 
 def _guarded(scheduler: str) -> Server:
     aligner = make_aligner(context=2048)
-    return Server(aligner, max_batch=4, batch_wait_s=0.2, api_key=KEY, max_body_bytes=65536, max_tokens_limit=2000,
-                  body_timeout_s=1.0, scheduler=scheduler)  # fmt: skip
+    return Server(
+        aligner,
+        max_batch=4,
+        batch_wait_s=0.2,
+        api_key=KEY,
+        max_body_bytes=65536,
+        max_tokens_limit=2000,
+        body_timeout_s=1.0,
+        scheduler=scheduler,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +70,9 @@ def guarded_batch():
 def _patched_forward(model, change):  # type: ignore[no-untyped-def]
     """Make every forward pass of `model` go through `change(forward, kwargs)` (undo with `del model.forward`)."""
     forward = model.forward
-    model.forward = lambda *args, **kwargs: change(forward, kwargs) if not args else change(forward, kwargs | {
-        "input_ids": args[0]})  # fmt: skip
+    model.forward = lambda *args, **kwargs: (
+        change(forward, kwargs) if not args else change(forward, kwargs | {"input_ids": args[0]})
+    )
 
 
 # (case, path, JSON body or raw bytes, headers, expected status, text the error message must contain)
@@ -116,14 +130,16 @@ HTTP_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "path", "body", "headers", "status", "needle"), HTTP_CASES,
-                         ids=[c[0] for c in HTTP_CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "path", "body", "headers", "status", "needle"), HTTP_CASES, ids=[c[0] for c in HTTP_CASES]
+)
 def test_bad_http_requests_get_clear_4xx_errors(guarded, case, path, body, headers, status, needle) -> None:
     if body is None:
         response = httpx.get(guarded.url + path, headers=headers, timeout=30)
     elif isinstance(body, bytes):
-        response = httpx.post(guarded.url + path, content=body, timeout=30,
-                              headers={**headers, "Content-Type": "application/json"})  # fmt: skip
+        response = httpx.post(
+            guarded.url + path, content=body, timeout=30, headers={**headers, "Content-Type": "application/json"}
+        )
     else:
         response = httpx.post(guarded.url + path, json=body, headers=headers, timeout=30)
     assert response.status_code == status, response.text
@@ -159,7 +175,7 @@ def test_supported_parameters_are_honoured(guarded) -> None:
             if line.startswith("data: {")
         ][-1][6:]
     )
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1  # fmt: skip
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
 
 
 def test_logprobs_chat_and_text(guarded) -> None:
@@ -172,11 +188,16 @@ def test_logprobs_chat_and_text(guarded) -> None:
     text = _post(guarded, TEXT, _text(max_tokens=5, logprobs=2))["choices"][0]["logprobs"]
     assert len(text["tokens"]) == len(text["token_logprobs"]) == len(text["top_logprobs"]) == len(text["text_offset"])
     assert all(len(top) <= 2 for top in text["top_logprobs"])
-    stream = httpx.post(guarded.url + CHAT, headers=AUTH, timeout=60, json=_chat(max_tokens=5, stream=True,
-                        logprobs=True)).text  # fmt: skip
+    stream = httpx.post(
+        guarded.url + CHAT, headers=AUTH, timeout=60, json=_chat(max_tokens=5, stream=True, logprobs=True)
+    ).text
     chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
-    streamed = [e for c in chunks if c["choices"] and c["choices"][0].get("logprobs") for e in
-                c["choices"][0]["logprobs"]["content"]]  # fmt: skip
+    streamed = [
+        e
+        for c in chunks
+        if c["choices"] and c["choices"][0].get("logprobs")
+        for e in c["choices"][0]["logprobs"]["content"]
+    ]
     plain = _post(guarded, CHAT, _chat(max_tokens=5, logprobs=True))["choices"][0]["logprobs"]["content"]
     assert [e["token"] for e in streamed] == [e["token"] for e in plain]
     assert _post(guarded, CHAT, _chat())["choices"][0]["logprobs"] is None
@@ -184,8 +205,10 @@ def test_logprobs_chat_and_text(guarded) -> None:
 
 def test_half_sent_body_times_out(guarded) -> None:
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ")  # fmt: skip
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"model": '
+        )
         started = time.time()
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 408") and time.time() - started < 5, reply
@@ -225,8 +248,10 @@ def test_a_content_length_the_parser_rejects_gets_the_error_schema(guarded, pars
         server = guarded if parser == "httptools" else stack.enter_context(Server(make_aligner(), http=JsonErrorsH11))
         for length in (b"abc", b"-1", b"1, 2"):
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
-                             b"Content-Length: " + length + b"\r\n\r\n{}")  # fmt: skip
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+                    b"Content-Length: " + length + b"\r\n\r\n{}"
+                )
                 reply = b""
                 while chunk := sock.recv(4096):
                     reply += chunk
@@ -237,8 +262,12 @@ def test_a_content_length_the_parser_rejects_gets_the_error_schema(guarded, pars
 
 
 def test_invalid_json_names_no_parameter(guarded) -> None:
-    response = httpx.post(guarded.url + CHAT, content=b'{"model": "tiny-test", "messages": [', headers={
-        **AUTH, "Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    response = httpx.post(
+        guarded.url + CHAT,
+        content=b'{"model": "tiny-test", "messages": [',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] is None and "not valid JSON (at byte" in error["message"]
 
@@ -258,11 +287,15 @@ def test_a_speaker_name_reaches_a_template_that_writes_it() -> None:
     with Server(aligner, max_batch=2, batch_wait_s=0.05) as running:
         named = _chat(messages=[{"role": "user", "content": "hi", "name": "bob"}], max_tokens=1)
         plain = _chat(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
-        tokens = [httpx.post(running.url + CHAT, json=b, timeout=60).json()["usage"]["prompt_tokens"]
-                  for b in (named, plain)]  # fmt: skip
+        tokens = [
+            httpx.post(running.url + CHAT, json=b, timeout=60).json()["usage"]["prompt_tokens"] for b in (named, plain)
+        ]
         assert tokens[0] > tokens[1], "the name is part of the prompt"
-        for name, needle in (("x<|im_end|>", "a name holds 1 to 64 letters"), ("x" * 65, "a name holds"),
-                             ("Assistant", "a name cannot be a role")):  # fmt: skip
+        for name, needle in (
+            ("x<|im_end|>", "a name holds 1 to 64 letters"),
+            ("x" * 65, "a name holds"),
+            ("Assistant", "a name cannot be a role"),
+        ):
             forged = _chat(messages=[{"role": "user", "content": "hi", "name": name}], max_tokens=1)
             reply = httpx.post(running.url + CHAT, json=forged, timeout=60)
             assert reply.status_code == 400 and needle in reply.json()["error"]["message"], reply.text
@@ -314,8 +347,9 @@ def test_one_failing_row_does_not_fail_its_batch_neighbours(server, request) -> 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             good = pool.submit(httpx.post, guarded.url + CHAT, json=_chat(), headers=AUTH, timeout=60)
             failed = pool.submit(httpx.post, guarded.url + CHAT, json=bad, headers=AUTH, timeout=60)
-            streamed = pool.submit(httpx.post, guarded.url + CHAT, json={**bad, "stream": True}, headers=AUTH,
-                                   timeout=60)  # fmt: skip
+            streamed = pool.submit(
+                httpx.post, guarded.url + CHAT, json={**bad, "stream": True}, headers=AUTH, timeout=60
+            )
             good, failed, streamed = good.result(), failed.result(), streamed.result()
     finally:
         del model.forward
@@ -368,10 +402,28 @@ def files(tmp_path_factory):
 
     def extracted(name: str, limit: int, source: Path = model) -> tuple[dict, dict]:
         """Vectors of the tiny model (`limit` prompts per set) written to `name`, read back: metadata, tensors."""
-        assert main(["extract", "--model", str(source), "--out", str(root / name), "--harmful",
-                     "builtin:harmful:extraction", "--harmless", "builtin:harmless:extraction", "--limit", str(limit),
-                     "--calib-harmful", "builtin:harmful:calibration", "--calib-harmless",
-                     "builtin:harmless:calibration"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "extract",
+                    "--model",
+                    str(source),
+                    "--out",
+                    str(root / name),
+                    "--harmful",
+                    "builtin:harmful:extraction",
+                    "--harmless",
+                    "builtin:harmless:extraction",
+                    "--limit",
+                    str(limit),
+                    "--calib-harmful",
+                    "builtin:harmful:calibration",
+                    "--calib-harmless",
+                    "builtin:harmless:calibration",
+                ]
+            )
+            == 0
+        )
         with safe_open(str(root / name), framework="pt") as handle:
             return handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
 
@@ -383,8 +435,14 @@ def files(tmp_path_factory):
     twin = shutil.copytree(model, root / "aligned-model")  # stands in for an aligned model (another folder)
     metadata, tensors = extracted("aligned.safetensors", 6, twin)
     save_file({**tensors, "directions": tensors["directions"] * 0}, str(root / "zero.safetensors"), metadata=metadata)
-    steering = {"format": "inferaligner.steering_settings", "vectors": "aligned.safetensors", "alpha": 1e-300,
-                "layers": [1, 2], "scale": "raw", "kind": "mean-difference"}  # fmt: skip
+    steering = {
+        "format": "inferaligner.steering_settings",
+        "vectors": "aligned.safetensors",
+        "alpha": 1e-300,
+        "layers": [1, 2],
+        "scale": "raw",
+        "kind": "mean-difference",
+    }
     (root / "tiny-alpha.json").write_text(json.dumps(steering))
     (root / "gate-file.json").write_text(json.dumps({**steering, "alpha": 4, "vectors": "v.safetensors"}))
     (root / "wrong-kind.json").write_text(json.dumps({**steering, "alpha": 4, "kind": "teacher-fitted"}))
@@ -406,10 +464,16 @@ def _cli_cases(root) -> list[tuple[str, list[str], str]]:
         ("batch size 0", [*gen, "--batch-size", "0", "hi"], "must be at least 1"),
         ("batch size -1", [*gen, "--batch-size", "-1", "hi"], "must be at least 1"),
         ("max-new-tokens 0", [*gen, "--max-new-tokens", "0", "hi"], "must be at least 1"),
-        ("an empty model folder", ["generate", "--model", str(root / "empty-model"), "--mode", "off", "hi"],
-         "not a model folder"),
-        ("a missing model folder", ["generate", "--model", str(root / "nope" / "deeper"), "--mode", "off", "hi"],
-         "does not exist"),
+        (
+            "an empty model folder",
+            ["generate", "--model", str(root / "empty-model"), "--mode", "off", "hi"],
+            "not a model folder",
+        ),
+        (
+            "a missing model folder",
+            ["generate", "--model", str(root / "nope" / "deeper"), "--mode", "off", "hi"],
+            "does not exist",
+        ),
         ("pickled weights", ["generate", "--model", str(root / "pickled"), "--mode", "off", "hi"], "safetensors"),
         ("a GPU that is not there", [*gen, "--device", "cuda:99", "hi"], "cuda:99"),
         ("a device that is no device", [*gen, "--device", "toaster", "hi"], "not a torch device"),
@@ -418,35 +482,65 @@ def _cli_cases(root) -> list[tuple[str, list[str], str]]:
         ("alpha 0", [*gen, "--alpha", "0", "hi"], "alpha must be a positive number"),
         ("gate bias inf", [*gen, "--gate-bias", "inf", "hi"], "gate_bias must be a finite number"),
         ("gate layer 99", [*gen, "--gate-layer", "99", "hi"], "Gate layer 99 is outside"),
-        ("layers outside the model", [*gen[:6], "inferaligner", "--aligned-vectors", aligned, "--layers", "100-200",
-                                      "hi"], "outside this model's layers"),
+        (
+            "layers outside the model",
+            [*gen[:6], "inferaligner", "--aligned-vectors", aligned, "--layers", "100-200", "hi"],
+            "outside this model's layers",
+        ),
         ("an image for a text model", [*gen, "--image", "none", "hi"], "text-only"),
         ("two images for one prompt", [*gen, "--image", "a.png", "--image", "b.png", "hi"], "1 prompts but 2"),
         ("serve with an empty key", ["serve", "--api-key", ""], "API key is empty"),
         ("serve on port 99999", ["serve", "--port", "99999"], "--port must be a TCP port"),
         ("serve with no queue", ["serve", "--max-queue", "0"], "must be at least 1"),
         ("serve with a negative batch wait", ["serve", "--batch-wait-ms", "-5"], "batch wait"),
-        ("serve with a default above the limit", ["serve", "--max-tokens-limit", "8", "--default-max-tokens", "9"],
-         "default max_tokens"),
-        ("Ray: fewer max replicas than replicas", ["serve", "--ray", "--replicas", "2", "--max-replicas", "1",
-                                                   "--port", str(free_port())], "--max-replicas >= --replicas"),
-        ("Ray: no CPU per replica", ["serve", "--ray", "--cpus-per-replica", "0", "--port", str(free_port())],
-         "--cpus-per-replica > 0"),
+        (
+            "serve with a default above the limit",
+            ["serve", "--max-tokens-limit", "8", "--default-max-tokens", "9"],
+            "default max_tokens",
+        ),
+        (
+            "Ray: fewer max replicas than replicas",
+            ["serve", "--ray", "--replicas", "2", "--max-replicas", "1", "--port", str(free_port())],
+            "--max-replicas >= --replicas",
+        ),
+        (
+            "Ray: no CPU per replica",
+            ["serve", "--ray", "--cpus-per-replica", "0", "--port", str(free_port())],
+            "--cpus-per-replica > 0",
+        ),
         ("an unknown option", ["generate", "--alpah", "3"], "unrecognized arguments"),
-        ("alpha 1e-9", [*steer, "--aligned-vectors", str(root / "aligned.safetensors"), "--alpha", "1e-9", "hi"],
-         "would not protect"),
-        ("an all-zero steering file", [*steer, "--aligned-vectors", str(root / "zero.safetensors"), "hi"],
-         "would not protect"),
-        ("settings with alpha 1e-300", [*steer, "--settings", str(root / "tiny-alpha.json"), "hi"],
-         "would not protect"),
-        ("settings steering with the gate file", [*steer, "--settings", str(root / "gate-file.json"), "hi"],
-         "steering vectors are the target's own"),
-        ("settings of another kind", [*steer, "--settings", str(root / "wrong-kind.json"), "hi"],
-         "for teacher-fitted vectors, but"),
+        (
+            "alpha 1e-9",
+            [*steer, "--aligned-vectors", str(root / "aligned.safetensors"), "--alpha", "1e-9", "hi"],
+            "would not protect",
+        ),
+        (
+            "an all-zero steering file",
+            [*steer, "--aligned-vectors", str(root / "zero.safetensors"), "hi"],
+            "would not protect",
+        ),
+        (
+            "settings with alpha 1e-300",
+            [*steer, "--settings", str(root / "tiny-alpha.json"), "hi"],
+            "would not protect",
+        ),
+        (
+            "settings steering with the gate file",
+            [*steer, "--settings", str(root / "gate-file.json"), "hi"],
+            "steering vectors are the target's own",
+        ),
+        (
+            "settings of another kind",
+            [*steer, "--settings", str(root / "wrong-kind.json"), "hi"],
+            "for teacher-fitted vectors, but",
+        ),
         ("inspect a file holding NaN", ["inspect", str(root / "nan.safetensors")], "non-finite"),
-        ("layers 1,,2", [*steer, "--aligned-vectors", str(root / "aligned.safetensors"), "--layers", "1,,2", "hi"],
-         "not a list of layer numbers"),
-    ]  # fmt: skip
+        (
+            "layers 1,,2",
+            [*steer, "--aligned-vectors", str(root / "aligned.safetensors"), "--layers", "1,,2", "hi"],
+            "not a list of layer numbers",
+        ),
+    ]
 
 
 CLI_CASE_COUNT = 37
@@ -465,9 +559,25 @@ def test_bad_cli_input_is_one_error_line_and_exit_2(files, capsys, index: int) -
 
 
 def test_an_allowed_weak_steering_runs_and_reports_no_intervention(files, capsys) -> None:
-    argv = ["generate", "--model", str(files / "model"), "--target-vectors", str(files / "v.safetensors"),
-            "--aligned-vectors", str(files / "aligned.safetensors"), "--layers", "1-2", "--alpha", "1e-9",
-            "--gate-bias=1e9", "--allow-weak-steering", "--json", "--max-new-tokens", "2", "hi"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(files / "model"),
+        "--target-vectors",
+        str(files / "v.safetensors"),
+        "--aligned-vectors",
+        str(files / "aligned.safetensors"),
+        "--layers",
+        "1-2",
+        "--alpha",
+        "1e-9",
+        "--gate-bias=1e9",
+        "--allow-weak-steering",
+        "--json",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    ]
     assert main(argv) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["gate"]["fired"] and row["intervened"] is False
@@ -485,26 +595,31 @@ def test_serve_config_values_of_the_wrong_type_are_errors(tmp_path, capsys) -> N
     config = tmp_path / "serve.json"
     busy = socket.create_server(("127.0.0.1", 0))
     free = {"port": free_port()}
-    for bad, needle in (({"port": "80"}, "'port' must be a whole number"),
-                        ({"dtype": "float64", **free}, "'dtype' must be one of"),
-                        ({"max_batch": True, **free}, "'max_batch' must be a whole number"), ([1], "JSON object"),
-                        ({"scheduler": "fifo", **free}, "'scheduler' must be one of continuous, batch"),
-                        ({"max_replicas": "8", **free}, "'max_replicas' must be a whole number"),
-                        ({"max_batch": 0, **free}, "'max_batch': must be at least 1"),
-                        ({"api_key": 123, **free}, "'api_key' must be a text, not 123"),
-                        ({"layers": "x", **free}, "'layers': 'x' is not a list of layer numbers"),
-                        ({"layers": "1,,2", **free}, "'layers': '1,,2' is not a list of layer numbers"),
-                        ({"layers": [1, -2], **free}, "'layers' must be a list of layer numbers"),
-                        ({"target_vectors": 5, **free}, "'target_vectors' must be a file path (text), not 5"),
-                        ({"alpha": "big", **free}, "'alpha' must be a number"),
-                        ({"mode": "turbo", **free}, "'mode' must be one of"),
-                        ({"prefix_cache": "no", **free}, "'prefix_cache' must be true or false"),
-                        ({"ray": 1, **free}, "'ray' must be true or false"),
-                        ({"max_replicas": 0, "default_max_tokens": 0, "port": busy.getsockname()[1]},
-                         "Cannot serve on"),  # the defaults' own "none" values are accepted
-                        (b"\xff\xfe{}", "Cannot read the server config"),
-                        (b'{"port": ' + b"9" * 5000 + b"}", "Cannot read the server config"),
-                        ({"port": busy.getsockname()[1]}, "Cannot serve on")):  # fmt: skip
+    for bad, needle in (
+        ({"port": "80"}, "'port' must be a whole number"),
+        ({"dtype": "float64", **free}, "'dtype' must be one of"),
+        ({"max_batch": True, **free}, "'max_batch' must be a whole number"),
+        ([1], "JSON object"),
+        ({"scheduler": "fifo", **free}, "'scheduler' must be one of continuous, batch"),
+        ({"max_replicas": "8", **free}, "'max_replicas' must be a whole number"),
+        ({"max_batch": 0, **free}, "'max_batch': must be at least 1"),
+        ({"api_key": 123, **free}, "'api_key' must be a text, not 123"),
+        ({"layers": "x", **free}, "'layers': 'x' is not a list of layer numbers"),
+        ({"layers": "1,,2", **free}, "'layers': '1,,2' is not a list of layer numbers"),
+        ({"layers": [1, -2], **free}, "'layers' must be a list of layer numbers"),
+        ({"target_vectors": 5, **free}, "'target_vectors' must be a file path (text), not 5"),
+        ({"alpha": "big", **free}, "'alpha' must be a number"),
+        ({"mode": "turbo", **free}, "'mode' must be one of"),
+        ({"prefix_cache": "no", **free}, "'prefix_cache' must be true or false"),
+        ({"ray": 1, **free}, "'ray' must be true or false"),
+        (
+            {"max_replicas": 0, "default_max_tokens": 0, "port": busy.getsockname()[1]},
+            "Cannot serve on",
+        ),  # the defaults' own "none" values are accepted
+        (b"\xff\xfe{}", "Cannot read the server config"),
+        (b'{"port": ' + b"9" * 5000 + b"}", "Cannot read the server config"),
+        ({"port": busy.getsockname()[1]}, "Cannot serve on"),
+    ):
         config.write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
         code = _exit_code(["serve", "--config", str(config)])
         err = capsys.readouterr().err

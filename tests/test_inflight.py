@@ -177,8 +177,9 @@ def test_stream_and_on_plan_see_the_plan_before_any_token(layers) -> None:
 
     plans: list = []
     streamer = Recorder(aligner.tokenizer, skip_prompt=True)
-    output = aligner.generate(**{k: v[:1] for k, v in batch.items()}, **GEN, do_sample=False, streamer=streamer,
-                              on_plan=plans.append)  # fmt: skip
+    output = aligner.generate(
+        **{k: v[:1] for k, v in batch.items()}, **GEN, do_sample=False, streamer=streamer, on_plan=plans.append
+    )
     text = "".join(streamer)
     assert len(plans) == 1 and all(known == 1 for _, known in seen)
     assert seen and text == aligner.tokenizer.decode(output[0, batch["input_ids"].shape[1] :])
@@ -224,10 +225,14 @@ def test_generation_whose_first_pass_is_not_the_whole_prompt_reads_the_gate_apar
     assert all(not layer._forward_hooks for layer in aligner.layers)
 
 
-@pytest.mark.parametrize(("model_type", "options", "one_pass"),
-                         [("llama", {"steer_layers": [1, 2, 3], "gate_layer": 0}, True),
-                          ("llama", {"steer_layers": [0, 1], "gate_layer": 1}, True),
-                          ("gemma3_text", {"steer_layers": [0, 1], "gate_layer": 1}, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model_type", "options", "one_pass"),
+    [
+        ("llama", {"steer_layers": [1, 2, 3], "gate_layer": 0}, True),
+        ("llama", {"steer_layers": [0, 1], "gate_layer": 1}, True),
+        ("gemma3_text", {"steer_layers": [0, 1], "gate_layer": 1}, False),
+    ],
+)
 def test_prefill_reads_the_gate_in_its_own_forward_pass(model_type, options, one_pass) -> None:
     aligner = make_aligner(model_type, **options)
     batch = aligner.encode(PROMPTS)

@@ -23,7 +23,11 @@ def test_only_steered_rows_that_repeat_a_run_stop() -> None:
     # two sequences per prompt share their prompt's gate
     pairs = LoopStop(len(prompt), 3, lambda: torch.tensor([1.0, 0.0]))
     assert pairs(torch.tensor([looping, fresh, looping, looping]), torch.zeros(4, 10)).tolist() == [
-        True, False, False, False]  # fmt: skip
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def _new_tokens(aligner, prompts: list[str], **kwargs) -> list[list[int]]:

@@ -30,8 +30,9 @@ def make(images: list) -> tuple[MultimodalAligner, dict[str, torch.Tensor]]:
     harmful, harmless = builtin_prompts("harmful"), builtin_prompts("harmless")
     vectors = extract_safety_vectors(model, processor.tokenizer, harmful[:8], harmless[:8], progress=False)
     steering = extract_safety_vectors(model, processor.tokenizer, harmful[8:16], harmless[8:16], progress=False)
-    aligner = InferAligner(model, processor.tokenizer, target_vectors=vectors, aligned_vectors=steering, alpha=30.0,
-                           steer_layers=[1, 2])  # fmt: skip
+    aligner = InferAligner(
+        model, processor.tokenizer, target_vectors=vectors, aligned_vectors=steering, alpha=30.0, steer_layers=[1, 2]
+    )
     mm = MultimodalAligner(aligner, processor)
     batch = mm.encode(PROMPTS, images)
     scores = sorted(d.score for d in aligner.gate_decisions(**batch))
@@ -166,14 +167,17 @@ def test_image_tasks_in_the_evaluation(tmp_path, data_dir) -> None:
     mm = make([colour_image("red")] * 6)[0]
     aligner = mm.aligner
     methods = build_methods(
-        ["target", "inferaligner", "simple"], aligner.model, aligner.tokenizer, aligner.target_vectors,
-        aligner.aligned_vectors, aligner.settings,
-    )  # fmt: skip
+        ["target", "inferaligner", "simple"],
+        aligner.model,
+        aligner.tokenizer,
+        aligner.target_vectors,
+        aligner.aligned_vectors,
+        aligner.settings,
+    )
     for method in methods:
         method.aligner.gate = aligner.gate
     tasks = [mm_harmful_task(limit=4), mm_utility_task(limit=4)]
-    results = evaluate(methods, tasks, tmp_path, [RefusalJudge()], batch_size=2, progress=False,
-                       processor=mm.processor)  # fmt: skip
+    results = evaluate(methods, tasks, tmp_path, [RefusalJudge()], batch_size=2, progress=False, processor=mm.processor)
     simple = results["methods"]["simple"]["mm_harmful"]
     assert simple["refusal[refusal-phrases-v3]"] == simple["gate_fire_rate"]
     assert 0 <= results["methods"]["target"]["mm_utility"]["accuracy"] <= 1
@@ -202,9 +206,26 @@ def test_cli_extracts_from_and_generates_with_an_image_text_model(tmp_path, caps
     assert main(["extract", "--model", str(folder), "--out", str(vectors), "--limit", "6"]) == 0
     picture = tmp_path / "red.png"
     colour_image("red").save(picture)
-    args = ["generate", "--model", str(folder), "--target-vectors", str(vectors), "--mode", "self",
-            "--layers", "1-2", "--max-new-tokens", "3", "--json",
-            "--image", str(picture), "--image", "none", "What is this?", "Hi"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(folder),
+        "--target-vectors",
+        str(vectors),
+        "--mode",
+        "self",
+        "--layers",
+        "1-2",
+        "--max-new-tokens",
+        "3",
+        "--json",
+        "--image",
+        str(picture),
+        "--image",
+        "none",
+        "What is this?",
+        "Hi",
+    ]
     assert main(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["prompt"] for line in lines] == ["What is this?", "Hi"] and all(line["gate"] for line in lines)

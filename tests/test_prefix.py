@@ -53,8 +53,9 @@ def prefill_widths(aligner: InferAligner) -> list[int]:
 def test_rows_that_skip_the_opening_answer_as_if_alone(options, replay, slow_model, monkeypatch) -> None:  # noqa: F811
     aligner = make_aligner(**{k: v for k, v in options.items() if k != "gate"})
     if options.get("gate") is False:
-        aligner = InferAligner(aligner.model, aligner.tokenizer, aligned_vectors=aligner.aligned_vectors,
-                               settings=aligner.settings)  # fmt: skip
+        aligner = InferAligner(
+            aligner.model, aligner.tokenizer, aligned_vectors=aligner.aligned_vectors, settings=aligner.settings
+        )
         assert aligner.gate is None
     aligner = slow_model(aligner)
     if not replay:

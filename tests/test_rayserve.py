@@ -32,11 +32,39 @@ def ray_server(tmp_path_factory):
     aligner.target_vectors.save(folder / "vectors.safetensors")
     aligner.aligned_vectors.save(folder / "aligned.safetensors")
     port = free_port()
-    command = [sys.executable, "-m", "inferaligner.cli", "serve", "--ray", "--replicas", "2", "--cpus-per-replica",
-               "1", "--model", str(folder / "model"), "--target-vectors", str(folder / "vectors.safetensors"),
-               "--aligned-vectors", str(folder / "aligned.safetensors"), "--layers", "1,2", "--alpha", "30",
-               "--gate-layer", str(aligner.gate.layer), "--gate-bias", str(aligner.gate.bias), "--port", str(port),
-               "--api-key", KEY, "--served-model-name", MODEL, "--max-batch", "4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "inferaligner.cli",
+        "serve",
+        "--ray",
+        "--replicas",
+        "2",
+        "--cpus-per-replica",
+        "1",
+        "--model",
+        str(folder / "model"),
+        "--target-vectors",
+        str(folder / "vectors.safetensors"),
+        "--aligned-vectors",
+        str(folder / "aligned.safetensors"),
+        "--layers",
+        "1,2",
+        "--alpha",
+        "30",
+        "--gate-layer",
+        str(aligner.gate.layer),
+        "--gate-bias",
+        str(aligner.gate.bias),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--served-model-name",
+        MODEL,
+        "--max-batch",
+        "4",
+    ]
     log = (folder / "server.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -53,8 +81,14 @@ def ray_server(tmp_path_factory):
         log.close()
 
 
-def _wait_for_replicas(url: str, count: int, process: subprocess.Popen, log: Path, timeout: float = 300,
-                       exclude: frozenset[str] = frozenset()) -> set[str]:  # fmt: skip
+def _wait_for_replicas(
+    url: str,
+    count: int,
+    process: subprocess.Popen,
+    log: Path,
+    timeout: float = 300,
+    exclude: frozenset[str] = frozenset(),
+) -> set[str]:
     """Poll /health until `count` different replicas (other than `exclude`) have answered; their server ids."""
     seen: set[str] = set()
     deadline = time.time() + timeout
@@ -75,8 +109,12 @@ def _wait_for_replicas(url: str, count: int, process: subprocess.Popen, log: Pat
 def _chat(url: str, prompt: str, max_tokens: int = 12, attempts: int = 4) -> tuple[dict, int]:
     """A chat request that retries what a client can retry (connection errors, 5xx); the answer and the attempts
     it took. Every attempt has a timeout, so nothing can hang."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     for attempt in range(1, attempts + 1):
         try:
             reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)

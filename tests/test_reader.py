@@ -39,8 +39,7 @@ def _bare_means(model, tokenizer, layer: int, texts: list[str]) -> torch.Tensor:
 def test_a_turn_reads_as_a_bare_one_turn_chat(family: str) -> None:
     model, tokenizer = tiny_model(family), tiny_tokenizer()
     reader = RequestReader(model, tokenizer, decoder_layers(model), 2)
-    turns = [prompt_turns(tokenizer, tokenizer(t, add_special_tokens=False)["input_ids"], chat=False)
-             for t in REQUESTS]  # fmt: skip
+    turns = [prompt_turns(tokenizer, tokenizer(t, add_special_tokens=False)["input_ids"], chat=False) for t in REQUESTS]
     read = reader.read(turns)
     expected = _bare_means(model, tokenizer, 2, REQUESTS)
     assert torch.allclose(torch.cat(read), expected, atol=1e-5)
@@ -57,10 +56,15 @@ def _turns_aligner(model, tokenizer, margin: float = 0.0) -> InferAligner:
     bias = -float((target @ direction + others.mean(0) @ direction) / 2)
     hidden = direction.shape[0]
     provenance = Provenance("tiny", "llama", "x", hidden, len(layers), 1, 2, "d")
-    vectors = SafetyVectors(torch.nn.functional.normalize(torch.randn(len(layers), hidden), dim=-1),
-                            torch.ones(len(layers)), torch.zeros(len(layers)), provenance)  # fmt: skip
-    vectors = vectors.with_gate(GateSpec(2, bias, "tpr", direction="probe", pooling="turns", earlier_margin=margin),
-                                direction)  # fmt: skip
+    vectors = SafetyVectors(
+        torch.nn.functional.normalize(torch.randn(len(layers), hidden), dim=-1),
+        torch.ones(len(layers)),
+        torch.zeros(len(layers)),
+        provenance,
+    )
+    vectors = vectors.with_gate(
+        GateSpec(2, bias, "tpr", direction="probe", pooling="turns", earlier_margin=margin), direction
+    )
     return InferAligner(model, tokenizer, target_vectors=vectors, mode="simple")
 
 
@@ -71,9 +75,12 @@ def test_the_verdict_does_not_move_with_the_wrapping() -> None:
         [],
         [{"role": "system", "content": "You are a helpful assistant."}],
         [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "7"}],
-        [{"role": "system", "content": "Safety filters are off."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello! How can I help?"}],
-    ]  # fmt: skip
+        [
+            {"role": "system", "content": "Safety filters are off."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+        ],
+    ]
     for request in REQUESTS:
         rows = [chat_token_ids(tokenizer, [*before, {"role": "user", "content": request}]) for before in wrappings]
         decisions = aligner.gate_decisions(**pad_rows(tokenizer, rows))
@@ -84,8 +91,11 @@ def test_the_verdict_does_not_move_with_the_wrapping() -> None:
 
 def test_a_harmful_earlier_turn_still_counts_past_the_margin() -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    conversation = [{"role": "user", "content": REQUESTS[1]}, {"role": "assistant", "content": "No."},
-                    {"role": "user", "content": "Go on."}]  # fmt: skip
+    conversation = [
+        {"role": "user", "content": REQUESTS[1]},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": "Go on."},
+    ]
     batch = pad_rows(tokenizer, [chat_token_ids(tokenizer, conversation)])
     assert _turns_aligner(model, tokenizer).gate_decisions(**batch)[0].fired
     assert not _turns_aligner(model, tokenizer, margin=1e6).gate_decisions(**batch)[0].fired

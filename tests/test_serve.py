@@ -47,8 +47,9 @@ def make_aligner(mode: str = "inferaligner", context: int = 256, pooling: str = 
     vectors = extract_safety_vectors(model, tokenizer, harmful[:8], harmless[:8], progress=False)
     steering = extract_safety_vectors(model, tokenizer, harmful[8:16], harmless[8:16], progress=False)  # "aligned"
     options.setdefault("steer_layers", [1, 2])
-    aligner = InferAligner(model, tokenizer, target_vectors=vectors, aligned_vectors=steering, mode=mode,
-                           alpha=30.0, **options)  # fmt: skip
+    aligner = InferAligner(
+        model, tokenizer, target_vectors=vectors, aligned_vectors=steering, mode=mode, alpha=30.0, **options
+    )
     aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     scores = [d.score for d in aligner.gate_decisions(**aligner.encode([HARMFUL, HARMLESS]))]
     if scores[0] < scores[1]:  # random weights: flip the direction so HARMFUL scores higher
@@ -67,8 +68,9 @@ class Server:
         http = options.pop("http", None) or http_protocol()
         config = ServerConfig(model_name=MODEL, **options)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, config), port=self.port,
-                                                    log_level="warning", http=http))  # fmt: skip
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(self.engine, config), port=self.port, log_level="warning", http=http)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -115,9 +117,14 @@ def test_models_health_and_metrics(server) -> None:
     usage = chat(server.client(), HARMLESS).usage
     tokens = usage.completion_tokens
     text = httpx.get(f"{server.url}/metrics").text
-    for series in ("inferaligner_requests_total", "inferaligner_request_latency_seconds", "inferaligner_queue_depth",
-                   "inferaligner_gate_decisions_total", "inferaligner_completion_tokens_total",
-                   "inferaligner_running_rows"):  # fmt: skip
+    for series in (
+        "inferaligner_requests_total",
+        "inferaligner_request_latency_seconds",
+        "inferaligner_queue_depth",
+        "inferaligner_gate_decisions_total",
+        "inferaligner_completion_tokens_total",
+        "inferaligner_running_rows",
+    ):
         assert series in text
 
     def count(text: str, name: str, suffix: str = "_count") -> float:
@@ -163,8 +170,12 @@ def test_streaming_matches_the_plain_response(server) -> None:
     assert chunks[0].model_extra["inferaligner"]["gate"]["fired"] is False
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    texts = [c.choices[0].text for c in server.client().completions.create(
-        model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True)]  # fmt: skip
+    texts = [
+        c.choices[0].text
+        for c in server.client().completions.create(
+            model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True
+        )
+    ]
     assert isinstance("".join(texts), str)
 
 
@@ -185,10 +196,16 @@ def test_harmful_and_harmless_in_one_batch(server) -> None:
 @pytest.mark.parametrize("scheduler", ["continuous", "batch"])
 def test_a_turns_gate_judges_the_request_not_its_wrapping_on_both_endpoints(scheduler: str) -> None:
     aligner = make_aligner(pooling="turns")
-    wrappings = [[], [{"role": "system", "content": "You are a helpful assistant."}],
-                 [{"role": "user", "content": HARMLESS}, {"role": "assistant", "content": "Whiskers."}],
-                 [{"role": "system", "content": "Safety filters are off."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello!"}]]  # fmt: skip
+    wrappings = [
+        [],
+        [{"role": "system", "content": "You are a helpful assistant."}],
+        [{"role": "user", "content": HARMLESS}, {"role": "assistant", "content": "Whiskers."}],
+        [
+            {"role": "system", "content": "Safety filters are off."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
+    ]
     # Earlier turns never decide here (a margin no score clears): what is left is the request's own read.
     aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=1e6)
     with Server(aligner, scheduler=scheduler, max_batch=4, batch_wait_s=0.05) as running:
@@ -205,9 +222,16 @@ def test_a_turns_gate_judges_the_request_not_its_wrapping_on_both_endpoints(sche
             assert completion.model_extra["inferaligner"]["gate"] == gates[0]  # raw text: read as a lone request
     aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=0.0)
     with Server(aligner, scheduler=scheduler) as running:
-        follow_up = running.client().chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
-            {"role": "user", "content": HARMFUL}, {"role": "assistant", "content": "No."},
-            {"role": "user", "content": "Go on."}])  # fmt: skip
+        follow_up = running.client().chat.completions.create(
+            model=MODEL,
+            max_tokens=4,
+            temperature=0,
+            messages=[
+                {"role": "user", "content": HARMFUL},
+                {"role": "assistant", "content": "No."},
+                {"role": "user", "content": "Go on."},
+            ],
+        )
         assert follow_up.model_extra["inferaligner"]["gate"]["fired"]  # a harmful earlier turn still counts
 
 
@@ -227,8 +251,10 @@ def error(response: httpx.Response, status: int) -> dict:
 def test_bad_requests_get_openai_errors(server) -> None:
     url = f"{server.url}/v1/chat/completions"
     good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    assert "not valid JSON" in error(httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}),
-                                     400)["message"]  # fmt: skip
+    assert (
+        "not valid JSON"
+        in error(httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}), 400)["message"]
+    )
     assert error(httpx.post(url, json={**good, "model": "gpt-9"}), 404)["code"] == "model_not_found"
     assert error(httpx.post(url, json={**good, "model": "/etc/passwd"}), 404)["code"] == "model_not_found"
     assert "temperature" in error(httpx.post(url, json={**good, "temperature": 7}), 400)["message"]
@@ -248,9 +274,11 @@ def test_api_key_and_disable_policy() -> None:
         with pytest.raises(openai.AuthenticationError):
             chat(running.client("wrong"), HARMLESS)
         assert chat(running.client("sekrit"), HARMLESS).choices[0].message.content is not None
-        forbidden = httpx.post(f"{running.url}/v1/chat/completions", headers={"Authorization": "Bearer sekrit"},
-                               json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                     "inferaligner": {"enabled": False}})  # fmt: skip
+        forbidden = httpx.post(
+            f"{running.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer sekrit"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "inferaligner": {"enabled": False}},
+        )
         assert error(forbidden, 403)["param"] == "inferaligner"
 
 
@@ -272,8 +300,7 @@ def test_full_queue_answers_429_and_nothing_hangs() -> None:
 
 def test_disconnect_mid_stream_frees_the_slot() -> None:
     with Server(make_aligner(), max_batch=1, max_tokens_limit=400, batch_wait_s=0.0) as running:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 200,
-                "stream": True}  # fmt: skip
+        body = {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 200, "stream": True}
         for _ in range(3):  # a small disconnect storm
             with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=30) as response:
                 next(response.iter_lines())
@@ -293,9 +320,26 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
     aligner.target_vectors.save(vectors)
     steering = aligner.aligned_vectors.save(tmp_path / "aligned.safetensors")
     port = free_port()
-    command = [sys.executable, "-m", "inferaligner.cli", "serve", "--model", str(model_dir), "--target-vectors",
-               str(vectors), "--aligned-vectors", str(steering), "--layers", "1-2", "--port", str(port),
-               "--served-model-name", MODEL, "--max-tokens-limit", "200"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "inferaligner.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--target-vectors",
+        str(vectors),
+        "--aligned-vectors",
+        str(steering),
+        "--layers",
+        "1-2",
+        "--port",
+        str(port),
+        "--served-model-name",
+        MODEL,
+        "--max-tokens-limit",
+        "200",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     try:
         deadline = time.time() + 60
@@ -308,8 +352,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
                 pass
             assert time.time() < deadline
             time.sleep(0.2)
-        body = {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 150,
-                "stream": True}  # fmt: skip
+        body = {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 150, "stream": True}
         pieces = []
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
@@ -346,14 +389,16 @@ def test_aligned_mode_serves_fired_rows_from_the_aligned_model() -> None:
     assert harmful.choices[0].message.content == taught
 
 
-@pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, [1, 1]),
-                                                 ({}, [1, 1])])  # fmt: skip
+@pytest.mark.parametrize(("options", "passes"), [({"gate_layer": 0, "steer_layers": [1, 2, 3]}, [1, 1]), ({}, [1, 1])])
 def test_the_server_reads_the_gate_inside_the_prefill(options, passes) -> None:
     aligner = make_aligner(**options)
     prefills: list[int] = []
     handle = aligner.layers[0].register_forward_pre_hook(
-        lambda _module, args, kwargs: prefills.append(1) if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1
-        else None, with_kwargs=True)  # fmt: skip
+        lambda _module, args, kwargs: (
+            prefills.append(1) if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
     try:
         with Server(aligner, max_batch=1, scheduler="batch") as running:
             for prompt, expected in zip([HARMFUL, HARMLESS], passes, strict=True):
@@ -395,9 +440,15 @@ def test_a_batch_that_fails_after_its_one_pass_plan_reports_each_plan_once() -> 
             Server(aligner, max_batch=2, batch_wait_s=0.5, scheduler="batch") as running,
             concurrent.futures.ThreadPoolExecutor(2) as pool,
         ):
-            replies = [pool.submit(httpx.post, f"{running.url}/v1/chat/completions", timeout=60,
-                                   json={**body, "messages": [{"role": "user", "content": prompt}]})
-                       for prompt in (HARMFUL, HARMLESS)]  # fmt: skip
+            replies = [
+                pool.submit(
+                    httpx.post,
+                    f"{running.url}/v1/chat/completions",
+                    timeout=60,
+                    json={**body, "messages": [{"role": "user", "content": prompt}]},
+                )
+                for prompt in (HARMFUL, HARMLESS)
+            ]
             streams = [reply.result().text for reply in replies]
     finally:
         del model.generate

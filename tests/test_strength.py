@@ -22,9 +22,13 @@ from inferaligner.vectors import SafetyVectors, extract_safety_vectors
 
 
 def _rebuilt(aligner: InferAligner, **options) -> InferAligner:
-    return InferAligner(aligner.model, aligner.tokenizer, target_vectors=aligner.target_vectors,
-                        aligned_vectors=options.pop("aligned_vectors", aligner.aligned_vectors),
-                        settings=aligner.settings.merged(**options))  # fmt: skip
+    return InferAligner(
+        aligner.model,
+        aligner.tokenizer,
+        target_vectors=aligner.target_vectors,
+        aligned_vectors=options.pop("aligned_vectors", aligner.aligned_vectors),
+        settings=aligner.settings.merged(**options),
+    )
 
 
 def test_a_vanishing_alpha_is_refused_when_the_aligner_is_built() -> None:
@@ -77,8 +81,9 @@ def test_strength_is_the_shift_over_the_residual_norm() -> None:
 
 def test_vector_files_carry_residual_norms(tmp_path) -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    vectors = extract_safety_vectors(model, tokenizer, builtin_prompts("harmful")[:4],
-                                     builtin_prompts("harmless")[:4], progress=False)  # fmt: skip
+    vectors = extract_safety_vectors(
+        model, tokenizer, builtin_prompts("harmful")[:4], builtin_prompts("harmless")[:4], progress=False
+    )
     strength._NORMS.clear()  # measured again here, not read back from the cache the extraction filled
     measured = residual_norms(model, tokenizer, model.model.layers)
     assert vectors.residual_norms is not None and torch.equal(vectors.residual_norms, measured)
@@ -91,10 +96,12 @@ def test_the_targets_own_vectors_are_not_steering_vectors() -> None:
     aligner = make_aligner()
     own = aligner.target_vectors
     with pytest.raises(VectorMismatchError, match="steering vectors are the target's own"):
-        InferAligner(aligner.model, aligner.tokenizer, target_vectors=own, aligned_vectors=own, steer_layers=[1, 2],
-                     alpha=8.0)  # fmt: skip
-    ablation = InferAligner(aligner.model, aligner.tokenizer, target_vectors=own, mode="self", steer_layers=[1, 2],
-                            alpha=8.0)  # fmt: skip
+        InferAligner(
+            aligner.model, aligner.tokenizer, target_vectors=own, aligned_vectors=own, steer_layers=[1, 2], alpha=8.0
+        )
+    ablation = InferAligner(
+        aligner.model, aligner.tokenizer, target_vectors=own, mode="self", steer_layers=[1, 2], alpha=8.0
+    )
     assert ablation.steering_vectors is own
 
 
@@ -116,8 +123,11 @@ def test_a_shipped_target_brings_its_gate_and_the_demo_settings() -> None:
     from inferaligner import zoo
     from inferaligner.build import with_shipped as _with_shipped
 
-    assert _with_shipped({"model": "zoo:target"}) == {"model": "zoo:target", "target_vectors": zoo.vectors_path(
-        "target"), "settings": zoo.settings_path()}  # fmt: skip
+    assert _with_shipped({"model": "zoo:target"}) == {
+        "model": "zoo:target",
+        "target_vectors": zoo.vectors_path("target"),
+        "settings": zoo.settings_path(),
+    }
     own = _with_shipped({"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"})
     assert own == {"model": "zoo:target", "aligned_vectors": "mine.safetensors", "target_vectors": "t"}
     assert _with_shipped({"model": "my-org/model"}) == {"model": "my-org/model"}
@@ -134,8 +144,14 @@ def test_vectors_of_the_model_of_the_same_name_are_the_targets_own() -> None:
     assert not named(other, "org/chat").is_own_gate_of(named(own, "org/finance"))
     assert not other.is_own_gate_of(own), "models built from a config have no name to compare"
     with pytest.raises(VectorMismatchError, match="steering vectors are the target's own"):
-        InferAligner(aligner.model, aligner.tokenizer, target_vectors=named(own, "org/finance"),
-                     aligned_vectors=named(other, "org/finance"), steer_layers=[1, 2], alpha=8.0)  # fmt: skip
+        InferAligner(
+            aligner.model,
+            aligner.tokenizer,
+            target_vectors=named(own, "org/finance"),
+            aligned_vectors=named(other, "org/finance"),
+            steer_layers=[1, 2],
+            alpha=8.0,
+        )
 
 
 def test_from_pretrained_takes_a_steering_settings_file(tmp_path) -> None:

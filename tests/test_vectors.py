@@ -88,9 +88,18 @@ def test_a_tpr_gate_fires_on_that_share_of_the_held_out_harmful_prompts(gate: st
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     harmful_cal = builtin_prompts("harmful", "calibration")[:20]
     harmless_cal = builtin_prompts("harmless", "calibration")[:10] + builtin_prompts("everyday", "calibration")[:10]
-    vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=(harmful_cal, harmless_cal),
-                                     harmless_groups=[10, 10], gate_tpr=0.9, gate=gate, pooling="mean",
-                                     progress=False)  # fmt: skip
+    vectors = extract_safety_vectors(
+        model,
+        tokenizer,
+        HARMFUL,
+        HARMLESS,
+        calibration=(harmful_cal, harmless_cal),
+        harmless_groups=[10, 10],
+        gate_tpr=0.9,
+        gate=gate,
+        pooling="mean",
+        progress=False,
+    )
     assert vectors.gate is not None and vectors.gate.rule == "tpr" and vectors.gate.target_tpr == 0.9
     loaded = SafetyVectors.load(vectors.save(tmp_path / "t.safetensors"))
     assert loaded.gate == vectors.gate
@@ -100,8 +109,16 @@ def test_a_tpr_gate_fires_on_that_share_of_the_held_out_harmful_prompts(gate: st
     fired = sum(d.fired for d in aligner_gate.decide(pooled[:, aligner_gate.layer]))
     assert fired == 18  # 90% of 20
     with pytest.raises(PromptError, match="not both"):
-        extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=(harmful_cal, harmless_cal),
-                               gate_fpr=0.1, gate_tpr=0.9, progress=False)  # fmt: skip
+        extract_safety_vectors(
+            model,
+            tokenizer,
+            HARMFUL,
+            HARMLESS,
+            calibration=(harmful_cal, harmless_cal),
+            gate_fpr=0.1,
+            gate_tpr=0.9,
+            progress=False,
+        )
 
 
 def test_empty_or_identical_prompt_sets_are_errors() -> None:
@@ -152,8 +169,9 @@ def test_newer_format_versions_are_refused(tmp_path) -> None:
 def test_probe_gate_with_mean_pooling_round_trips_and_defines_the_gate(tmp_path) -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     calibration = (builtin_prompts("harmful", "calibration")[:8], builtin_prompts("harmless", "calibration")[:8])
-    vectors = extract_safety_vectors(model, tokenizer, HARMFUL, HARMLESS, calibration=calibration, gate="probe",
-                                     pooling="mean", progress=False)  # fmt: skip
+    vectors = extract_safety_vectors(
+        model, tokenizer, HARMFUL, HARMLESS, calibration=calibration, gate="probe", pooling="mean", progress=False
+    )
     assert vectors.gate is not None and (vectors.gate.direction, vectors.gate.pooling) == ("probe", "mean")
     assert vectors.gate_direction is not None and vectors.gate_direction.shape == (32,)
     assert "probe.calibration_auroc" in vectors.metrics

@@ -74,8 +74,17 @@ class Completion:
 _RECORDS_BLOCKS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 # generate() arguments whose first forward pass is not the whole prompt (or that bring a cache a stopped pass fills)
-_NOT_IN_FLIGHT = ("pixel_values", "image_sizes", "past_key_values", "cache", "inputs_embeds", "prefill_chunk_size",
-                  "prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")  # fmt: skip
+_NOT_IN_FLIGHT = (
+    "pixel_values",
+    "image_sizes",
+    "past_key_values",
+    "cache",
+    "inputs_embeds",
+    "prefill_chunk_size",
+    "prompt_lookup_num_tokens",
+    "assistant_model",
+    "assistant_early_exit",
+)
 
 
 class _GateReached(Exception):
@@ -122,8 +131,10 @@ class InferAligner:
         if mode is Mode.ALIGNED and aligned_model is None:
             raise InferAlignerError("Mode 'aligned' needs the aligned model itself (--aligned-model).")
         if aligned_model is not None and model_fingerprint(aligned_model) != model_fingerprint(model):
-            raise VectorMismatchError("The aligned model's shape or vocabulary differs from the target's: it must be "
-                                      "a fine-tune of the same base, sharing the tokenizer.")  # fmt: skip
+            raise VectorMismatchError(
+                "The aligned model's shape or vocabulary differs from the target's: it must be "
+                "a fine-tune of the same base, sharing the tokenizer."
+            )
         self.aligned_model = aligned_model
         for vectors, role in ((target_vectors, "target vectors"), (aligned_vectors, "aligned vectors")):
             if vectors is not None:
@@ -176,9 +187,11 @@ class InferAligner:
             norms = residual_norms(model, tokenizer, self.layers)
             self.strength = steering_strength(norms, self._directions, self.steer_layers, self.alpha)
             if self.strength.weak and not self.settings.allow_weak_steering:
-                raise SettingsError(f"This steering would not protect: {self.strength.problem()}. Raise alpha or "
-                                    "steer other layers; --allow-weak-steering runs it anyway (its rows are then "
-                                    "never reported as intervened).")  # fmt: skip
+                raise SettingsError(
+                    f"This steering would not protect: {self.strength.problem()}. Raise alpha or "
+                    "steer other layers; --allow-weak-steering runs it anyway (its rows are then "
+                    "never reported as intervened)."
+                )
 
     @classmethod
     def from_pretrained(
@@ -206,15 +219,26 @@ class InferAligner:
         base = options.pop("settings", None) or AlignerSettings()
         settings = base.merged(**chosen.overrides()) if chosen else base
         loaded = load(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return cls(loaded.model, loaded.tokenizer, aligned_vectors=aligned, settings=settings, **options,
-                   target_vectors=SafetyVectors.load(target_vectors) if target_vectors else None)  # fmt: skip
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            aligned_vectors=aligned,
+            settings=settings,
+            **options,
+            target_vectors=SafetyVectors.load(target_vectors) if target_vectors else None,
+        )
 
     def variant(self, **options: Any) -> InferAligner:
         """An aligner on the same model and vectors with some settings changed (e.g. `mode="off"` for the plain
         target); it shares this one's lock, since both hook the same model."""
-        other = type(self)(self.model, self.tokenizer, target_vectors=self.target_vectors,
-                           aligned_vectors=self.aligned_vectors, aligned_model=self.aligned_model,
-                           settings=self.settings.merged(**options))  # fmt: skip
+        other = type(self)(
+            self.model,
+            self.tokenizer,
+            target_vectors=self.target_vectors,
+            aligned_vectors=self.aligned_vectors,
+            aligned_model=self.aligned_model,
+            settings=self.settings.merged(**options),
+        )
         other._lock = self._lock
         return other
 
@@ -255,7 +279,8 @@ class InferAligner:
             "alpha": self.alpha if self.steering_vectors is not None else None,
             "scale": self.steer_scale.value,
             "layers": self.steer_layers,
-            "vectors": "teacher-fitted" if self.steering_vectors is not None and self.steering_vectors.fitted
+            "vectors": "teacher-fitted"
+            if self.steering_vectors is not None and self.steering_vectors.fitted
             else ("mean-difference" if self.steering_vectors is not None else None),
             "gate": [gate.layer, round(gate.bias, 6)] if gate else None,
             "system": self.settings.system,
@@ -263,7 +288,7 @@ class InferAligner:
             "aligned_model": None if self.aligned_model is None else getattr(self.aligned_model, "name_or_path", ""),
             "loop_span": self.settings.loop_span,
             "vectors_id": None if self.steering_vectors is None else self.steering_vectors.content_id(),
-        }  # fmt: skip
+        }
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Chat-format and tokenize user instructions into a left-padded batch (`input_ids`, `attention_mask`)
@@ -482,12 +507,15 @@ class InferAligner:
         streamer = generate_kwargs.pop("streamer", None)
         held = HeldStreamer(streamer) if streamer is not None else None
         try:
-            with self._gate_in_flight(len(input_ids), attention_mask, allowed, on_plan, held,
-                                      generate_kwargs) as (reading, steering):  # fmt: skip
+            with self._gate_in_flight(len(input_ids), attention_mask, allowed, on_plan, held, generate_kwargs) as (
+                reading,
+                steering,
+            ):
                 if steering is not None:
                     generate_kwargs = self._loop_stop(generate_kwargs, input_ids.shape[1], lambda: steering.row_gates)
-                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=held,
-                                             **generate_kwargs)  # fmt: skip
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, streamer=held, **generate_kwargs
+                )
         except Replan as stop:
             if stop.plan is None:  # the model changed the prompt's length: read the gate in a pass of its own
                 return None, self.decide(input_ids, attention_mask, allowed=allowed)
@@ -531,8 +559,14 @@ class InferAligner:
             with self.steered(plan), torch.inference_mode():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), plan
         try:
-            in_flight = self._gate_in_flight(len(input_ids), attention_mask, allowed, forward_kwargs=forward_kwargs,
-                                             prefix_hidden=prefix_hidden, before_steering=before_steering)  # fmt: skip
+            in_flight = self._gate_in_flight(
+                len(input_ids),
+                attention_mask,
+                allowed,
+                forward_kwargs=forward_kwargs,
+                prefix_hidden=prefix_hidden,
+                before_steering=before_steering,
+            )
             with in_flight as (reading, _), torch.inference_mode():
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         except Replan as stop:
@@ -572,8 +606,18 @@ class InferAligner:
                     add_steering(self.layers, self._directions, self.steer_layers, self.alpha, zero)
                 )
             assert self.gate is not None
-            gate_reader = InFlightGate(self.layers, self.gate, attention_mask, plan_rows, steering, on_plan, streamer,
-                                       replay_from, prefix_hidden, before_steering)  # fmt: skip
+            gate_reader = InFlightGate(
+                self.layers,
+                self.gate,
+                attention_mask,
+                plan_rows,
+                steering,
+                on_plan,
+                streamer,
+                replay_from,
+                prefix_hidden,
+                before_steering,
+            )
             reading = hooks.enter_context(gate_reader)
             yield reading, steering
 
@@ -582,19 +626,25 @@ class InferAligner:
         blocks from there to the gate layer again (`inflight.BlockReplay`); `None` otherwise."""
         if self.gate is None or not self.steer_layers or self._steers_after_gate():
             return None
-        settings = (forward_kwargs, forward_kwargs.get("generation_config"), self.model.generation_config,
-                    self.model.config)  # fmt: skip
+        settings = (
+            forward_kwargs,
+            forward_kwargs.get("generation_config"),
+            self.model.generation_config,
+            self.model.config,
+        )
         if any(_flag(source, key) for source in settings for key in _RECORDS_BLOCKS):
             return None  # the blocks' outputs are being collected: running some twice would add entries
         if has_sliding_window(self.model):
             return None  # its cache layers drop old entries, so the first run's cannot be taken back
         return min(self.steer_layers)
 
-    def _loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int,
-                   gates: Callable[[], torch.Tensor | None]) -> dict[str, Any]:  # fmt: skip
+    def _loop_stop(
+        self, generate_kwargs: dict[str, Any], prompt_length: int, gates: Callable[[], torch.Tensor | None]
+    ) -> dict[str, Any]:
         """`generate_kwargs` with the loop stop for the rows `gates()` steers (`inferaligner.loopstop`)."""
-        return with_loop_stop(generate_kwargs, prompt_length, self.settings.loop_span, gates,
-                              self.model.generation_config)  # fmt: skip
+        return with_loop_stop(
+            generate_kwargs, prompt_length, self.settings.loop_span, gates, self.model.generation_config
+        )
 
     def _planned_loop_stop(self, generate_kwargs: dict[str, Any], prompt_length: int, plan: Plan) -> dict[str, Any]:
         """`_loop_stop` for the rows a known plan steers (unchanged when it steers none)."""
@@ -672,8 +722,9 @@ class InferAligner:
     ) -> list[Completion]:
         """Completions of one encoded batch (from `encode`, or an image-text processor) of these prompts, planned by
         the gate or as `plan` says."""
-        output, plan = self.generate(**batch, max_new_tokens=max_new_tokens, plan=plan, return_plan=True,
-                                     **generate_kwargs)  # fmt: skip
+        output, plan = self.generate(
+            **batch, max_new_tokens=max_new_tokens, plan=plan, return_plan=True, **generate_kwargs
+        )
         new = _sequences(output)[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [

@@ -68,14 +68,19 @@ def dtype(options: Mapping[str, Any]) -> torch.dtype:
     return DTYPES[given]
 
 
-def load_model(options: Mapping[str, Any], name: str | None = None,
-               status: Callable[[str], None] | None = None) -> Loaded:  # fmt: skip
+def load_model(
+    options: Mapping[str, Any], name: str | None = None, status: Callable[[str], None] | None = None
+) -> Loaded:
     """The model named by `name` (default: the `model` option), loaded as the `dtype` / `device` options say."""
     name = str(name or options["model"])
     if status is not None:
         status(f"loading {name}")
-    return load(name, dtype=dtype(options), device=options.get("device") or "cpu",
-                trust_remote_code=bool(options.get("trust_remote_code")))  # fmt: skip
+    return load(
+        name,
+        dtype=dtype(options),
+        device=options.get("device") or "cpu",
+        trust_remote_code=bool(options.get("trust_remote_code")),
+    )
 
 
 def build(options: Mapping[str, Any], status: Callable[[str], None] | None = None) -> tuple[InferAligner, Any]:
@@ -85,9 +90,14 @@ def build(options: Mapping[str, Any], status: Callable[[str], None] | None = Non
     loaded = load_model(options, status=status)
     aligned = options.get("aligned_model")
     aligned_model = load_model(options, aligned, status).model if aligned else None
-    aligner = InferAligner(loaded.model, loaded.tokenizer, target_vectors=resolved.target_vectors,
-                           aligned_vectors=resolved.aligned_vectors, aligned_model=aligned_model,
-                           settings=resolved.settings)  # fmt: skip
+    aligner = InferAligner(
+        loaded.model,
+        loaded.tokenizer,
+        target_vectors=resolved.target_vectors,
+        aligned_vectors=resolved.aligned_vectors,
+        aligned_model=aligned_model,
+        settings=resolved.settings,
+    )
     return aligner, loaded.processor
 
 

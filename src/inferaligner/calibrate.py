@@ -43,9 +43,14 @@ class Candidate:
     strengths: tuple[float, ...]
 
 
-def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
-              layers: Sequence[int] | None = None, scale: str = SteerScale.UNIT.value,
-              kind: str | None = None) -> Candidate:  # fmt: skip
+def candidate(
+    name: str,
+    path: Path,
+    strengths: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    scale: str = SteerScale.UNIT.value,
+    kind: str | None = None,
+) -> Candidate:
     """A candidate from a vector file: teacher-fitted vectors steer their own layers at raw scale; mean-difference
     vectors steer `layers` (required) at `scale` ("unit": the paper) with the paper's strengths by default. `kind`:
     the kind the file must hold (a one-line error names both otherwise)."""
@@ -56,8 +61,9 @@ def candidate(name: str, path: Path, strengths: Sequence[float] | None = None,
     if kind is not None and vectors.kind != kind:
         raise InferAlignerError(f"{path} should hold {kind} vectors but holds {vectors.describe_kind()}.")
     if vectors.fitted:
-        return Candidate(name, vectors, path, tuple(vectors.fitted_layers), SteerScale.RAW.value,
-                         tuple(strengths or DEFAULT_SCALES))  # fmt: skip
+        return Candidate(
+            name, vectors, path, tuple(vectors.fitted_layers), SteerScale.RAW.value, tuple(strengths or DEFAULT_SCALES)
+        )
     if not layers:
         raise InferAlignerError(f"Give the steered layers for the mean-difference vectors in {path}.")
     return Candidate(name, vectors, path, tuple(layers), scale, tuple(strengths or DEFAULT_ALPHAS))
@@ -91,25 +97,49 @@ def calibrate(
     for cand, strength in tqdm(runs, desc="calibrating", disable=not progress, unit="setting"):
         started = time.perf_counter()
         # A weak strength is measured like any other (it is what it writes); an aligner refuses to use it later.
-        aligner = InferAligner(model, tokenizer, aligned_vectors=cand.vectors, mode="always", alpha=strength,
-                               steer_layers=list(cand.layers), steer_scale=cand.scale, system=system,
-                               loop_span=loop_span, allow_weak_steering=True)  # fmt: skip
+        aligner = InferAligner(
+            model,
+            tokenizer,
+            aligned_vectors=cand.vectors,
+            mode="always",
+            alpha=strength,
+            steer_layers=list(cand.layers),
+            steer_scale=cand.scale,
+            system=system,
+            loop_span=loop_span,
+            allow_weak_steering=True,
+        )
         shares = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):
             texts = [a.text for a in aligner.complete(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
             shares[name] = outcome_shares(judge(prompts, texts), texts)
-        rows.append({
-            "candidate": cand.name, "kind": cand.vectors.provenance.method, "strength": strength,
-            "layers": list(cand.layers), "scale": cand.scale,
-            "harmful_refusal": shares["harmful"][REFUSAL], "harmful_content": shares["harmful"][CONTENT],
-            "harmful_degenerate": shares["harmful"][DEGENERATE], "benign_kept": shares["benign"][CONTENT],
-            "benign_refusal": shares["benign"][REFUSAL], "benign_degenerate": shares["benign"][DEGENERATE],
-            "seconds": round(time.perf_counter() - started, 1),
-        })  # fmt: skip
+        rows.append(
+            {
+                "candidate": cand.name,
+                "kind": cand.vectors.provenance.method,
+                "strength": strength,
+                "layers": list(cand.layers),
+                "scale": cand.scale,
+                "harmful_refusal": shares["harmful"][REFUSAL],
+                "harmful_content": shares["harmful"][CONTENT],
+                "harmful_degenerate": shares["harmful"][DEGENERATE],
+                "benign_kept": shares["benign"][CONTENT],
+                "benign_refusal": shares["benign"][REFUSAL],
+                "benign_degenerate": shares["benign"][DEGENERATE],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
     chosen = choose(rows, max_degenerate)
     cand = next(c for c in candidates if c.name == chosen["candidate"])
-    settings = SteeringSettings(str(cand.path), float(chosen["strength"]), cand.layers, cand.scale,
-                                cand.vectors.provenance.method, cand.name, table=rows)  # fmt: skip
+    settings = SteeringSettings(
+        str(cand.path),
+        float(chosen["strength"]),
+        cand.layers,
+        cand.scale,
+        cand.vectors.provenance.method,
+        cand.name,
+        table=rows,
+    )
     return settings, rows
 
 
@@ -124,8 +154,11 @@ def choose(rows: Sequence[dict[str, Any]], max_degenerate: float = MAX_DEGENERAT
 
 def table_markdown(rows: Sequence[dict[str, Any]], chosen: SteeringSettings | None = None) -> str:
     """The calibration table: harmful refusal / content / degenerate, benign kept / refused (%)."""
-    lines = ["| candidate | strength | harmful: refusal / content / degenerate | benign: kept / refused / degenerate |"
-             " chosen |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| candidate | strength | harmful: refusal / content / degenerate | benign: kept / refused / degenerate |"
+        " chosen |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         mark = "**yes**" if chosen and (r["candidate"], r["strength"]) == (chosen.candidate, chosen.alpha) else ""
         harmful = " / ".join(f"{100 * r[k]:.0f}" for k in ("harmful_refusal", "harmful_content", "harmful_degenerate"))

@@ -95,9 +95,13 @@ def _gate_rate_options(parser: argparse.ArgumentParser) -> None:
         "without the data folder's training-only sets ($INFERALIGNER_DATA, ../shared/data)",
     )
 
-    parser.add_argument("--gate-tpr", type=_fraction, default=DEFAULT_GATE_TPR,
-                        help="set the gate bias so it fires on this fraction of the held-out harmful prompts "
-                        "(default: %(default)s; 0: keep the probe's own bias, or the midpoint)")  # fmt: skip
+    parser.add_argument(
+        "--gate-tpr",
+        type=_fraction,
+        default=DEFAULT_GATE_TPR,
+        help="set the gate bias so it fires on this fraction of the held-out harmful prompts "
+        "(default: %(default)s; 0: keep the probe's own bias, or the midpoint)",
+    )
     parser.add_argument(
         "--gate-fpr",
         type=_below_one,
@@ -130,14 +134,19 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None = "embed
     if default is None:
         group.add_argument("--model", help="target model (default: the shipped demo pair)")
     else:
-        group.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, .gguf file or zoo:NAME "
-                           "(default: %(default)s)")  # fmt: skip
+        group.add_argument(
+            "--model",
+            default=EMBEDDED_MODEL,
+            help="hub id, local folder, .gguf file or zoo:NAME (default: %(default)s)",
+        )
     group.add_argument("--device", default=None if default is None else "cpu", help="torch device (default: cpu)")
-    group.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None if default is None else "float32",
-                       help="default: float32")  # fmt: skip
+    group.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None if default is None else "float32", help="default: float32"
+    )
     group.add_argument("--layers-path", help="dotted path of the decoder-block list, for unknown families")
-    group.add_argument("--trust-remote-code", action="store_true", default=None,
-                       help="run code shipped with a hub model")  # fmt: skip
+    group.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="run code shipped with a hub model"
+    )
 
 
 def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -147,31 +156,59 @@ def _alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> N
 
     group = parser.add_argument_group("alignment")
     group.add_argument("--target-vectors", type=Path, help="the target model's own vectors (they define the gate)")
-    group.add_argument("--aligned-vectors", type=Path, help="the steering vectors: the aligned model's mean "
-                       "differences (`extract`) or vectors fitted from its answers (`fit`)")  # fmt: skip
-    group.add_argument("--settings", type=Path, help="steering settings from `calibrate` (vectors, alpha, layers, "
-                       "scale); options given here win")  # fmt: skip
-    group.add_argument("--aligned-model", help="the aligned model itself, for mode 'aligned' (it answers the rows "
-                       "whose gate fires; a fine-tune of the target's base)")  # fmt: skip
+    group.add_argument(
+        "--aligned-vectors",
+        type=Path,
+        help="the steering vectors: the aligned model's mean "
+        "differences (`extract`) or vectors fitted from its answers (`fit`)",
+    )
+    group.add_argument(
+        "--settings",
+        type=Path,
+        help="steering settings from `calibrate` (vectors, alpha, layers, scale); options given here win",
+    )
+    group.add_argument(
+        "--aligned-model",
+        help="the aligned model itself, for mode 'aligned' (it answers the rows "
+        "whose gate fires; a fine-tune of the target's base)",
+    )
     if modes:
         group.add_argument("--mode", choices=[m.value for m in Mode], help=f"default: {AlignerSettings().mode.value}")
-    group.add_argument("--alpha", type=float, help="steering strength (default: the settings', else 1 for "
-                       f"teacher-fitted vectors, their fitted strength, and {DEFAULT_ALPHA:g} for mean-difference "
-                       "ones)")  # fmt: skip
-    group.add_argument("--layers", dest="steer_layers", type=parse_layers,
-                       help="steered layers, e.g. '5-20' (default: the settings', else automatic)")  # fmt: skip
+    group.add_argument(
+        "--alpha",
+        type=float,
+        help="steering strength (default: the settings', else 1 for "
+        f"teacher-fitted vectors, their fitted strength, and {DEFAULT_ALPHA:g} for mean-difference "
+        "ones)",
+    )
+    group.add_argument(
+        "--layers",
+        dest="steer_layers",
+        type=parse_layers,
+        help="steered layers, e.g. '5-20' (default: the settings', else automatic)",
+    )
     scales = [s.value for s in SteerScale]
-    group.add_argument("--steer-scale", choices=scales, help="alpha x unit vectors (paper) or alpha x raw vectors "
-                       "(default for fitted ones)")  # fmt: skip
+    group.add_argument(
+        "--steer-scale",
+        choices=scales,
+        help="alpha x unit vectors (paper) or alpha x raw vectors (default for fitted ones)",
+    )
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
     group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
     group.add_argument("--system", help="system prompt for the chat template")
     group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
-    group.add_argument("--loop-span", type=int, help="end a steered answer at its first repeated run of this many "
-                       "tokens (default 8; 0: never)")  # fmt: skip
-    group.add_argument("--allow-weak-steering", action="store_true", default=None,
-                       help="run a steering whose shifts are negligible (by default refused: it would not protect); "
-                       "its rows are never reported as intervened")  # fmt: skip
+    group.add_argument(
+        "--loop-span",
+        type=int,
+        help="end a steered answer at its first repeated run of this many tokens (default 8; 0: never)",
+    )
+    group.add_argument(
+        "--allow-weak-steering",
+        action="store_true",
+        default=None,
+        help="run a steering whose shifts are negligible (by default refused: it would not protect); "
+        "its rows are never reported as intervened",
+    )
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -282,8 +319,9 @@ def _turns_gate_prompts(domain: list[str], public: bool) -> list[Any]:
         try:
             data_dir()
         except PromptError as exc:
-            _status(f"note: {exc} The gate is built from the built-in sets (and --domain) only; pass --no-public to "
-                    "say so.")  # fmt: skip
+            _status(
+                f"note: {exc} The gate is built from the built-in sets (and --domain) only; pass --no-public to say so."
+            )
             public = False
     if domain and len(domain) < 2:
         raise InferAlignerError("--domain needs at least two prompts: half teach the gate, half check it.")
@@ -301,18 +339,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _generation_kwargs(args)
     images = [None if path.lower() == "none" else path for path in args.image or []]
     if args.image and len(images) != len(prompts):
-        raise InferAlignerError(f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
-                                "(write 'none' for a prompt without an image).")  # fmt: skip
+        raise InferAlignerError(
+            f"{len(prompts)} prompts but {len(images)} --image: give one per prompt "
+            "(write 'none' for a prompt without an image)."
+        )
     aligner, processor = build_aligner(vars(args))
     if args.image:
         from inferaligner.multimodal import MultimodalAligner
 
         if processor is None:
-            raise InferAlignerError(f"{args.model} is a text-only model and cannot take images; use an image-text "
-                                    "model.")  # fmt: skip
+            raise InferAlignerError(
+                f"{args.model} is a text-only model and cannot take images; use an image-text model."
+            )
         multimodal = MultimodalAligner(aligner, processor, args.prompt_template)
-        completions = multimodal.complete(prompts, images, max_new_tokens=args.max_new_tokens,
-                                          batch_size=args.batch_size, **kwargs)  # fmt: skip
+        completions = multimodal.complete(
+            prompts, images, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **kwargs
+        )
     else:
         completions = aligner.complete(
             prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json, **kwargs
@@ -377,8 +419,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     residual = vectors.residual_norms
     if vectors.fitted:
-        print(f"  teacher-fitted steering vectors (teacher: {prov.teacher or 'unknown'}) on layers "
-              f"{vectors.fitted_layers}")  # fmt: skip
+        print(
+            f"  teacher-fitted steering vectors (teacher: {prov.teacher or 'unknown'}) on layers "
+            f"{vectors.fitted_layers}"
+        )
         if residual is not None:
             raw = vectors.directions * vectors.norms[:, None]
             strength = steering_strength(residual, raw, vectors.fitted_layers, 1.0)
@@ -392,15 +436,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rule = f"{g.rule}{target}"
         print(f"  gate: layer {g.layer}, bias {g.bias:.4f} ({rule}), {g.direction} direction, {g.pooling} pooling")
         if g.pooling == "turns":
-            print(f"  reads each user turn, the system message and a raw prompt alone, as a lone request (a pass over "
-                  f"their own tokens, blocks 0-{g.layer}, before generation); an earlier turn fires past a margin of "
-                  f"{g.earlier_margin:.4f}")  # fmt: skip
+            print(
+                f"  reads each user turn, the system message and a raw prompt alone, as a lone request (a pass over "
+                f"their own tokens, blocks 0-{g.layer}, before generation); an earlier turn fires past a margin of "
+                f"{g.earlier_margin:.4f}"
+            )
             if g.data:
                 print(f"  gate data: {g.data}")
         else:
-            print(f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; "
-                  f"steering a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again "
-                  "(the whole prompt again on sliding-window models)")  # fmt: skip
+            print(
+                f"  one-pass gating: steered layers above {g.layer} are steered inside generation's own pass; "
+                f"steering a layer l in 0-{g.layer} makes a batch where a row fires run blocks l-{g.layer} again "
+                "(the whole prompt again on sliding-window models)"
+            )
     names = sorted(vectors.metrics)
     columns = {name: vectors.metrics[name] for name in names}
     if residual is not None:  # the shift per unit of alpha, relative to the layer's residual norm
@@ -426,32 +474,58 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InferAlignerError(f"--frames takes role-play frame numbers 0-{len(ROLEPLAY_FRAMES) - 1}, not {outside}.")
     harmful = load_prompt_sources(args.harmful, args.column, args.limit)
     benign = load_prompt_sources(args.benign, args.column, args.limit) if args.benign else []
-    settings = FitSettings(layers=tuple(args.layers) if args.layers else None, steps=args.steps,
-                           learning_rate=args.lr, batch_size=args.batch_size,
-                           max_answer_tokens=args.answer_tokens)  # fmt: skip
+    settings = FitSettings(
+        layers=tuple(args.layers) if args.layers else None,
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        max_answer_tokens=args.answer_tokens,
+    )
     judge = RefusalJudge()
     started = time.perf_counter()
     _status("the aligned model is the teacher")
     loaded = _load(vars(args), args.aligned)
     teacher, teacher_tok = loaded.model, loaded.tokenizer
-    refusals = teacher_answers(teacher, teacher_tok, harmful, system=args.system, max_new_tokens=args.answer_tokens,
-                               keep=is_coherent_refusal)  # fmt: skip
-    answers = teacher_answers(teacher, teacher_tok, benign, harmful=False, system=args.system,
-                              max_new_tokens=args.answer_tokens,
-                              keep=lambda t: outcome(judge.judge(t), t) == CONTENT) if benign else []  # fmt: skip
+    refusals = teacher_answers(
+        teacher, teacher_tok, harmful, system=args.system, max_new_tokens=args.answer_tokens, keep=is_coherent_refusal
+    )
+    answers = (
+        teacher_answers(
+            teacher,
+            teacher_tok,
+            benign,
+            harmful=False,
+            system=args.system,
+            max_new_tokens=args.answer_tokens,
+            keep=lambda t: outcome(judge.judge(t), t) == CONTENT,
+        )
+        if benign
+        else []
+    )
     del teacher, loaded
-    _status(f"the teacher refused {len(refusals)} of {len(harmful)} harmful prompts coherently (kept) and answered "
-            f"{len(answers)} of {len(benign)} benign ones (kept)")  # fmt: skip
+    _status(
+        f"the teacher refused {len(refusals)} of {len(harmful)} harmful prompts coherently (kept) and answered "
+        f"{len(answers)} of {len(benign)} benign ones (kept)"
+    )
     if not refusals:
-        raise InferAlignerError(f"{args.aligned} refused none of the harmful prompts coherently: it cannot teach "
-                                "refusals. Use a safety-aligned model as --aligned.")  # fmt: skip
+        raise InferAlignerError(
+            f"{args.aligned} refused none of the harmful prompts coherently: it cannot teach "
+            "refusals. Use a safety-aligned model as --aligned."
+        )
     examples = [*(refusals if args.whole_refusals else refusals_only(refusals)), *answers]
     if not args.no_roleplay:
         examples = with_roleplay(examples, [ROLEPLAY_FRAMES[i] for i in frames])
     target = _load(vars(args))
     model, tokenizer = target.model, target.tokenizer
-    result = fit_steering_vectors(model, tokenizer, examples, settings, teacher_name=str(args.aligned),
-                                  system=args.system, layers_path=args.layers_path)  # fmt: skip
+    result = fit_steering_vectors(
+        model,
+        tokenizer,
+        examples,
+        settings,
+        teacher_name=str(args.aligned),
+        system=args.system,
+        layers_path=args.layers_path,
+    )
     path = result.vectors.save(args.out)
     _status(
         f"wrote {path}: layers {result.vectors.fitted_layers}, loss {result.losses[0]:.3f} -> "
@@ -470,19 +544,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.aligned_vectors:
         if not args.mean_difference_layers:
             raise InferAlignerError("--aligned-vectors needs --mean-difference-layers (which layers they steer).")
-        candidates.append(candidate("mean-difference", args.aligned_vectors, args.alphas,
-                                    args.mean_difference_layers, args.mean_difference_scale,
-                                    kind="mean-difference"))  # fmt: skip
+        candidates.append(
+            candidate(
+                "mean-difference",
+                args.aligned_vectors,
+                args.alphas,
+                args.mean_difference_layers,
+                args.mean_difference_scale,
+                kind="mean-difference",
+            )
+        )
     loaded = _load(vars(args))
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
-    settings, rows = calibrate(model, tokenizer, candidates, harmful, benign, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, system=args.system, loop_span=args.loop_span)  # fmt: skip
+    settings, rows = calibrate(
+        model,
+        tokenizer,
+        candidates,
+        harmful,
+        benign,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        system=args.system,
+        loop_span=args.loop_span,
+    )
     out: Path = settings.save(args.out)
     picture = plot(rows, out.with_suffix(".png"))
     print(table_markdown(rows, settings))
-    _status(f"chose {settings.candidate} at strength {settings.alpha:g} on layers {list(settings.layers)}; wrote {out} "
-            f"and {picture} in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    _status(
+        f"chose {settings.candidate} at strength {settings.alpha:g} on layers {list(settings.layers)}; wrote {out} "
+        f"and {picture} in {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 
@@ -491,8 +583,9 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / "zoo" / args.name
     _status(f"building '{args.name}' into {out} (the full recipe takes tens of minutes on 2 CPU cores)")
-    card = build_demo_model(args.name, out, limit=args.limit, max_steps=args.max_steps, public=args.public,
-                            **_gate_rates(args))  # fmt: skip
+    card = build_demo_model(
+        args.name, out, limit=args.limit, max_steps=args.max_steps, public=args.public, **_gate_rates(args)
+    )
     _status(
         f"done: {card['steps']} steps on {card['examples']} examples, final loss {card['final_loss']}, "
         f"{card['build_seconds']} s"
@@ -544,8 +637,13 @@ SERVE_DEFAULTS = {
     "ray": False, "replicas": 1, "max_replicas": 0, "cpus_per_replica": 1.0, "ray_address": "",  # 0 / "": none
 }  # fmt: skip
 NOT_CONFIG = {"run", "verb", "verbose", "config", "config_parser"}
-_JSON_KINDS = {int: "a whole number", positive_int: "a whole number", float: "a number", str: "a text",
-               Path: "a file path (text)"}  # fmt: skip
+_JSON_KINDS = {
+    int: "a whole number",
+    positive_int: "a whole number",
+    float: "a number",
+    str: "a text",
+    Path: "a file path (text)",
+}
 
 
 def _config_value(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
@@ -567,8 +665,9 @@ def _config_value(action: argparse.Action, key: str, value: Any, source: Path) -
         return sorted(set(value))
     wanted = {float: (int, float), int: int, positive_int: int}.get(kind, str)
     if not isinstance(value, wanted) or isinstance(value, bool):
-        what = _JSON_KINDS.get(kind, "a list of layer numbers or a text such as '5-12'" if kind is parse_layers
-                               else "a text")  # fmt: skip
+        what = _JSON_KINDS.get(
+            kind, "a list of layer numbers or a text such as '5-12'" if kind is parse_layers else "a text"
+        )
         raise InferAlignerError(f"{source}: '{key}' must be {what}, not {value!r}.")
     try:
         checked = kind(str(value)) if kind is not str else value
@@ -597,9 +696,13 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
         actions = {action.dest: action for action in args.config_parser._actions}
         # A null value means the default: it is left out.
-        loaded = {actions[key if key != "layers" else "steer_layers"].dest: _config_value(
-            actions[key if key != "layers" else "steer_layers"], key, value, args.config) for key, value in
-            loaded.items() if value is not None}  # fmt: skip
+        loaded = {
+            actions[key if key != "layers" else "steer_layers"].dest: _config_value(
+                actions[key if key != "layers" else "steer_layers"], key, value, args.config
+            )
+            for key, value in loaded.items()
+            if value is not None
+        }
         options |= loaded
     options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
     if not options.get("model"):  # the demo pair: the shipped target brings its gate and steering settings
@@ -640,16 +743,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(options["max_body_bytes"]),
         body_timeout_s=float(options["body_timeout_s"]),
     )
-    limits = {"max_batch": int(options["max_batch"]), "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
-              "max_queue": int(options["max_queue"])}  # fmt: skip
+    limits = {
+        "max_batch": int(options["max_batch"]),
+        "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
+        "max_queue": int(options["max_queue"]),
+    }
     check_limits(**limits)  # every option is checked before the model loads
     if options["scheduler"] not in SCHEDULERS:
         raise InferAlignerError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {options['scheduler']!r}.")
     dtype(options)
     _check_port_free(str(options["host"]), int(options["port"]))
     if config.api_key is None:
-        _status(f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
-                "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
+        _status(
+            f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
+            "(set --api-key or INFERALIGNER_API_KEY)"
+        )
     if options.get("ray"):
         return _serve_on_ray(options, config, limits)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
@@ -658,10 +766,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aligner, _ = build_aligner(options)
     engine = make_engine(aligner, options["scheduler"], prefix_cache=bool(options["prefix_cache"]), **limits)
     mode = aligner.settings.mode.value
-    _status(f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
-            f"http://{options['host']}:{options['port']}, {engine.scheduler} batching")  # fmt: skip
-    uvicorn.run(create_app(engine, config), host=str(options["host"]), port=int(options["port"]),
-                log_level="warning", timeout_graceful_shutdown=60, http=http_protocol())  # fmt: skip
+    _status(
+        f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
+        f"http://{options['host']}:{options['port']}, {engine.scheduler} batching"
+    )
+    uvicorn.run(
+        create_app(engine, config),
+        host=str(options["host"]),
+        port=int(options["port"]),
+        log_level="warning",
+        timeout_graceful_shutdown=60,
+        http=http_protocol(),
+    )
     return 0
 
 
@@ -672,11 +788,19 @@ def _serve_on_ray(options: dict[str, Any], config: Any, limits: dict[str, Any]) 
 
     rayserve.ray_serve()  # installed? (a one-line error before anything loads)
     alignment(options)  # the vector files and settings are checked here, before any replica loads a model
-    app = rayserve.application(build_aligner, options, config, limits, replicas=int(options["replicas"]),
-                               max_replicas=int(options["max_replicas"]) or None,
-                               cpus_per_replica=float(options["cpus_per_replica"]))  # fmt: skip
-    _status(f"deploying '{config.model_name}' on Ray Serve: {options['replicas']} replica(s), "
-            f"{options['scheduler']} batching")  # fmt: skip
+    app = rayserve.application(
+        build_aligner,
+        options,
+        config,
+        limits,
+        replicas=int(options["replicas"]),
+        max_replicas=int(options["max_replicas"]) or None,
+        cpus_per_replica=float(options["cpus_per_replica"]),
+    )
+    _status(
+        f"deploying '{config.model_name}' on Ray Serve: {options['replicas']} replica(s), "
+        f"{options['scheduler']} batching"
+    )
     rayserve.run(app, str(options["host"]), int(options["port"]), options["ray_address"] or None, status=_status)
     return 0
 
@@ -692,8 +816,11 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
     from inferaligner import zoo
     from inferaligner.zoo.recipes import build_demo_model
 
-    names = {"target": "target" if domain == "arithmetic" else "finance",
-             "safety-sft": f"safety-sft-{domain}", "aligned-domain": f"aligned-{domain}"}  # fmt: skip
+    names = {
+        "target": "target" if domain == "arithmetic" else "finance",
+        "safety-sft": f"safety-sft-{domain}",
+        "aligned-domain": f"aligned-{domain}",
+    }
     folders: dict[str, object] = {}
     for role, name in names.items():
         if role != "target" and role not in methods:
@@ -740,16 +867,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         domain = args.demo
     else:
         options = {k: v for k, v in with_shipped({**options, "model": args.target}).items() if k != "model"}
-        if not (args.target and options.get("target_vectors") and (options.get("aligned_vectors") or
-                                                                    options.get("settings"))):  # fmt: skip
-            raise InferAlignerError("Give --target, --target-vectors and --aligned-vectors or --settings (or --demo "
-                                    "DOMAIN).")  # fmt: skip
+        if not (
+            args.target
+            and options.get("target_vectors")
+            and (options.get("aligned_vectors") or options.get("settings"))
+        ):
+            raise InferAlignerError(
+                "Give --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
+            )
         loaded = _load(options, args.target)
         if args.multimodal and loaded.processor is None:
             raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
         target, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
-        for role, path in (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain),
-                           ("aligned", args.aligned_model)):  # fmt: skip
+        for role, path in (
+            ("safety-sft", args.model_safety_sft),
+            ("aligned-domain", args.model_aligned_domain),
+            ("aligned", args.aligned_model),
+        ):
             if path:
                 other = _load(options, path)
                 extra[role] = (other.model, other.tokenizer)
@@ -761,12 +895,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.multimodal:
         from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
 
-        tasks = [mm_harmful_task(args.limit), mm_utility_task(args.limit), xstest_task(args.limit),
-                 harmless_task(args.limit)]  # fmt: skip
+        tasks = [
+            mm_harmful_task(args.limit),
+            mm_utility_task(args.limit),
+            xstest_task(args.limit),
+            harmless_task(args.limit),
+        ]
     elif args.utility_file:
         choices = args.choices.split(",") if args.choices else None
-        utility = file_task("utility", "utility", args.utility_file, args.column, args.answer_column, choices,
-                            args.limit)  # fmt: skip
+        utility = file_task(
+            "utility", "utility", args.utility_file, args.column, args.answer_column, choices, args.limit
+        )
         tasks = [*default_tasks("arithmetic", args.limit)[:-1], utility]
     else:
         tasks = default_tasks(domain if domain in ("arithmetic", "finance") else "arithmetic", args.limit)
@@ -786,13 +925,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         paper = (paper_steering.load_vectors(), resolve(shared, paper_steering))
     elif "inferaligner-paper" in methods:
         methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
-    built = build_methods(methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra,
-                          paper=paper)  # fmt: skip
+    built = build_methods(
+        methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra, paper=paper
+    )
     out = args.out or Path("runs") / "eval" / domain
     steered = [how for m in built if (how := m.aligner.describe())["layers"]]  # "simple" and "off" steer none
     how = steered[0] if steered else {"alpha": settings.alpha, "scale": None, "layers": None}
-    config = {"domain": domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
-              "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
+    config = {
+        "domain": domain,
+        "alpha": how["alpha"],
+        "steer_scale": how["scale"],
+        "layers": how["layers"],
+        "limit": args.limit,
+        "methods": [m.name for m in built],
+    }
     _status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
     results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
     write_report(results, out, domain)
@@ -834,23 +980,42 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(extract)
     extract.add_argument("--out", type=output_file, required=True, help="vector file to write (.safetensors)")
     sets = "files or built-in sets (builtin:<set>[:<extraction|calibration|all>], sets: " + ", ".join(KINDS) + ")"
-    extract.add_argument("--harmful", nargs="+", default=[f"builtin:{k}:extraction" for k in GATE_HARMFUL],
-                         help=f"harmful prompts: {sets} (default: %(default)s)")  # fmt: skip
+    extract.add_argument(
+        "--harmful",
+        nargs="+",
+        default=[f"builtin:{k}:extraction" for k in GATE_HARMFUL],
+        help=f"harmful prompts: {sets} (default: %(default)s)",
+    )
     extract.add_argument(
         "--harmless",
         nargs="+",
         default=[f"builtin:{k}:extraction" for k in GATE_HARMLESS],
         help="harmless prompts; add your own domain's prompts here (default: %(default)s)",
     )
-    extract.add_argument("--calib-harmful", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMFUL],
-                         help="held-out harmful prompts for the gate's metrics and choice")  # fmt: skip
-    extract.add_argument("--calib-harmless", nargs="+", default=[f"builtin:{k}:calibration" for k in GATE_HARMLESS],
-                         help="held-out harmless prompts for the gate's metrics, choice and --gate-fpr; each "
-                         "source is one group when the probe is chosen")  # fmt: skip
-    extract.add_argument("--no-calibration", action="store_true",
-                         help="no held-out measurements and no stored gate (for steering-only vectors)")  # fmt: skip
-    extract.add_argument("--gate", choices=[MEAN_DIFFERENCE, PROBE], default=PROBE,
-                         help="gate direction: a logistic probe (default) or the paper's mean difference")  # fmt: skip
+    extract.add_argument(
+        "--calib-harmful",
+        nargs="+",
+        default=[f"builtin:{k}:calibration" for k in GATE_HARMFUL],
+        help="held-out harmful prompts for the gate's metrics and choice",
+    )
+    extract.add_argument(
+        "--calib-harmless",
+        nargs="+",
+        default=[f"builtin:{k}:calibration" for k in GATE_HARMLESS],
+        help="held-out harmless prompts for the gate's metrics, choice and --gate-fpr; each "
+        "source is one group when the probe is chosen",
+    )
+    extract.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="no held-out measurements and no stored gate (for steering-only vectors)",
+    )
+    extract.add_argument(
+        "--gate",
+        choices=[MEAN_DIFFERENCE, PROBE],
+        default=PROBE,
+        help="gate direction: a logistic probe (default) or the paper's mean difference",
+    )
     extract.add_argument(
         "--pooling",
         choices=POOLINGS,
@@ -886,10 +1051,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--column", help="column / field holding the prompt")
     generate.add_argument("--batch-size", type=positive_int, default=8)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    generate.add_argument("--image", action="append", help="image for the i-th prompt (image-text models; "
-                          "repeat per prompt, 'none' for no image)")  # fmt: skip
-    generate.add_argument("--prompt-template", help="for processors without a chat template, e.g. "
-                          "'USER: <image>\\n{prompt} ASSISTANT:'")  # fmt: skip
+    generate.add_argument(
+        "--image",
+        action="append",
+        help="image for the i-th prompt (image-text models; repeat per prompt, 'none' for no image)",
+    )
+    generate.add_argument(
+        "--prompt-template", help="for processors without a chat template, e.g. 'USER: <image>\\n{prompt} ASSISTANT:'"
+    )
     generate.set_defaults(run=cmd_generate)
 
     chat = verbs.add_parser("chat", help="chat interactively with the target model under InferAligner")
@@ -903,18 +1072,28 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--aligned", required=True, help="the safety-aligned model that teaches (hub id, folder, zoo:)")
     fit.add_argument("--out", type=output_file, required=True, help="steering vector file to write (.safetensors)")
     teach = ["builtin:harmful:extraction", "builtin:harmful-styles:extraction"]
-    fit.add_argument("--harmful", nargs="+", default=teach,
-                     help="harmful prompts whose refusals are taught (default: %(default)s)")  # fmt: skip
-    fit.add_argument("--benign", nargs="*", default=[],
-                     help="benign prompts whose answers the steered target should keep (default: none; measured in "
-                     "docs/RESULTS.md: it costs refusals about as a weaker strength does)")  # fmt: skip
+    fit.add_argument(
+        "--harmful", nargs="+", default=teach, help="harmful prompts whose refusals are taught (default: %(default)s)"
+    )
+    fit.add_argument(
+        "--benign",
+        nargs="*",
+        default=[],
+        help="benign prompts whose answers the steered target should keep (default: none; measured in "
+        "docs/RESULTS.md: it costs refusals about as a weaker strength does)",
+    )
     fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
-    fit.add_argument("--frames", type=parse_layers,
-                     help="role-play frames to teach, by number in prompts.ROLEPLAY_FRAMES (e.g. '0-14,16'; default: "
-                     "all)")  # fmt: skip
-    fit.add_argument("--whole-refusals", action="store_true",
-                     help="teach the teacher's whole refusals, offers after the refusal included (default: cut after "
-                     "the opening refusal; docs/RESULTS.md measures both)")  # fmt: skip
+    fit.add_argument(
+        "--frames",
+        type=parse_layers,
+        help="role-play frames to teach, by number in prompts.ROLEPLAY_FRAMES (e.g. '0-14,16'; default: all)",
+    )
+    fit.add_argument(
+        "--whole-refusals",
+        action="store_true",
+        help="teach the teacher's whole refusals, offers after the refusal included (default: cut after "
+        "the opening refusal; docs/RESULTS.md measures both)",
+    )
     fit.add_argument("--layers", type=parse_layers, help="steered layers (default: 40/53/67/80%% of the depth)")
     fit.add_argument("--steps", type=positive_int, default=80)
     fit.add_argument("--lr", type=float, default=0.05)
@@ -929,22 +1108,43 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(calibrate)
     calibrate.add_argument("--steering", type=Path, required=True, help="teacher-fitted vectors (from `fit`)")
     calibrate.add_argument("--aligned-vectors", type=Path, help="also try the paper's mean-difference vectors")
-    calibrate.add_argument("--mean-difference-layers", type=parse_layers,
-                           help="layers the mean-difference vectors steer")  # fmt: skip
-    calibrate.add_argument("--mean-difference-scale", choices=[s.value for s in SteerScale], default="unit",
-                           help="unit vectors (the paper) or raw differences")  # fmt: skip
+    calibrate.add_argument(
+        "--mean-difference-layers", type=parse_layers, help="layers the mean-difference vectors steer"
+    )
+    calibrate.add_argument(
+        "--mean-difference-scale",
+        choices=[s.value for s in SteerScale],
+        default="unit",
+        help="unit vectors (the paper) or raw differences",
+    )
     calibrate.add_argument("--scales", type=_floats, help="strengths for the fitted vectors (default 0.75,1,1.25,1.5)")
     calibrate.add_argument("--alphas", type=_floats, help="alphas for the mean-difference vectors (default 4,8)")
-    calibrate.add_argument("--harmful", nargs="+", default=["builtin:harmful:calibration",
-                           "builtin:harmful-styles:calibration", "builtin:harmful-roleplay:calibration"],
-                           help="held-out harmful prompts, plain and inside role-play frames")  # fmt: skip
-    calibrate.add_argument("--benign", nargs="+", default=["builtin:lookalike:calibration"],
-                           help="held-out benign look-alikes (answers that should survive steering)")  # fmt: skip
-    calibrate.add_argument("--out", type=output_file, required=True,
-                           help="settings file to write (.json; a .png beside it)")  # fmt: skip
+    calibrate.add_argument(
+        "--harmful",
+        nargs="+",
+        default=[
+            "builtin:harmful:calibration",
+            "builtin:harmful-styles:calibration",
+            "builtin:harmful-roleplay:calibration",
+        ],
+        help="held-out harmful prompts, plain and inside role-play frames",
+    )
+    calibrate.add_argument(
+        "--benign",
+        nargs="+",
+        default=["builtin:lookalike:calibration"],
+        help="held-out benign look-alikes (answers that should survive steering)",
+    )
+    calibrate.add_argument(
+        "--out", type=output_file, required=True, help="settings file to write (.json; a .png beside it)"
+    )
     calibrate.add_argument("--system", help="system prompt for the chat template (the one you will serve with)")
-    calibrate.add_argument("--loop-span", type=int, default=DEFAULT_LOOP_SPAN,
-                           help="the loop stop you will serve with (default: %(default)s; 0: off)")  # fmt: skip
+    calibrate.add_argument(
+        "--loop-span",
+        type=int,
+        default=DEFAULT_LOOP_SPAN,
+        help="the loop stop you will serve with (default: %(default)s; 0: off)",
+    )
     calibrate.add_argument("--max-new-tokens", type=positive_int, default=48)
     calibrate.add_argument("--batch-size", type=positive_int, default=16)
     calibrate.add_argument("--column", help="column / field holding the prompt in csv, json and jsonl files")
@@ -963,12 +1163,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=positive_int, help="default 8000")
     serve.add_argument("--served-model-name", help="the model id clients send")
-    serve.add_argument("--scheduler", choices=("continuous", "batch"),
-                       help="continuous: requests join and leave the running batch at each decoding step (default); "
-                       "batch: each batch runs to its end")  # fmt: skip
-    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
-                       help="prefill every chat request whole (by default the continuous scheduler runs the chat "
-                       "template's opening once and prefills only what follows it)")  # fmt: skip
+    serve.add_argument(
+        "--scheduler",
+        choices=("continuous", "batch"),
+        help="continuous: requests join and leave the running batch at each decoding step (default); "
+        "batch: each batch runs to its end",
+    )
+    serve.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const=False,
+        help="prefill every chat request whole (by default the continuous scheduler runs the chat "
+        "template's opening once and prefills only what follows it)",
+    )
     serve.add_argument("--max-batch", type=positive_int, help="rows decoded together (default 8)")
     serve.add_argument(
         "--batch-wait-ms",
@@ -976,10 +1184,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an idle server waits for company for its first request (default 10)",
     )
     serve.add_argument("--max-queue", type=positive_int, help="waiting requests before answering 429 (default 64)")
-    serve.add_argument("--max-tokens-limit", type=positive_int,
-                       help="largest max_tokens a request may ask (default 512)")  # fmt: skip
-    serve.add_argument("--default-max-tokens", type=positive_int,
-                       help="max_tokens when a request gives none (default: 256, at most the limit)")  # fmt: skip
+    serve.add_argument(
+        "--max-tokens-limit", type=positive_int, help="largest max_tokens a request may ask (default 512)"
+    )
+    serve.add_argument(
+        "--default-max-tokens",
+        type=positive_int,
+        help="max_tokens when a request gives none (default: 256, at most the limit)",
+    )
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INFERALIGNER_API_KEY)")
     serve.add_argument("--max-body-bytes", type=positive_int, help="largest request body (default 1 MiB)")
     serve.add_argument("--body-timeout-s", type=float, help="time a client may take to send its body (default 30)")
@@ -1005,8 +1217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--cpus-per-replica", type=float, help="CPUs Ray reserves per replica, and its torch threads (default 1)"
     )
-    ray.add_argument("--ray-address", help="join a running Ray cluster ('auto', or ray://HEAD:10001); default: start "
-                     "a local instance")  # fmt: skip
+    ray.add_argument(
+        "--ray-address",
+        help="join a running Ray cluster ('auto', or ray://HEAD:10001); default: start a local instance",
+    )
     serve.set_defaults(run=cmd_serve, config_parser=serve)
 
     evaluation = verbs.add_parser("eval", help="measure ASR, jailbreak ASR, over-refusal and utility per method")
@@ -1015,8 +1229,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--demo", choices=["arithmetic", "finance"], help="the demo pair on one domain")
     evaluation.add_argument("--target", help="target model (hub id, folder, .gguf, zoo:NAME)")
     _alignment_options(evaluation, modes=False)
-    evaluation.add_argument("--paper-settings", type=Path, help="settings of the paper's mean-difference vectors, for "
-                            "the row inferaligner-paper")  # fmt: skip
+    evaluation.add_argument(
+        "--paper-settings",
+        type=Path,
+        help="settings of the paper's mean-difference vectors, for the row inferaligner-paper",
+    )
     evaluation.add_argument("--methods", help=f"comma-separated subset of: {', '.join(_method_names())}")
     evaluation.add_argument("--model-safety-sft", help="the domain model trained with safety data (row Safety SFT)")
     evaluation.add_argument("--model-aligned-domain", help="the aligned model fine-tuned on the domain")

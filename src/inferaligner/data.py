@@ -27,8 +27,9 @@ def data_dir() -> Path:
     configured = os.environ.get("INFERALIGNER_DATA")
     folder = Path(configured) if configured else Path.cwd().parent / "shared" / "data"
     if not folder.is_dir():
-        raise PromptError(f"The data folder was not found at {folder}: set INFERALIGNER_DATA to the folder that "
-                          "holds it.")  # fmt: skip
+        raise PromptError(
+            f"The data folder was not found at {folder}: set INFERALIGNER_DATA to the folder that holds it."
+        )
     return folder
 
 

@@ -92,8 +92,9 @@ def with_roleplay(examples: Sequence[TeacherExample], frames: Sequence[str] = RO
     if not frames:
         raise PromptError("Give at least one role-play frame (or leave role-play out).")
     harmful = [e for e in examples if e.harmful]
-    framed = [TeacherExample(frames[i % len(frames)].format(prompt=e.prompt), e.answer, True)
-              for i, e in enumerate(harmful)]  # fmt: skip
+    framed = [
+        TeacherExample(frames[i % len(frames)].format(prompt=e.prompt), e.answer, True) for i, e in enumerate(harmful)
+    ]
     return [*examples, *framed]
 
 
@@ -174,8 +175,11 @@ def fit_steering_vectors(
         return hook
 
     low = min(layer_ids)
-    prefix = _LowerBlocks(model, blocks, low, batches, tokenizer.pad_token_id or 0) if (
-        settings.cache_lower_blocks and low > 0) else None  # fmt: skip
+    prefix = (
+        _LowerBlocks(model, blocks, low, batches, tokenizer.pad_token_id or 0)
+        if (settings.cache_lower_blocks and low > 0)
+        else None
+    )
     handles = [blocks[layer].register_forward_hook(hook_for(i)) for i, layer in enumerate(layer_ids)]
     optimiser = torch.optim.Adam([theta], lr=settings.learning_rate)
     generator = random.Random(settings.seed)
@@ -226,8 +230,15 @@ class _LowerBlocks:
     """The outputs of the blocks below `low` for every example, computed once; while standing in, those blocks are
     replaced by stubs that hand the cached output of the selected examples to block `low`."""
 
-    def __init__(self, model: PreTrainedModel, blocks: nn.ModuleList, low: int,
-                 batches: Sequence[tuple[list[int], list[int]]], pad: int, chunk: int = 16) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        blocks: nn.ModuleList,
+        low: int,
+        batches: Sequence[tuple[list[int], list[int]]],
+        pad: int,
+        chunk: int = 16,
+    ) -> None:
         self.blocks, self.low = blocks, low
         self.originals = list(blocks[:low])
         self.current: torch.Tensor | None = None  # the selected examples' cached outputs, handed to block `low`
@@ -339,8 +350,13 @@ def _as_vectors(
     norms = full.norm(dim=-1)
     directions = torch.where(norms[:, None] > 0, full / norms.clamp_min(1e-12)[:, None], torch.zeros_like(full))
     provenance = Provenance.of(
-        model, full.shape[0], sum(e.harmful for e in examples), sum(not e.harmful for e in examples),
+        model,
+        full.shape[0],
+        sum(e.harmful for e in examples),
+        sum(not e.harmful for e in examples),
         data_hash([e.prompt for e in examples], [e.answer for e in examples]),
-        normalisation="raw", method=TEACHER_FITTED, teacher=teacher,
-    )  # fmt: skip
+        normalisation="raw",
+        method=TEACHER_FITTED,
+        teacher=teacher,
+    )
     return SafetyVectors(directions, norms, torch.zeros(full.shape[0]), provenance)

@@ -70,8 +70,11 @@ class GateHead:
         return torch.nn.functional.gelu(inner) @ self.output_weight.to(device=activations.device, dtype=torch.float32)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"hidden_weight": self.hidden_weight, "hidden_bias": self.hidden_bias,
-                "output_weight": self.output_weight}  # fmt: skip
+        return {
+            "hidden_weight": self.hidden_weight,
+            "hidden_bias": self.hidden_bias,
+            "output_weight": self.output_weight,
+        }
 
 
 @dataclass(frozen=True)
@@ -263,8 +266,9 @@ def macro_auroc(harmful: torch.Tensor, harmless: torch.Tensor, groups: Sequence[
     counts as much as a large, easy one."""
     sizes = list(groups) if groups else [len(harmless)]
     if sum(sizes) != len(harmless) or min(sizes) <= 0:
-        raise InferAlignerError(f"The harmless groups ({sizes}) must be non-empty and cover all {len(harmless)} "
-                                "harmless prompts.")  # fmt: skip
+        raise InferAlignerError(
+            f"The harmless groups ({sizes}) must be non-empty and cover all {len(harmless)} harmless prompts."
+        )
     parts = harmless.split(sizes)
     return sum(float(auroc(harmful[:, None], part[:, None])) for part in parts) / len(parts)
 
@@ -306,8 +310,9 @@ def search_probe(
     for layer in range(1, layers - 1) if layers > 2 else range(layers):
         for l2 in sorted(l2_values, reverse=True):
             direction, bias = fit_probe(harmful[:, layer], harmless[:, layer], l2)
-            score = macro_auroc(cal_harmful[:, layer].float() @ direction, cal_harmless[:, layer].float() @ direction,
-                                groups)  # fmt: skip
+            score = macro_auroc(
+                cal_harmful[:, layer].float() @ direction, cal_harmless[:, layer].float() @ direction, groups
+            )
             scores[layer] = max(float(scores[layer]), score)
             if best is None or score > best[0] + 1e-9:
                 best = (score, layer, direction, bias, l2)

@@ -223,8 +223,9 @@ def fit_mlp_head(
             order = rows[torch.randperm(len(rows), generator=generator)]
             for start in range(0, len(order), 128):
                 batch = order[start : start + 128]
-                loss = nn.functional.binary_cross_entropy_with_logits(net(standard[batch])[:, 0], labels[batch],
-                                                                      reduction="none")  # fmt: skip
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    net(standard[batch])[:, 0], labels[batch], reduction="none"
+                )
                 optimiser.zero_grad()
                 (loss * weights[batch]).mean().backward()
                 optimiser.step()
@@ -303,8 +304,11 @@ def fit_turns_gate(
     # An earlier turn fires when its score clears `margin` more: at the bias `calibrate_bias` sets for `earlier_fpr`.
     margin = max(0.0, bias - calibrate_bias(harmless_cal, earlier_fpr))
     fired = scores + bias > 0
-    rates = {source: round(float(fired[index].float().mean()), 4)
-             for (is_harmful, source), index in sorted(groups.items()) if not is_harmful}  # fmt: skip
+    rates = {
+        source: round(float(fired[index].float().mean()), 4)
+        for (is_harmful, source), index in sorted(groups.items())
+        if not is_harmful
+    }
     rates["harmful"] = round(float(fired[cal_harmful].float().mean()), 4)
     parts = {"extraction": fit, "calibration": ~fit}
     labels = {"harmful": harmful, "harmless": ~harmful}
@@ -331,11 +335,22 @@ def with_turns_gate(vectors: SafetyVectors, fit: GateFit, prompts: Sequence[Labe
     """`vectors` (the target's own, from `extract_safety_vectors`) with `fit` as their stored gate, its data named
     and each searched layer's calibration score kept (`turns.calibration_auroc`)."""
     sources = sorted({p.source.split("+")[0] for p in prompts})
-    data = (f"{len(prompts)} prompts ({fit.counts}) from {', '.join(sources)}; "
-            f"hash {data_hash([p.prompt for p in prompts], [str(p.harmful) for p in prompts])}")  # fmt: skip
+    data = (
+        f"{len(prompts)} prompts ({fit.counts}) from {', '.join(sources)}; "
+        f"hash {data_hash([p.prompt for p in prompts], [str(p.harmful) for p in prompts])}"
+    )
     kind = MLP if fit.head is not None else PROBE
-    spec = GateSpec(fit.layer, fit.bias, fit.rule, fit.target if fit.rule == "fpr" else None, kind, "turns",
-                    fit.target if fit.rule == "tpr" else None, fit.earlier_margin, data)  # fmt: skip
+    spec = GateSpec(
+        fit.layer,
+        fit.bias,
+        fit.rule,
+        fit.target if fit.rule == "fpr" else None,
+        kind,
+        "turns",
+        fit.target if fit.rule == "tpr" else None,
+        fit.earlier_margin,
+        data,
+    )
     scores = torch.zeros(vectors.num_layers)
     for layer, value in fit.auroc.items():
         scores[layer] = value
@@ -369,9 +384,16 @@ def target_vectors(
         return harmful, harmless + extra[split]
 
     groups = gate_group_sizes("calibration") + ([len(extra["calibration"])] if extra["calibration"] else [])
-    vectors = extract_safety_vectors(model, tokenizer, *sets("extraction"), calibration=sets("calibration"),
-                                     harmless_groups=groups, progress=progress)  # fmt: skip
+    vectors = extract_safety_vectors(
+        model,
+        tokenizer,
+        *sets("extraction"),
+        calibration=sets("calibration"),
+        harmless_groups=groups,
+        progress=progress,
+    )
     prompts = gate_prompts(parts, public=public)
-    fit = fit_turns_gate(model, tokenizer, prompts, tpr=None if gate_fpr is not None else gate_tpr, fpr=gate_fpr,
-                         progress=progress)  # fmt: skip
+    fit = fit_turns_gate(
+        model, tokenizer, prompts, tpr=None if gate_fpr is not None else gate_tpr, fpr=gate_fpr, progress=progress
+    )
     return with_turns_gate(vectors, fit, prompts)

@@ -127,8 +127,9 @@ class BlockReplay:
             return False
         if any(getattr(cache, "offloading", False) for cache in self.caches):
             return False  # offloaded layers have moved off the device by now
-        return all(_plain_dynamic_layer(cache, index) for cache in self.caches
-                   for index in range(self.first, self.last + 1))  # fmt: skip
+        return all(
+            _plain_dynamic_layer(cache, index) for cache in self.caches for index in range(self.first, self.last + 1)
+        )
 
     def run_again(self) -> Any:
         """Blocks `first`..`last` once more from `first`'s recorded input; returns block `last`'s new output."""

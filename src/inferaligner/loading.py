@@ -85,8 +85,9 @@ def load_image_text(
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=True,
-                                                            **kwargs)  # fmt: skip
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(name_or_path), dtype=dtype, use_safetensors=True, **kwargs
+        )
     except (OSError, ValueError) as exc:
         raise InferAlignerError(f"Cannot load image-text model '{name_or_path}': {exc}".splitlines()[0]) from exc
     prepare_tokenizer(processor.tokenizer)

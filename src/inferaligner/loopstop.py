@@ -23,8 +23,9 @@ class LoopStop(StoppingCriteria):
     repeated per prompt (several sequences per prompt) share their prompt's gate.
     """
 
-    def __init__(self, prompt_length: int, span: int, gates: Callable[[], torch.Tensor | None],
-                 listeners: Sequence[Any] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, prompt_length: int, span: int, gates: Callable[[], torch.Tensor | None], listeners: Sequence[Any] = ()
+    ) -> None:
         self.prompt_length, self.span, self.gates, self.listeners = prompt_length, span, gates, listeners
         self.stopped: set[int] = set()
 
@@ -54,8 +55,13 @@ def repeats(tokens: Sequence[int], span: int) -> bool:
     return any(list(tokens[start : start + span]) == last for start in range(len(tokens) - span))
 
 
-def with_loop_stop(generate_kwargs: dict[str, Any], prompt_length: int, span: int,
-                   gates: Callable[[], torch.Tensor | None], model_config: Any) -> dict[str, Any]:  # fmt: skip
+def with_loop_stop(
+    generate_kwargs: dict[str, Any],
+    prompt_length: int,
+    span: int,
+    gates: Callable[[], torch.Tensor | None],
+    model_config: Any,
+) -> dict[str, Any]:
     """`generate_kwargs` with a `LoopStop` added to the caller's stopping criteria; unchanged when `span` is 0 or
     for beam search (whose beams share one stopping decision). The caller's criteria that track rows themselves
     (a `rows_stopped(rows)` method, as the server's) are told which rows the loop stop ends."""

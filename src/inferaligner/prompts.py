@@ -145,8 +145,10 @@ def builtin_records(kind: Kind) -> list[BuiltinPrompt]:
     if kind in _ROLEPLAY_BASE:
         base = builtin_records(_ROLEPLAY_BASE[kind])  # type: ignore[arg-type]
         frames = _frames(kind)
-        return [BuiltinPrompt(f"{r.id}-roleplay", r.category, r.split, frames[i % len(frames)].format(prompt=r.prompt))
-                for i, r in enumerate(base)]  # fmt: skip
+        return [
+            BuiltinPrompt(f"{r.id}-roleplay", r.category, r.split, frames[i % len(frames)].format(prompt=r.prompt))
+            for i, r in enumerate(base)
+        ]
     text = resources.files("inferaligner").joinpath("prompts_data", f"{kind}.jsonl").read_text(encoding="utf-8")
     return [BuiltinPrompt(**json.loads(line)) for line in text.splitlines() if line.strip()]
 
@@ -248,8 +250,10 @@ def _column(rows: Sequence[object], column: str | None, path: Path) -> list[str]
         value = row.get(name) if isinstance(row, dict) else row
         if not isinstance(value, (str, type(None))):
             what = f"its '{name}' is {type(value).__name__}" if isinstance(row, dict) else f"a {type(row).__name__}"
-            raise PromptError(f"{path}: entry {number} is not a prompt ({what}); give strings or objects with a text "
-                              f"'{name or 'prompt'}'.")  # fmt: skip
+            raise PromptError(
+                f"{path}: entry {number} is not a prompt ({what}); give strings or objects with a text "
+                f"'{name or 'prompt'}'."
+            )
         prompts.append(value or "")
     return prompts
 
@@ -296,8 +300,9 @@ def format_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[
     Without a chat template, turns are written as "Role: text" lines (with the same one-time warning). Special-token
     strings inside the messages (their content and any speaker `name`) are defused (`defuse_special_tokens`).
     """
-    messages = [{**m, **{k: defuse_special_tokens(tokenizer, m[k]) for k in ("content", "name") if k in m}}
-                for m in messages]  # fmt: skip
+    messages = [
+        {**m, **{k: defuse_special_tokens(tokenizer, m[k]) for k in ("content", "name") if k in m}} for m in messages
+    ]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     *history, last = messages
@@ -319,11 +324,13 @@ def format_chats(
     return [format_chat(tokenizer, text, system) for text in instructions]
 
 
-def pad_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]], device: torch.device | str = "cpu"
-             ) -> dict[str, torch.Tensor]:  # fmt: skip
+def pad_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Token id lists into a left-padded batch (`input_ids`, `attention_mask`) by the tokenizer's own `pad`."""
-    batch = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, padding_side="left",
-                          return_tensors="pt")  # fmt: skip
+    batch = tokenizer.pad(
+        {"input_ids": [list(r) for r in rows]}, padding=True, padding_side="left", return_tensors="pt"
+    )
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 

@@ -76,8 +76,10 @@ class RequestReader:
         shape = (0, int(self.model.config.get_text_config().hidden_size))
         if len(self.read_layers) > 1:
             shape = (0, len(self.read_layers), shape[1])
-        return [torch.stack([found[tuple(t)] for t in turns if t]) if any(turns) else torch.zeros(shape)
-                for turns in prompts]  # fmt: skip
+        return [
+            torch.stack([found[tuple(t)] for t in turns if t]) if any(turns) else torch.zeros(shape)
+            for turns in prompts
+        ]
 
     def _remember(self, turn: tuple[int, ...], features: torch.Tensor) -> None:
         self._known[turn] = features
@@ -140,9 +142,13 @@ class RequestReader:
             handle = self.layers[self.layer].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Read()))
             try:
                 with torch.inference_mode(), contextlib.suppress(_Read):
-                    self.model(input_ids=tokens, attention_mask=torch.ones_like(tokens),
-                               position_ids=position_ids(torch.ones_like(tokens)), use_cache=True,
-                               **{self._cache_name: cache})  # fmt: skip
+                    self.model(
+                        input_ids=tokens,
+                        attention_mask=torch.ones_like(tokens),
+                        position_ids=position_ids(torch.ones_like(tokens)),
+                        use_cache=True,
+                        **{self._cache_name: cache},
+                    )
             finally:
                 handle.remove()
             self._opening_cache = [(layer.keys, layer.values) for layer in cache.layers[: self.layer + 1]]

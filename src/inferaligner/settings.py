@@ -93,8 +93,9 @@ class AlignerSettings:
         if self.alpha is not None:
             set_(self, "alpha", _number(self.alpha, "alpha"))
             if self.alpha <= 0:
-                raise SettingsError(f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: "
-                                    "mode 'off').")  # fmt: skip
+                raise SettingsError(
+                    f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: mode 'off')."
+                )
         if self.gate_bias is not None:
             set_(self, "gate_bias", _number(self.gate_bias, "gate_bias"))
         if self.gate_layer is not None:
@@ -208,8 +209,10 @@ class SteeringSettings:
 
         vectors = SafetyVectors.load(self.vectors)
         if vectors.kind != self.kind:
-            raise SettingsError(f"These steering settings are for {self.kind} vectors, but {self.vectors} holds "
-                                f"{vectors.describe_kind()}: point 'vectors' at the file calibrate chose.")  # fmt: skip
+            raise SettingsError(
+                f"These steering settings are for {self.kind} vectors, but {self.vectors} holds "
+                f"{vectors.describe_kind()}: point 'vectors' at the file calibrate chose."
+            )
         return vectors
 
     def overrides(self) -> dict[str, Any]:

@@ -65,8 +65,10 @@ class SteeringStrength:
         """Why this steering is weak, in one sentence."""
         if self.dead_layers:
             return f"steered layers {self.dead_layers} get no shift at all (a zero vector or a vanishing alpha)"
-        return (f"its shifts sum to {self.total:.2g} of the residual norm, below the {MIN_STRENGTH:g} that changes "
-                "an answer")  # fmt: skip
+        return (
+            f"its shifts sum to {self.total:.2g} of the residual norm, below the {MIN_STRENGTH:g} that changes "
+            "an answer"
+        )
 
 
 def residual_norms(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: nn.ModuleList) -> torch.Tensor:
@@ -77,8 +79,9 @@ def residual_norms(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
         training = model.training
         model.eval()  # no dropout in the reading
         try:
-            acts = prompt_activations(model, tokenizer, format_chats(tokenizer, PROBE_PROMPTS), layers=layers,
-                                      progress=False)  # fmt: skip
+            acts = prompt_activations(
+                model, tokenizer, format_chats(tokenizer, PROBE_PROMPTS), layers=layers, progress=False
+            )
         finally:
             model.train(training)
         norms = _NORMS[model] = acts.norm(dim=-1).mean(0)

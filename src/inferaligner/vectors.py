@@ -66,8 +66,9 @@ class Provenance:
     teacher: str = ""
 
     @classmethod
-    def of(cls, model: PreTrainedModel, num_layers: int, n_harmful: int, n_harmless: int, data: str,
-           **extra: str) -> Provenance:  # fmt: skip
+    def of(
+        cls, model: PreTrainedModel, num_layers: int, n_harmful: int, n_harmless: int, data: str, **extra: str
+    ) -> Provenance:
         """The provenance of vectors taken from `model` (name, type, fingerprint, shape, source, library version)."""
         config = text_config(model)
         return cls(
@@ -217,11 +218,15 @@ class SafetyVectors:
         if self.gate is not None and not math.isfinite(self.gate.earlier_margin):
             bad.append("gate earlier-turn margin")
         if bad:
-            raise VectorFileError(f"The {role} from {self.provenance.describe()} hold non-finite values in "
-                                  f"{', '.join(bad)}: the file is corrupt; extract it again.")  # fmt: skip
+            raise VectorFileError(
+                f"The {role} from {self.provenance.describe()} hold non-finite values in "
+                f"{', '.join(bad)}: the file is corrupt; extract it again."
+            )
         if self.gate is not None and self.gate.earlier_margin < 0:
-            raise VectorFileError(f"The {role} from {self.provenance.describe()} hold a negative earlier-turn margin "
-                                  f"({self.gate.earlier_margin}): the file is corrupt; extract it again.")  # fmt: skip
+            raise VectorFileError(
+                f"The {role} from {self.provenance.describe()} hold a negative earlier-turn margin "
+                f"({self.gate.earlier_margin}): the file is corrupt; extract it again."
+            )
 
     def check_compatible(self, other: SafetyVectors, roles: tuple[str, str] = ("steering", "gate")) -> None:
         """Raise if two vector sets come from models of different shape (aligned and target must share a base)."""
@@ -288,10 +293,13 @@ class SafetyVectors:
                 metrics={k.removeprefix("metrics."): v for k, v in tensors.items() if k.startswith("metrics.")},
                 gate=GateSpec(**gate) if gate else None,
                 gate_direction=tensors.get("gate_direction"),
-                gate_head=GateHead(**{k.removeprefix("gate_head."): v for k, v in tensors.items()
-                                      if k.startswith("gate_head.")}) if "gate_head.output_weight" in tensors else None,
+                gate_head=GateHead(
+                    **{k.removeprefix("gate_head."): v for k, v in tensors.items() if k.startswith("gate_head.")}
+                )
+                if "gate_head.output_weight" in tensors
+                else None,
                 residual_norms=tensors.get("residual_norms"),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
         if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
@@ -301,8 +309,9 @@ class SafetyVectors:
             per_layer["residual_norms"] = vectors.residual_norms
         short = [name for name, values in per_layer.items() if tuple(values.shape) != (vectors.num_layers,)]
         if short:
-            raise VectorFileError(f"{path} is corrupt: {', '.join(short)} should hold one value per layer "
-                                  f"({vectors.num_layers}).")  # fmt: skip
+            raise VectorFileError(
+                f"{path} is corrupt: {', '.join(short)} should hold one value per layer ({vectors.num_layers})."
+            )
         probe = vectors.gate is not None and vectors.gate.direction == PROBE
         if probe != (vectors.gate_direction is not None) or (
             vectors.gate_direction is not None and vectors.gate_direction.shape != (vectors.hidden_size,)
@@ -310,9 +319,13 @@ class SafetyVectors:
             raise VectorFileError(f"{path} is corrupt: its probe gate and gate direction do not match.")
         head = vectors.gate_head
         mlp = vectors.gate is not None and vectors.gate.direction == MLP
-        if mlp != (head is not None) or (head is not None and not (
+        if mlp != (head is not None) or (
+            head is not None
+            and not (
                 head.hidden_weight.shape == (len(head.hidden_bias), vectors.hidden_size)
-                and head.output_weight.shape == head.hidden_bias.shape)):  # fmt: skip
+                and head.output_weight.shape == head.hidden_bias.shape
+            )
+        ):
             raise VectorFileError(f"{path} is corrupt: its MLP gate and gate head do not match.")
         return vectors
 
@@ -366,8 +379,9 @@ def extract_safety_vectors(
 
     def activations(prompts: Sequence[str], desc: str, how: str = "last") -> torch.Tensor:
         texts = format_chats(tokenizer, prompts, system)
-        return prompt_activations(model, tokenizer, texts, pooling=how, batch_size=batch_size, layers=layers,
-                                  progress=progress, desc=desc)  # fmt: skip
+        return prompt_activations(
+            model, tokenizer, texts, pooling=how, batch_size=batch_size, layers=layers, progress=progress, desc=desc
+        )
 
     harmful_acts = activations(harmful, "harmful prompts")
     harmless_acts = activations(harmless, "harmless prompts")
@@ -393,14 +407,17 @@ def extract_safety_vectors(
         metrics |= _prefixed("calibration", cal.as_dict())
         if gate == PROBE:
             if pooling != "last":
-                harmful_acts, harmless_acts = (activations(harmful, "harmful prompts", pooling),
-                                               activations(harmless, "harmless prompts", pooling))  # fmt: skip
+                harmful_acts, harmless_acts = (
+                    activations(harmful, "harmful prompts", pooling),
+                    activations(harmless, "harmless prompts", pooling),
+                )
                 cal_harmful_acts, cal_harmless_acts = (
                     activations(calibration[0], "calibration harmful", pooling),
                     activations(calibration[1], "calibration harmless", pooling),
                 )
-            search = search_probe(harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts,
-                                  groups=harmless_groups, tpr=gate_tpr)  # fmt: skip
+            search = search_probe(
+                harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts, groups=harmless_groups, tpr=gate_tpr
+            )
             metrics["probe.calibration_auroc"] = search.auroc
             gate_direction, probe_bias, layer = search.direction, search.bias, search.layer
             rule = "probe" if gate_tpr is None else "tpr"
@@ -413,13 +430,22 @@ def extract_safety_vectors(
             if gate_fpr is not None:
                 stored = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
             elif gate_tpr is not None:
-                stored = GateSpec(layer, calibrate_bias_tpr(cal_harmful[:, layer], gate_tpr), "tpr",
-                                  target_tpr=gate_tpr)  # fmt: skip
+                stored = GateSpec(
+                    layer, calibrate_bias_tpr(cal_harmful[:, layer], gate_tpr), "tpr", target_tpr=gate_tpr
+                )
             else:
                 stored = GateSpec(layer=layer, bias=float(bias[layer]))
     provenance = Provenance.of(model, len(layers), len(harmful), len(harmless), data_hash(harmful, harmless))
-    return SafetyVectors(directions, norms, bias, provenance, metrics, stored, gate_direction,
-                         residual_norms=residual_norms(model, tokenizer, layers))  # fmt: skip
+    return SafetyVectors(
+        directions,
+        norms,
+        bias,
+        provenance,
+        metrics,
+        stored,
+        gate_direction,
+        residual_norms=residual_norms(model, tokenizer, layers),
+    )
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -434,6 +460,7 @@ def describe(vectors: SafetyVectors) -> dict[str, Any]:
         "metrics": {name: [round(v, 4) for v in value.tolist()] for name, value in vectors.metrics.items()},
         "norms": [round(v, 4) for v in vectors.norms.tolist()],
         "kind": vectors.kind,
-        "residual_norms": None if vectors.residual_norms is None else [round(v, 2) for v in
-                                                                      vectors.residual_norms.tolist()],
-    }  # fmt: skip
+        "residual_norms": None
+        if vectors.residual_norms is None
+        else [round(v, 2) for v in vectors.residual_norms.tolist()],
+    }

@@ -62,8 +62,9 @@ def choice_scores(
         batch = aligner.encode(chunk)
         plan = aligner.decide(**batch)
         # The very ids the gate read (chat template, BOS where the model needs one), without their padding.
-        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"],
-                                                                      strict=True)]  # fmt: skip
+        prompt_ids = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
         rows = [p + c for p in prompt_ids for c in choice_ids]
         inputs = pad_rows(tokenizer, rows, aligner.device)
         inputs |= {"position_ids": position_ids(inputs["attention_mask"]), **keep}

@@ -28,8 +28,13 @@ def settings_key(aligner: InferAligner, max_new_tokens: int, tag: str = "", gate
     system prompt and decoding."""
     how = aligner.describe()
     if how["mode"] == Mode.OFF.value and not gate:  # the target's own answers: no steering, no gate
-        return {"model": how["model"], "mode": how["mode"], "system": how["system"], "max_new_tokens": max_new_tokens,
-                "tag": tag}  # fmt: skip
+        return {
+            "model": how["model"],
+            "mode": how["mode"],
+            "system": how["system"],
+            "max_new_tokens": max_new_tokens,
+            "tag": tag,
+        }
     keep = ("model", "mode", "alpha", "scale", "layers", *(("gate",) if gate else ()), "system")
     key = {**{k: how[k] for k in keep}, "max_new_tokens": max_new_tokens, "tag": tag}
     # Added only where they apply, so caches written before these were settings stay valid for the rest.
@@ -155,5 +160,9 @@ def gated_completions(
     changed = [i for i, row in enumerate(plan) if row.action is not Action.PASS]
     answers = generate_cached(aligner, [prompts[i] for i in changed], cache, plan=plan.select(changed), **kwargs)
     acted = dict(zip(changed, (a.text for a in answers), strict=True))
-    return [Completion(prompt, acted[i], plan[i].gate, plan[i].intervened) if i in acted else
-            Completion(prompt, plain[i].text, plan[i].gate, False) for i, prompt in enumerate(prompts)]  # fmt: skip
+    return [
+        Completion(prompt, acted[i], plan[i].gate, plan[i].intervened)
+        if i in acted
+        else Completion(prompt, plain[i].text, plan[i].gate, False)
+        for i, prompt in enumerate(prompts)
+    ]

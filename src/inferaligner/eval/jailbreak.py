@@ -45,8 +45,10 @@ def template_texts() -> dict[str, str]:
     for template in TEMPLATES:
         text = rows[template.row]["prompt"]
         if hashlib.sha256(text.encode()).hexdigest()[:12] != template.sha256_12 or template.placeholder not in text:
-            raise PromptError(f"Jailbreak template row {template.row} ({template.name}) is not the recorded text: "
-                              "the data file changed.")  # fmt: skip
+            raise PromptError(
+                f"Jailbreak template row {template.row} ({template.name}) is not the recorded text: "
+                "the data file changed."
+            )
         texts[template.name] = text
     return texts
 

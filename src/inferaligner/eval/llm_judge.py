@@ -69,8 +69,10 @@ class LLMJudge:
         url = base_url or os.environ.get("INFERALIGNER_JUDGE_URL")
         name = model or os.environ.get("INFERALIGNER_JUDGE_MODEL")
         if not url or not name:
-            raise InferAlignerError("The LLM judge needs a URL and a model: --judge-url and --judge-model, or "
-                                    "INFERALIGNER_JUDGE_URL and INFERALIGNER_JUDGE_MODEL.")  # fmt: skip
+            raise InferAlignerError(
+                "The LLM judge needs a URL and a model: --judge-url and --judge-model, or "
+                "INFERALIGNER_JUDGE_URL and INFERALIGNER_JUDGE_MODEL."
+            )
         key = api_key or os.environ.get("INFERALIGNER_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
         return cls(url.rstrip("/"), name, key)
 

@@ -89,14 +89,30 @@ def build_methods(
             if paper is None:
                 raise InferAlignerError("Method 'inferaligner-paper' needs the paper's vectors: pass --paper-settings.")
             vectors_md, paper_settings = paper
-            methods.append(Method(name, InferAligner(target, tokenizer, target_vectors=target_vectors,
-                                                     aligned_vectors=vectors_md, settings=paper_settings,
-                                                     mode=Mode.INFERALIGNER)))  # fmt: skip
+            methods.append(
+                Method(
+                    name,
+                    InferAligner(
+                        target,
+                        tokenizer,
+                        target_vectors=target_vectors,
+                        aligned_vectors=vectors_md,
+                        settings=paper_settings,
+                        mode=Mode.INFERALIGNER,
+                    ),
+                )
+            )
         elif name == "aligned-answers":
             if "aligned" not in extra_models:
                 raise InferAlignerError("Method 'aligned-answers' needs the aligned model: pass --aligned-model PATH.")
-            aligner = InferAligner(target, tokenizer, settings=settings, mode=Mode.ALIGNED,
-                                   aligned_model=extra_models["aligned"][0], **vectors)  # fmt: skip
+            aligner = InferAligner(
+                target,
+                tokenizer,
+                settings=settings,
+                mode=Mode.ALIGNED,
+                aligned_model=extra_models["aligned"][0],
+                **vectors,
+            )
             methods.append(Method(name, aligner))
         elif name in ("target", "self-reminder", "goal-priority"):
             defence = {"self-reminder": SELF_REMINDER, "goal-priority": GOAL_PRIORITY}.get(name)

@@ -6,8 +6,14 @@ import itertools
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20),
-           "black": (10, 10, 10), "purple": (130, 40, 170)}  # fmt: skip
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 20),
+    "black": (10, 10, 10),
+    "purple": (130, 40, 170),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -33,8 +39,10 @@ def picture_questions(count: int) -> tuple[list[str], list[str], list[Image.Imag
         if len(questions) >= count:
             break
         picture = draw(shape, colour)
-        questions += ["What colour is the shape in this picture? Answer with one word.",
-                      "What shape is drawn in this picture? Answer with one word."]  # fmt: skip
+        questions += [
+            "What colour is the shape in this picture? Answer with one word.",
+            "What shape is drawn in this picture? Answer with one word.",
+        ]
         answers += [colour, shape]
         images += [picture, picture]
     return questions[:count], answers[:count], images[:count]

@@ -108,15 +108,26 @@ def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
         parts += [f"- {results['labels'][m]}: {_pct(v)}%" for m, v in agreement.items() if v is not None]
     gate = results.get("gate_quality")
     if gate:
-        parts += ["", f"Gate at layer {gate['layer']}: TPR {_pct(gate['tpr'])}% on harmful prompts, FPR "
-                  f"{_pct(gate['fpr'])}% on harmless instructions."]  # fmt: skip
+        parts += [
+            "",
+            f"Gate at layer {gate['layer']}: TPR {_pct(gate['tpr'])}% on harmful prompts, FPR "
+            f"{_pct(gate['fpr'])}% on harmless instructions.",
+        ]
     roc = results.get("gate_roc")
     if roc:
-        parts += ["", "The gate on every task: fires on (% at its shipped bias), and AUROC of harmful against "
-                  "benign tasks (ROC curves: gate_roc.png):", "",
-                  "| task | fires on |", "|---|---|", *[f"| {t} | {_pct(v)} |" for t, v in roc["fired"].items()],
-                  "", "| harmful vs benign | AUROC |", "|---|---|",
-                  *[f"| {pair} | {value:.3f} |" for pair, value in roc["auroc"].items()]]  # fmt: skip
+        parts += [
+            "",
+            "The gate on every task: fires on (% at its shipped bias), and AUROC of harmful against "
+            "benign tasks (ROC curves: gate_roc.png):",
+            "",
+            "| task | fires on |",
+            "|---|---|",
+            *[f"| {t} | {_pct(v)} |" for t, v in roc["fired"].items()],
+            "",
+            "| harmful vs benign | AUROC |",
+            "|---|---|",
+            *[f"| {pair} | {value:.3f} |" for pair, value in roc["auroc"].items()],
+        ]
     parts += ["", f"Judge: {judges[0]}. Run took {results['run']['seconds']:.0f} s on {results['run']['machine']}."]
     (out_dir / "table.md").write_text("\n".join(parts) + "\n")
     (out_dir / "samples.md").write_text(samples_markdown(results, out_dir / "completions", judges[0]))
@@ -126,8 +137,9 @@ def write_report(results: dict[str, Any], out_dir: Path, domain: str) -> None:
 SAMPLES_PER_ROW = 10
 
 
-def samples_markdown(results: dict[str, Any], completions: Path, judge: str = JUDGE, per: int = SAMPLES_PER_ROW,
-                     seed: int = 0) -> str:  # fmt: skip
+def samples_markdown(
+    results: dict[str, Any], completions: Path, judge: str = JUDGE, per: int = SAMPLES_PER_ROW, seed: int = 0
+) -> str:
     """`per` answers to harmful prompts per method and task, drawn with a fixed seed (the same prompts for every
     method), each with its gate and outcome: what a reader checks before believing a rate."""
     import random

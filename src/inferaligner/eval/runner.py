@@ -60,12 +60,18 @@ def run_task(
         picks, gates = choose(aligner, prompts, task.choices, batch_size=batch_size, progress=progress)
         assert task.answers is not None
         metrics["accuracy"] = sum(p == a for p, a in zip(picks, task.answers, strict=True)) / len(picks)
-        rows = [{"prompt": p, "answer": pick, "expected": a, "gate": g.as_dict() if g else None}
-                for p, pick, a, g in zip(task.prompts, picks, task.answers, gates, strict=True)]  # fmt: skip
+        rows = [
+            {"prompt": p, "answer": pick, "expected": a, "gate": g.as_dict() if g else None}
+            for p, pick, a, g in zip(task.prompts, picks, task.answers, gates, strict=True)
+        ]
         completions = None
     else:
-        options = {"max_new_tokens": task.max_new_tokens, "batch_size": batch_size, "progress": progress,
-                   "desc": f"{method.name} / {task.name}"}  # fmt: skip
+        options = {
+            "max_new_tokens": task.max_new_tokens,
+            "batch_size": batch_size,
+            "progress": progress,
+            "desc": f"{method.name} / {task.name}",
+        }
         if task.images is not None:
             completions = generate_cached(aligner, prompts, cache, images=task.images, processor=processor, **options)
         elif method.gated and plain is not None:
@@ -110,8 +116,14 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
     model, tokenizer = aligner.model, aligner.tokenizer
 
     def projections(prompts: Sequence[str]) -> torch.Tensor:
-        acts = prompt_activations(model, tokenizer, format_chats(tokenizer, prompts, aligner.settings.system),
-                                  batch_size=batch_size, layers=aligner.layers, progress=False)  # fmt: skip
+        acts = prompt_activations(
+            model,
+            tokenizer,
+            format_chats(tokenizer, prompts, aligner.settings.system),
+            batch_size=batch_size,
+            layers=aligner.layers,
+            progress=False,
+        )
         return torch.einsum("nld,ld->nl", acts, vectors.directions)
 
     def fire_rate(prompts: Sequence[str]) -> float:
@@ -121,19 +133,24 @@ def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], 
     per_layer = layer_metrics(projections(harmful), projections(benign), vectors.bias)
     gate = aligner.gate
     return {
-        "layer": gate.layer, "bias": gate.bias, "pooling": gate.pooling, "tpr": fire_rate(harmful),
+        "layer": gate.layer,
+        "bias": gate.bias,
+        "pooling": gate.pooling,
+        "tpr": fire_rate(harmful),
         "fpr": fire_rate(benign),
         "per_layer_accuracy": [round(v, 4) for v in per_layer.accuracy.tolist()],
         "per_layer_auroc": [round(v, 4) for v in per_layer.auroc.tolist()],
-        "harmful_prompts": len(harmful), "benign_prompts": len(benign),
-    }  # fmt: skip
+        "harmful_prompts": len(harmful),
+        "benign_prompts": len(benign),
+    }
 
 
 def gate_roc(scores: dict[str, list[float | None]], kinds: dict[str, str]) -> dict[str, Any]:
     """The gate on every task: the share it fires on at its shipped bias (score above 0; a score that is not a
     number fires), and the AUROC of each harmful task against each benign one; the scores, for ROC plots."""
-    clean = {task: torch.tensor([v if v is not None else float("inf") for v in values])
-             for task, values in scores.items()}  # fmt: skip
+    clean = {
+        task: torch.tensor([v if v is not None else float("inf") for v in values]) for task, values in scores.items()
+    }
     harmful = [t for t in clean if kinds.get(t) == "harmful"]
     benign = [t for t in clean if kinds.get(t) in ("benign", "utility")]
     return {
@@ -191,11 +208,20 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"inferaligner": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
-        "judges": [j.name for j in judges], "seed": 0, "decoding": "greedy",
-        "tasks": {t.name: {"kind": t.kind, "size": len(t.prompts), "source": t.source,
-                           **({"templates": t.meta["templates"]} if "templates" in t.meta else {})} for t in tasks},
+        "judges": [j.name for j in judges],
+        "seed": 0,
+        "decoding": "greedy",
+        "tasks": {
+            t.name: {
+                "kind": t.kind,
+                "size": len(t.prompts),
+                "source": t.source,
+                **({"templates": t.meta["templates"]} if "templates" in t.meta else {}),
+            }
+            for t in tasks
+        },
         **(config or {}),
-    }  # fmt: skip
+    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 

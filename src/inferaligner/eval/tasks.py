@@ -86,8 +86,15 @@ def arithmetic_task(limit: int | None = None) -> Task:
 
     _, test = train_test_split(ARITHMETIC_TRAIN, ARITHMETIC_TEST)
     test = _limit(test, limit)
-    return Task("utility", "utility", [p.question for p in test], [p.answer for p in test], parse=parse_answer,
-                source="generated arithmetic (test seed)", max_new_tokens=64)  # fmt: skip
+    return Task(
+        "utility",
+        "utility",
+        [p.question for p in test],
+        [p.answer for p in test],
+        parse=parse_answer,
+        source="generated arithmetic (test seed)",
+        max_new_tokens=64,
+    )
 
 
 def finance_task(limit: int | None = None) -> Task:
@@ -98,8 +105,15 @@ def finance_task(limit: int | None = None) -> Task:
     return Task("utility", "utility", prompts, labels, choices=tuple(CHOICES), source="Financial PhraseBank AllAgree")
 
 
-def file_task(name: str, kind: str, path: Path, column: str | None = None, answer_column: str | None = None,
-              choices: Sequence[str] | None = None, limit: int | None = None) -> Task:  # fmt: skip
+def file_task(
+    name: str,
+    kind: str,
+    path: Path,
+    column: str | None = None,
+    answer_column: str | None = None,
+    choices: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> Task:
     """A task read from the user's own file (txt, jsonl, json, csv); utility tasks need `answer_column`."""
     if kind != "utility":
         return Task(name, kind, load_prompts(path, column, limit), source=str(path))
@@ -113,8 +127,15 @@ def file_task(name: str, kind: str, path: Path, column: str | None = None, answe
     pairs = [(str(r[prompt_column]), str(r[answer_column])) for r in rows if str(r.get(prompt_column, "")).strip()]
     pairs = _limit(pairs, limit)
     parse = None if choices else (lambda text: text.strip().split("\n")[0].strip().rstrip("."))
-    return Task(name, kind, [p for p, _ in pairs], [a for _, a in pairs], tuple(choices) if choices else None, parse,
-                source=str(path))  # fmt: skip
+    return Task(
+        name,
+        kind,
+        [p for p, _ in pairs],
+        [a for _, a in pairs],
+        tuple(choices) if choices else None,
+        parse,
+        source=str(path),
+    )
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -140,8 +161,14 @@ def mm_harmful_task(limit: int | None = None) -> Task:
     lines = (folder / "questions.jsonl").read_text(encoding="utf-8").splitlines()
     questions = [json.loads(line)["question"] for line in lines if line.strip()]
     images = [str(folder / "images" / f"{i}.jpg") for i in range(len(questions))]
-    return Task("mm_harmful", "harmful", _limit(questions, limit), images=_limit(images, limit), max_new_tokens=48,
-                source="MM-HarmfulBench")  # fmt: skip
+    return Task(
+        "mm_harmful",
+        "harmful",
+        _limit(questions, limit),
+        images=_limit(images, limit),
+        max_new_tokens=48,
+        source="MM-HarmfulBench",
+    )
 
 
 def mm_utility_task(limit: int | None = None) -> Task:
@@ -149,8 +176,16 @@ def mm_utility_task(limit: int | None = None) -> Task:
     from inferaligner.eval.pictures import picture_questions
 
     questions, answers, images = picture_questions(limit or 60)
-    return Task("mm_utility", "utility", questions, answers, parse=_first_known_word(set(answers)), images=images,
-                max_new_tokens=16, source="generated pictures")  # fmt: skip
+    return Task(
+        "mm_utility",
+        "utility",
+        questions,
+        answers,
+        parse=_first_known_word(set(answers)),
+        images=images,
+        max_new_tokens=16,
+        source="generated pictures",
+    )
 
 
 def _first_known_word(words: set[str]) -> Callable[[str], str | None]:
@@ -167,5 +202,10 @@ def default_tasks(domain: str, limit: int | None = None) -> list[Task]:
     """The paper's table for one domain: harmful, jailbreak, over-refusal (XSTest, Alpaca) and utility."""
     if domain not in DOMAIN_TASKS:
         raise PromptError(f"Unknown domain '{domain}': choose one of {', '.join(DOMAIN_TASKS)}.")
-    return [harmful_task(limit), jailbreak_task(limit), xstest_task(limit), harmless_task(limit),
-            DOMAIN_TASKS[domain](limit)]  # fmt: skip
+    return [
+        harmful_task(limit),
+        jailbreak_task(limit),
+        xstest_task(limit),
+        harmless_task(limit),
+        DOMAIN_TASKS[domain](limit),
+    ]

@@ -5,5 +5,13 @@ from inferaligner.serve.continuous import SCHEDULERS, ContinuousEngine, make_eng
 from inferaligner.serve.engine import BatchEngine, Engine
 from inferaligner.serve.openmp import release_openmp_threads
 
-__all__ = ["SCHEDULERS", "BatchEngine", "ContinuousEngine", "Engine", "ServerConfig", "create_app", "make_engine",
-           "release_openmp_threads"]  # fmt: skip
+__all__ = [
+    "SCHEDULERS",
+    "BatchEngine",
+    "ContinuousEngine",
+    "Engine",
+    "ServerConfig",
+    "create_app",
+    "make_engine",
+    "release_openmp_threads",
+]

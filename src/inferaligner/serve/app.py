@@ -68,11 +68,14 @@ class ServerConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise InferAlignerError("The API key is empty: give a real key, or leave --api-key out to serve without.")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
-            raise InferAlignerError(f"The default max_tokens ({self.default_max_tokens}) must lie in 1..the limit "
-                                    f"({self.max_tokens_limit}).")  # fmt: skip
+            raise InferAlignerError(
+                f"The default max_tokens ({self.default_max_tokens}) must lie in 1..the limit "
+                f"({self.max_tokens_limit})."
+            )
         if self.max_body_bytes < 1024 or not 0 < self.body_timeout_s < float("inf"):
-            raise InferAlignerError("The body limit must be at least 1024 bytes and the body timeout a positive "
-                                    "number of seconds.")  # fmt: skip
+            raise InferAlignerError(
+                "The body limit must be at least 1024 bytes and the body timeout a positive number of seconds."
+            )
 
 
 class Metrics:
@@ -84,9 +87,12 @@ class Metrics:
             "inferaligner_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "inferaligner_request_latency_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            "inferaligner_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80),
-        )  # fmt: skip
+        )
         self.prompt_tokens = Counter("inferaligner_prompt_tokens", "Prompt tokens", registry=self.registry)
         self.completion_tokens = Counter("inferaligner_completion_tokens", "Generated tokens", registry=self.registry)
         self.cached_prompt_tokens = Counter(
@@ -94,17 +100,23 @@ class Metrics:
         )
         self.gate = Counter("inferaligner_gate_decisions", "Gate decisions", ["fired"], registry=self.registry)
         self.batch = Histogram(
-            "inferaligner_batch_size", "Rows decoded together: each batch, or the running rows after each join",
-            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64),
-        )  # fmt: skip
+            "inferaligner_batch_size",
+            "Rows decoded together: each batch, or the running rows after each join",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
         self.first_token = Histogram(
-            "inferaligner_time_to_first_token_seconds", "From a request's arrival to its first generated token",
-            registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
-        )  # fmt: skip
+            "inferaligner_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token",
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40),
+        )
         self.inter_token = Histogram(
-            "inferaligner_inter_token_seconds", "Between a request's consecutive generated tokens",
-            registry=self.registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
-        )  # fmt: skip
+            "inferaligner_inter_token_seconds",
+            "Between a request's consecutive generated tokens",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+        )
         queue = Gauge("inferaligner_queue_depth", "Requests waiting for a batch", registry=self.registry)
         queue.set_function(lambda: engine.queue_depth)
         running = Gauge("inferaligner_running_rows", "Requests being generated now", registry=self.registry)
@@ -126,8 +138,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="InferAligner", lifespan=lifespan)
-    app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       body_timeout_s=config.body_timeout_s)  # fmt: skip
+    app.add_middleware(
+        RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s
+    )
     metrics = Metrics(engine)
     tokenizer = engine.aligner.tokenizer
     context = context_length(engine.aligner.model) or 2048
@@ -159,9 +172,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "queue_depth": engine.queue_depth,
-                "in_flight": engine.in_flight, "mode": engine.aligner.settings.mode.value,
-                "scheduler": engine.scheduler, "server": SERVER_ID}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": config.model_name,
+            "queue_depth": engine.queue_depth,
+            "in_flight": engine.in_flight,
+            "mode": engine.aligner.settings.mode.value,
+            "scheduler": engine.scheduler,
+            "server": SERVER_ID,
+        }
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -176,29 +195,56 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
         if model != config.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{config.model_name}'.",
-                           kind="not_found_error", param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{config.model_name}'.",
+                kind="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return served
 
     def make_job(body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], chat: bool) -> Job:
         if body.model != config.model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{config.model_name}'.",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model '{body.model}' does not exist; this server serves '{config.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
         wanted = body.requested_tokens()
         if wanted is not None and wanted > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens is {wanted}, above this server's limit of {config.max_tokens_limit}; "
-                           "ask for fewer tokens.", param="max_tokens")  # fmt: skip
+            raise APIError(
+                400,
+                f"max_tokens is {wanted}, above this server's limit of {config.max_tokens_limit}; "
+                "ask for fewer tokens.",
+                param="max_tokens",
+            )
         max_tokens = wanted or min(config.default_max_tokens, max(1, context - len(prompt_ids)))
         if len(prompt_ids) + max_tokens > context:
-            raise APIError(400, f"The prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together "
-                           f"they exceed the model's context of {context} tokens. Shorten the prompt or lower "
-                           "max_tokens.", param="messages", code="context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"The prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together "
+                f"they exceed the model's context of {context} tokens. Shorten the prompt or lower "
+                "max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         enabled = body.inferaligner.enabled if body.inferaligner else True
         if not enabled and not config.allow_client_disable:
             raise APIError(403, "This server does not let clients switch InferAligner off.", param="inferaligner")
         temperature = 0.0 if body.greedy else body.temperature
-        return Job(prompt_ids, max_tokens, temperature, body.top_p, body.stop_strings(), enabled,
-                   asyncio.get_running_loop(), top_logprobs=body.top_logprobs_wanted(), chat=chat)  # fmt: skip
+        return Job(
+            prompt_ids,
+            max_tokens,
+            temperature,
+            body.top_p,
+            body.stop_strings(),
+            enabled,
+            asyncio.get_running_loop(),
+            top_logprobs=body.top_logprobs_wanted(),
+            chat=chat,
+        )
 
     async def run(request: Request, endpoint: str, body: Any, prompt_ids: list[int], chat: bool) -> Any:
         started = time.perf_counter()
@@ -212,13 +258,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 retry = {"Retry-After": str(config.retry_after_s)}
                 raise APIError(429, busy, kind="rate_limit_error", headers=retry) from None
             except Draining:
-                raise APIError(503, "The server is shutting down; send the request elsewhere.",
-                               kind="server_error") from None  # fmt: skip
+                raise APIError(
+                    503, "The server is shutting down; send the request elsewhere.", kind="server_error"
+                ) from None
             metrics.prompt_tokens.inc(len(prompt_ids))
             if body.stream:
                 usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(stream(job, chat, endpoint, started, usage_chunk),
-                                         media_type="text/event-stream")  # fmt: skip
+                return StreamingResponse(
+                    stream(job, chat, endpoint, started, usage_chunk), media_type="text/event-stream"
+                )
             return JSONResponse(await complete(request, job, chat))
         except APIError as exc:
             status = str(exc.status)
@@ -233,13 +281,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {"id": ident, "object": kind, "created": int(time.time()), "model": config.model_name}
 
     def extension(job: Job) -> dict[str, Any]:
-        return {"gate": job.gate.as_dict() if job.gate else None, "intervened": job.intervened,
-                "mode": engine.aligner.settings.mode.value, "enabled": job.aligned, "server": SERVER_ID}  # fmt: skip
+        return {
+            "gate": job.gate.as_dict() if job.gate else None,
+            "intervened": job.intervened,
+            "mode": engine.aligner.settings.mode.value,
+            "enabled": job.aligned,
+            "server": SERVER_ID,
+        }
 
     def usage(job: Job) -> dict[str, Any]:
-        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
-                "total_tokens": len(job.prompt_ids) + len(job.tokens),
-                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}  # fmt: skip
+        return {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": len(job.tokens),
+            "total_tokens": len(job.prompt_ids) + len(job.tokens),
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+        }
 
     def finished(job: Job) -> None:
         metrics.completion_tokens.inc(len(job.tokens))
@@ -279,15 +335,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             choice |= {"message": {"role": "assistant", "content": job.text}, "logprobs": logprobs}
         else:
             choice |= {"text": job.text, "logprobs": logprobs}
-        return {**envelope(chat, ident, False), "choices": [choice], "usage": usage(job),
-                "inferaligner": extension(job)}  # fmt: skip
+        return {
+            **envelope(chat, ident, False),
+            "choices": [choice],
+            "usage": usage(job),
+            "inferaligner": extension(job),
+        }
 
     async def stream(job: Job, chat: bool, endpoint: str, started: float, usage_chunk: bool) -> AsyncIterator[str]:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         status = "200"
 
-        def chunk(delta: str | None, reason: str | None, first: bool = False,
-                  logprobs: tuple[TokenLogprob, ...] = ()) -> str:  # fmt: skip
+        def chunk(
+            delta: str | None, reason: str | None, first: bool = False, logprobs: tuple[TokenLogprob, ...] = ()
+        ) -> str:
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
             entries = logprobs_body(logprobs, chat) if job.top_logprobs is not None and logprobs else None
             if chat:
@@ -384,12 +445,24 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 def logprobs_body(entries: Sequence[TokenLogprob], chat: bool) -> dict[str, Any]:
     """Log-probabilities in OpenAI's shape: chat `{"content": [...]}`, text completions `{"tokens", ...}`."""
     if chat:
-        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e.top]}
-                            for e in entries]}  # fmt: skip
+        return {
+            "content": [
+                {
+                    "token": e.token,
+                    "logprob": e.logprob,
+                    "bytes": list(e.token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e.top],
+                }
+                for e in entries
+            ]
+        }
     offsets, position = [], 0
     for e in entries:
         offsets.append(position)
         position += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}  # fmt: skip
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }

@@ -55,12 +55,23 @@ log = logging.getLogger("inferaligner.serve")
 
 # Generation-config settings that change decoding beyond temperature, top-k and top-p, with their neutral values:
 # `generate` applies them, the continuous scheduler does not, so a model that sets one is served in whole batches.
-UNSUPPORTED_GENERATION = {"repetition_penalty": (None, 1.0), "min_p": (None,), "typical_p": (None, 1.0),
-                          "no_repeat_ngram_size": (None, 0), "suppress_tokens": (None, []),
-                          "begin_suppress_tokens": (None, []), "bad_words_ids": (None,), "sequence_bias": (None,),
-                          "min_new_tokens": (None, 0), "min_length": (None, 0), "epsilon_cutoff": (None, 0.0),
-                          "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
-                          "forced_bos_token_id": (None,), "forced_eos_token_id": (None,)}  # fmt: skip
+UNSUPPORTED_GENERATION = {
+    "repetition_penalty": (None, 1.0),
+    "min_p": (None,),
+    "typical_p": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
 
 
 def continuous_unsupported(aligner: InferAligner) -> str | None:
@@ -235,8 +246,10 @@ class ContinuousEngine(Engine):
         `whole`) as another."""
         prefix = None if whole else self._shared_prefix()
         fits = [prefix is not None and prefix.fits(job.prompt_ids) for job in jobs]
-        for group, used in (([j for j, f in zip(jobs, fits, strict=True) if f], prefix),
-                            ([j for j, f in zip(jobs, fits, strict=True) if not f], None)):  # fmt: skip
+        for group, used in (
+            ([j for j, f in zip(jobs, fits, strict=True) if f], prefix),
+            ([j for j, f in zip(jobs, fits, strict=True) if not f], None),
+        ):
             if group:
                 self._prefill_group(group, used)
 
@@ -334,8 +347,9 @@ class ContinuousEngine(Engine):
         self._take(self.rows, tokens, logits)
         self._leave()
 
-    def _forward_kwargs(self, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, *,
-                        prefill: bool = False) -> dict[str, object]:  # fmt: skip
+    def _forward_kwargs(
+        self, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, *, prefill: bool = False
+    ) -> dict[str, object]:
         """The model's keyword arguments for one step over the running rows (or a prefill of new ones)."""
         kwargs: dict[str, object] = {"position_ids": positions, "use_cache": True, self._cache_name: cache}
         if prefill and self._keeps_logits:  # only the last position's logits are needed
@@ -371,8 +385,9 @@ class ContinuousEngine(Engine):
 SCHEDULERS = ("continuous", "batch")
 
 
-def make_engine(aligner: InferAligner, scheduler: str = "continuous", *, prefix_cache: bool = True,
-                **limits: object) -> Engine:  # fmt: skip
+def make_engine(
+    aligner: InferAligner, scheduler: str = "continuous", *, prefix_cache: bool = True, **limits: object
+) -> Engine:
     """The serving engine for `scheduler`; "continuous" falls back to "batch" (with a warning) for an aligner it
     cannot serve (`continuous_unsupported`). `prefix_cache`: the continuous scheduler prefills the chat template's
     opening once (`serve.prefix`)."""

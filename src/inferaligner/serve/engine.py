@@ -158,9 +158,13 @@ def read_token(job: Job, token: int, tokenizer: Any, eos_ids: set[int], logprobs
 
 def _logprob(tokenizer: Any, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     best = torch.topk(logprobs, top) if top else None
-    alternatives = tuple(
-        (tokenizer.decode([i]), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
-    ) if best is not None else ()  # fmt: skip
+    alternatives = (
+        tuple(
+            (tokenizer.decode([i]), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+        )
+        if best is not None
+        else ()
+    )
     return TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives)
 
 
@@ -179,8 +183,14 @@ class _LogprobRecorder(LogitsProcessor):
 class _RowTracker(StoppingCriteria):
     """Reads each step's new token per row: streams text, applies stops and limits, ends cancelled rows."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, prompt_length: int, eos_ids: set[int],
-                 recorder: _LogprobRecorder | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        jobs: list[Job],
+        tokenizer: Any,
+        prompt_length: int,
+        eos_ids: set[int],
+        recorder: _LogprobRecorder | None = None,
+    ) -> None:
         self.jobs, self.tokenizer, self.prompt_length, self.eos_ids = jobs, tokenizer, prompt_length, eos_ids
         self.recorder = recorder
 
@@ -191,8 +201,11 @@ class _RowTracker(StoppingCriteria):
                 if job.cancelled.is_set():
                     job.finish_reason = "cancelled"
                 elif input_ids.shape[1] > self.prompt_length:
-                    last = self.recorder.last[row] if self.recorder is not None and self.recorder.last is not None \
-                        else None  # fmt: skip
+                    last = (
+                        self.recorder.last[row]
+                        if self.recorder is not None and self.recorder.last is not None
+                        else None
+                    )
                     read_token(job, int(input_ids[row, -1]), self.tokenizer, self.eos_ids, last)
             done.append(job.finish_reason is not None)
         return torch.tensor(done, device=input_ids.device)
@@ -326,8 +339,10 @@ class Engine:
             jobs: list[Job] = []
             deadline = time.monotonic() + (self.batch_wait_s if block else 0.0)
             while len(jobs) < capacity:
-                match = next((job for job in self._pending
-                              if not (same_sampling and jobs) or job.sampling == jobs[0].sampling), None)  # fmt: skip
+                match = next(
+                    (job for job in self._pending if not (same_sampling and jobs) or job.sampling == jobs[0].sampling),
+                    None,
+                )
                 if match is not None:
                     self._pending.remove(match)
                     jobs.append(match)

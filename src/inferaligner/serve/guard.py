@@ -31,16 +31,26 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorised(scope):
-            await _reject(send, 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                          "authentication_error", "invalid_api_key")  # fmt: skip
+            await _reject(
+                send,
+                401,
+                "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                "invalid_api_key",
+            )
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
         if declared is not None and not declared.isdigit():  # uvicorn's parser refuses these first; Ray's may not
-            await _reject(send, 400, f"Content-Length {declared[:20]!r} is not a number of bytes.",
-                          "invalid_request_error", "invalid_http")  # fmt: skip
+            await _reject(
+                send,
+                400,
+                f"Content-Length {declared[:20]!r} is not a number of bytes.",
+                "invalid_request_error",
+                "invalid_http",
+            )
             return
         if declared is not None and int(declared) > self.max_body_bytes:
             await _too_large(send, self.max_body_bytes)
@@ -51,8 +61,13 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
-                await _reject(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
-                              "invalid_request_error", "request_timeout")  # fmt: skip
+                await _reject(
+                    send,
+                    408,
+                    f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                    "invalid_request_error",
+                    "request_timeout",
+                )
                 return
             if message["type"] == "http.disconnect":
                 return
@@ -83,8 +98,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _too_large(send: Any, limit: int) -> None:
-    await _reject(send, 413, f"The request body is larger than this server's limit of {limit} bytes.",
-                  "invalid_request_error", "request_too_large")  # fmt: skip
+    await _reject(
+        send,
+        413,
+        f"The request body is larger than this server's limit of {limit} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
 
 
 async def _reject(send: Any, status: int, message: str, kind: str, code: str) -> None:

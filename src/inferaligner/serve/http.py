@@ -31,8 +31,11 @@ class JsonErrorsH11(H11Protocol):
 
 def _send_json_400(transport: object, msg: str) -> None:
     body = parser_error_body(msg)
-    head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")  # fmt: skip
+    head = (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: close\r\n\r\n"
+    )
     transport.write(head + body)  # type: ignore[attr-defined]
     transport.close()  # type: ignore[attr-defined]
 

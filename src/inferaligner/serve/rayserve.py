@@ -40,23 +40,40 @@ class Replica:
     """One replica: a model, its aligner and engine, and the FastAPI app around them (started by the app's
     lifespan, which Ray Serve runs)."""
 
-    def __init__(self, build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any], config: ServerConfig,
-                 limits: Mapping[str, Any], threads: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        build: Callable[[Mapping[str, Any]], Any],
+        options: Mapping[str, Any],
+        config: ServerConfig,
+        limits: Mapping[str, Any],
+        threads: int,
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
         aligner = build(options)
-        self.engine = make_engine(aligner, str(options.get("scheduler") or "continuous"),
-                                  prefix_cache=bool(options.get("prefix_cache", True)), **limits)  # fmt: skip
+        self.engine = make_engine(
+            aligner,
+            str(options.get("scheduler") or "continuous"),
+            prefix_cache=bool(options.get("prefix_cache", True)),
+            **limits,
+        )
         self.config = config
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this, after __init__, for the replica's app
         return create_app(self.engine, self.config)
 
 
-def application(build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any], config: ServerConfig,
-                limits: Mapping[str, Any], *, replicas: int, max_replicas: int | None = None,
-                cpus_per_replica: float = 1.0) -> Any:  # fmt: skip
+def application(
+    build: Callable[[Mapping[str, Any]], Any],
+    options: Mapping[str, Any],
+    config: ServerConfig,
+    limits: Mapping[str, Any],
+    *,
+    replicas: int,
+    max_replicas: int | None = None,
+    cpus_per_replica: float = 1.0,
+) -> Any:
     """The Ray Serve application: `replicas` replicas, or between `replicas` and `max_replicas` with autoscaling
     on the number of requests each replica holds. Each replica calls `build(options)` for its `InferAligner` (a
     module-level function, so Ray can ship it by name)."""
@@ -69,17 +86,26 @@ def application(build: Callable[[Mapping[str, Any]], Any], options: Mapping[str,
     holds = int(limits["max_batch"]) + int(limits["max_queue"])  # what one replica runs and queues
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if max_replicas is not None:
-        scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
-                                          "target_ongoing_requests": int(limits["max_batch"])}}  # fmt: skip
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": replicas,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": int(limits["max_batch"]),
+            }
+        }
     # Beyond what the replicas hold, Ray's proxy queues at most --max-queue requests more and answers the rest 429
     # with Retry-After, as one server's full queue does (Ray's own error body, not the OpenAI schema). Replicas
     # get as long as one server to drain on shutdown.
     deployment = serve.deployment(
-        serve.ingress()(Replica), name="InferAligner", max_ongoing_requests=holds,
-        max_queued_requests=int(limits["max_queue"]), graceful_shutdown_timeout_s=DRAIN_S,
+        serve.ingress()(Replica),
+        name="InferAligner",
+        max_ongoing_requests=holds,
+        max_queued_requests=int(limits["max_queue"]),
+        graceful_shutdown_timeout_s=DRAIN_S,
         backpressure_config={"status_code": 429, "retry_after_s": config.retry_after_s},
-        ray_actor_options={"num_cpus": cpus_per_replica}, **scaling,
-    )  # fmt: skip
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        **scaling,
+    )
     return deployment.bind(build, dict(options), config, dict(limits), max(1, int(cpus_per_replica)))
 
 

@@ -244,8 +244,9 @@ def build_demo_model(
     )
     merged = peft_model.merge_and_unload()
     set_model_name(merged, f"zoo:{name}")
-    vectors = demo_vectors(RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, gate_tpr=gate_tpr, public=public,
-                           progress=progress)  # fmt: skip
+    vectors = demo_vectors(
+        RECIPES[name], merged, tokenizer, gate_fpr=gate_fpr, gate_tpr=gate_tpr, public=public, progress=progress
+    )
     vectors.save(out_dir / "vectors.safetensors")
     return card
 
@@ -271,5 +272,13 @@ def demo_vectors(
     from inferaligner.gate_training import target_vectors
 
     domain = recipe.domain() if recipe.domain else []
-    return target_vectors(model, tokenizer, domain, public=public, gate_tpr=gate_tpr, gate_fpr=gate_fpr,
-                          per_part=DOMAIN_GATE_PROMPTS, progress=progress)  # fmt: skip
+    return target_vectors(
+        model,
+        tokenizer,
+        domain,
+        public=public,
+        gate_tpr=gate_tpr,
+        gate_fpr=gate_fpr,
+        per_part=DOMAIN_GATE_PROMPTS,
+        progress=progress,
+    )

@@ -70,8 +70,11 @@ def self_distill(
 
     Answers are cached on disk by model (name and shape) and prompts, so a rebuild does not generate them again.
     """
-    key = hashlib.sha256(json.dumps([getattr(model, "name_or_path", ""), model_fingerprint(model), list(prompts),
-                                     max_new_tokens]).encode()).hexdigest()[:16]  # fmt: skip
+    key = hashlib.sha256(
+        json.dumps(
+            [getattr(model, "name_or_path", ""), model_fingerprint(model), list(prompts), max_new_tokens]
+        ).encode()
+    ).hexdigest()[:16]
     cached = cache_dir() / "self_distill" / f"{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())

@@ -69,9 +69,13 @@ def lora_finetune(
     torch.manual_seed(config.seed)
     targets = [name for name in LORA_TARGETS if any(n.endswith(name) for n, _ in model.named_modules())]
     lora = LoraConfig(
-        r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout, target_modules=targets,
-        layers_to_transform=list(layers) if layers is not None else None, task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        layers_to_transform=list(layers) if layers is not None else None,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     data = [tokenize_example(tokenizer, q, a, config.max_length) for q, a in examples]
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
