@@ -328,7 +328,8 @@ def test_bad_inputs_give_one_line_errors(model_dir, vector_file, tmp_path, capsy
 
 def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     from inferaligner.build import alignment
-    from inferaligner.cli import _serve_options, build_parser
+    from inferaligner.cli import build_parser
+    from inferaligner.cli.serve import _serve_options
 
     def _alignment(options: dict) -> tuple:
         resolved = alignment(options)
@@ -390,12 +391,12 @@ def test_parse_layers() -> None:
 
 
 def test_demo_eval_builds_only_the_comparison_models_asked_for(tmp_path, monkeypatch) -> None:
-    from inferaligner import cli
+    from inferaligner.cli import evaluate
     from inferaligner.zoo import recipes
 
     built: list[str] = []
     monkeypatch.setattr(recipes, "build_demo_model", lambda name, folder: built.append(name))
-    folders = cli._demo_models("arithmetic", tmp_path, ["target", "inferaligner", "safety-sft"])
+    folders = evaluate._demo_models("arithmetic", tmp_path, ["target", "inferaligner", "safety-sft"])
     assert built == ["safety-sft-arithmetic"]
     assert set(folders) == {"target", "safety-sft"}
 

@@ -1,0 +1,5 @@
+"""`python -m inferaligner.cli`."""
+
+from inferaligner.cli import main
+
+raise SystemExit(main())
