@@ -70,3 +70,14 @@ def test_the_cycle_finder_finds_one() -> None:
 
 def test_models_imports_nothing_above_it() -> None:
     assert import_graph()["inferaligner.models"] <= {"inferaligner.errors"}
+
+
+def test_no_serving_function_is_too_complex() -> None:
+    """Serving stays in small pieces: no function in `serve/` above McCabe complexity 10 (ruff's C901)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "C901", "--config",
+               "lint.mccabe.max-complexity=10", str(PACKAGE / "serve")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

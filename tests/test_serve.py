@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
-from inferaligner.serve import ServerConfig, create_app, make_engine
+from inferaligner.serve import ServeSettings, create_app, make_engine
 from inferaligner.serve.http import http_protocol
 from inferaligner.turns import chat_opening
 from inferaligner.vectors import extract_safety_vectors
@@ -66,7 +66,7 @@ class Server:
         engine_options = {k: options.pop(k) for k in ("max_batch", "batch_wait_s", "max_queue") if k in options}
         self.engine = make_engine(aligner, options.pop("scheduler", "continuous"), **engine_options)
         http = options.pop("http", None) or http_protocol()
-        config = ServerConfig(model_name=MODEL, **options)
+        config = ServeSettings(served_model_name=MODEL, **options)
         self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(create_app(self.engine, config), port=self.port, log_level="warning", http=http)
@@ -484,3 +484,44 @@ def test_a_steered_answer_cut_by_the_loop_stop_ends_there_when_served() -> None:
     assert served.model_extra["inferaligner"]["intervened"]
     assert served.choices[0].message.content.replace("\ufffd", "") == cut.replace("\ufffd", "")
     assert (served.choices[0].finish_reason, served.usage.completion_tokens) == ("stop", tokens)
+
+
+def test_the_serving_layer_answers_without_http() -> None:
+    """`OpenAIServing` turns a request into a job and its events into a response or chunks: no server needed."""
+    import asyncio
+
+    from inferaligner.serve.metrics import Metrics
+    from inferaligner.serve.openai import OpenAIServing
+    from inferaligner.serve.protocol import APIError, ChatCompletionRequest
+
+    engine = make_engine(make_aligner(), "continuous", max_batch=2, batch_wait_s=0.01)
+    serving = OpenAIServing(engine, ServeSettings(served_model_name=MODEL), Metrics(engine))
+
+    async def gone() -> bool:
+        return False
+
+    async def scenario() -> tuple[dict, list[str]]:
+        messages = [{"role": "user", "content": HARMFUL}]
+        body = ChatCompletionRequest(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+        answer = await serving.respond(body, serving.chat_prompt(body), "chat", gone)
+        streamed = ChatCompletionRequest(model=MODEL, messages=messages, max_tokens=3, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})  # fmt: skip
+        lines = [line async for line in await serving.respond(streamed, serving.chat_prompt(streamed), "chat", gone)]
+        with pytest.raises(APIError, match="does not exist"):
+            await serving.respond(body.model_copy(update={"model": "other"}), [1, 2], "chat", gone)
+        return answer, lines
+
+    engine.start()
+    try:
+        answer, lines = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert answer["object"] == "chat.completion" and answer["inferaligner"]["gate"]["fired"]
+    assert answer["choices"][0]["logprobs"] is None and answer["usage"]["completion_tokens"] >= 1
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]\n\n" and chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["inferaligner"]["intervened"] and chunks[-1]["choices"] == [] and chunks[-1]["usage"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == answer["choices"][0]["message"]["content"]
+    assert serving.models().dump() == {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0,
+                                                                    "owned_by": "inferaligner"}]}  # fmt: skip

@@ -1,18 +1,14 @@
-"""`serve`: the OpenAI-compatible server, its options and config file."""
+"""`serve`: the OpenAI-compatible server, its options and config file. Every server default is read from
+`inferaligner.serve.settings.ServeSettings` (help texts included), and the settings check every value."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from inferaligner.cli.options import (
     alignment_options,
@@ -22,15 +18,10 @@ from inferaligner.cli.options import (
     positive_int,
     status,
 )
+from inferaligner.errors import InferAlignerError
+from inferaligner.serve.settings import DEFAULTS, DEMO_NAME, SCHEDULERS, ServeSettings
 
-SERVE_DEFAULTS = {
-    "host": "127.0.0.1", "port": 8000, "scheduler": "continuous", "prefix_cache": True, "max_batch": 8,
-    "batch_wait_ms": 10.0,
-    "max_queue": 64, "max_tokens_limit": 512, "allow_client_disable": False, "max_body_bytes": 1 << 20,
-    "body_timeout_s": 30.0,
-    "default_max_tokens": 0,  # 0: 256, or the limit if it is lower
-    "ray": False, "replicas": 1, "max_replicas": 0, "cpus_per_replica": 1.0, "ray_address": "",  # 0 / "": none
-}  # fmt: skip
+SERVE_DEFAULTS = {f.name: getattr(DEFAULTS, f.name) for f in fields(ServeSettings) if f.name != "served_model_name"}
 NOT_CONFIG = {"run", "verb", "verbose", "config", "config_parser"}
 _JSON_KINDS = {
     int: "a whole number",
@@ -101,7 +92,8 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
         options |= loaded
     options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
     if not options.get("model"):  # the demo pair: the shipped target brings its gate and steering settings
-        options |= {"model": "zoo:target", "served_model_name": options.get("served_model_name") or "inferaligner-demo"}
+        options |= {"model": "zoo:target", "served_model_name": options.get("served_model_name") or DEMO_NAME}
+    options["served_model_name"] = options.get("served_model_name") or str(options["model"])
     return options
 
 
@@ -121,81 +113,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inferaligner.build import dtype
-    from inferaligner.serve import SCHEDULERS, ServerConfig, create_app, make_engine
-    from inferaligner.serve.engine import check_limits
+    from inferaligner.serve import create_app, make_engine
     from inferaligner.serve.http import http_protocol
 
     options = _serve_options(args)
-    if not 1 <= int(options["port"]) <= 65535:
-        raise InferAlignerError(f"--port must be a TCP port (1-65535), not {options['port']}.")
-    config = ServerConfig(
-        model_name=str(options.get("served_model_name") or options["model"]),
-        max_tokens_limit=int(options["max_tokens_limit"]),
-        default_max_tokens=int(options["default_max_tokens"]) or min(256, int(options["max_tokens_limit"])),
-        api_key=options["api_key"] if options.get("api_key") is not None else os.environ.get("INFERALIGNER_API_KEY"),
-        allow_client_disable=bool(options["allow_client_disable"]),
-        max_body_bytes=int(options["max_body_bytes"]),
-        body_timeout_s=float(options["body_timeout_s"]),
-    )
-    limits = {
-        "max_batch": int(options["max_batch"]),
-        "batch_wait_s": float(options["batch_wait_ms"]) / 1000,
-        "max_queue": int(options["max_queue"]),
-    }
-    check_limits(**limits)  # every option is checked before the model loads
-    if options["scheduler"] not in SCHEDULERS:
-        raise InferAlignerError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {options['scheduler']!r}.")
+    settings = ServeSettings.from_options(options)  # every option is checked before the model loads
     dtype(options)
-    _check_port_free(str(options["host"]), int(options["port"]))
-    if config.api_key is None:
-        status(
-            f"warning: no API key; anyone who can reach {options['host']}:{options['port']} can use this server "
-            "(set --api-key or INFERALIGNER_API_KEY)"
-        )
-    if options.get("ray"):
-        return _serve_on_ray(options, config, limits)
+    _check_port_free(settings.host, settings.port)
+    if settings.api_key is None:
+        status(f"warning: no API key; anyone who can reach {settings.host}:{settings.port} can use this server "
+               "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
+    if settings.ray:
+        return _serve_on_ray(options, settings)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
-    engine = make_engine(aligner, options["scheduler"], prefix_cache=bool(options["prefix_cache"]), **limits)
-    mode = aligner.settings.mode.value
-    status(
-        f"serving '{config.model_name}' (mode {mode}, gate: {aligner.gating}) on "
-        f"http://{options['host']}:{options['port']}, {engine.scheduler} batching"
-    )
-    uvicorn.run(
-        create_app(engine, config),
-        host=str(options["host"]),
-        port=int(options["port"]),
-        log_level="warning",
-        timeout_graceful_shutdown=60,
-        http=http_protocol(),
-    )
+    engine = make_engine(aligner, settings.scheduler, prefix_cache=settings.prefix_cache, **settings.limits())
+    status(f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
+           f"http://{settings.host}:{settings.port}, {engine.scheduler} batching")  # fmt: skip
+    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=60, http=http_protocol())  # fmt: skip
     return 0
 
 
-def _serve_on_ray(options: dict[str, Any], config: Any, limits: dict[str, Any]) -> int:
+def _serve_on_ray(options: dict[str, Any], settings: ServeSettings) -> int:
     """`serve --ray`: the same app as replicas on Ray Serve (`inferaligner.serve.rayserve`)."""
     from inferaligner.build import alignment, build_aligner
     from inferaligner.serve import rayserve
 
     rayserve.ray_serve()  # installed? (a one-line error before anything loads)
     alignment(options)  # the vector files and settings are checked here, before any replica loads a model
-    app = rayserve.application(
-        build_aligner,
-        options,
-        config,
-        limits,
-        replicas=int(options["replicas"]),
-        max_replicas=int(options["max_replicas"]) or None,
-        cpus_per_replica=float(options["cpus_per_replica"]),
-    )
-    status(
-        f"deploying '{config.model_name}' on Ray Serve: {options['replicas']} replica(s), "
-        f"{options['scheduler']} batching"
-    )
-    rayserve.run(app, str(options["host"]), int(options["port"]), options["ray_address"] or None, status=status)
+    app = rayserve.application(build_aligner, options, settings)
+    status(f"deploying '{settings.served_model_name}' on Ray Serve: {settings.replicas} replica(s), "
+           f"{settings.scheduler} batching")  # fmt: skip
+    rayserve.run(app, settings.host, settings.port, settings.ray_address or None, status=status)
     return 0
 
 
@@ -206,14 +158,16 @@ def add_parsers(verbs: Any) -> None:
     serve.add_argument("--config", type=Path, help="JSON file with any of the options below (options win)")
     model_options(serve, default=None)
     alignment_options(serve)
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=positive_int, help="default 8000")
-    serve.add_argument("--served-model-name", help="the model id clients send")
+    serve.add_argument("--host", help=f"bind address (default {DEFAULTS.host})")
+    serve.add_argument("--port", type=positive_int, help=f"default {DEFAULTS.port}")
+    serve.add_argument(
+        "--served-model-name", help=f"the model id clients send (default: the model, or '{DEFAULTS.served_model_name}')"
+    )
     serve.add_argument(
         "--scheduler",
-        choices=("continuous", "batch"),
-        help="continuous: requests join and leave the running batch at each decoding step (default); "
-        "batch: each batch runs to its end",
+        choices=SCHEDULERS,
+        help="continuous: requests join and leave the running batch at each decoding step; batch: each batch runs "
+        f"to its end (default {DEFAULTS.scheduler})",
     )
     serve.add_argument(
         "--no-prefix-cache",
@@ -223,15 +177,19 @@ def add_parsers(verbs: Any) -> None:
         help="prefill every chat request whole (by default the continuous scheduler runs the chat "
         "template's opening once and prefills only what follows it)",
     )
-    serve.add_argument("--max-batch", type=positive_int, help="rows decoded together (default 8)")
+    serve.add_argument("--max-batch", type=positive_int, help=f"rows decoded together (default {DEFAULTS.max_batch})")
     serve.add_argument(
         "--batch-wait-ms",
         type=float,
-        help="how long an idle server waits for company for its first request (default 10)",
+        help=f"how long an idle server waits for company for its first request (default {DEFAULTS.batch_wait_ms:g})",
     )
-    serve.add_argument("--max-queue", type=positive_int, help="waiting requests before answering 429 (default 64)")
     serve.add_argument(
-        "--max-tokens-limit", type=positive_int, help="largest max_tokens a request may ask (default 512)"
+        "--max-queue", type=positive_int, help=f"waiting requests before answering 429 (default {DEFAULTS.max_queue})"
+    )
+    serve.add_argument(
+        "--max-tokens-limit",
+        type=positive_int,
+        help=f"largest max_tokens a request may ask (default {DEFAULTS.max_tokens_limit})",
     )
     serve.add_argument(
         "--default-max-tokens",
@@ -239,8 +197,14 @@ def add_parsers(verbs: Any) -> None:
         help="max_tokens when a request gives none (default: 256, at most the limit)",
     )
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INFERALIGNER_API_KEY)")
-    serve.add_argument("--max-body-bytes", type=positive_int, help="largest request body (default 1 MiB)")
-    serve.add_argument("--body-timeout-s", type=float, help="time a client may take to send its body (default 30)")
+    serve.add_argument(
+        "--max-body-bytes", type=positive_int, help=f"largest request body (default {DEFAULTS.max_body_bytes} bytes)"
+    )
+    serve.add_argument(
+        "--body-timeout-s",
+        type=float,
+        help=f"time a client may take to send its whole body (default {DEFAULTS.body_timeout_s:g})",
+    )
     serve.add_argument(
         "--allow-client-disable",
         action="store_true",
@@ -254,14 +218,18 @@ def add_parsers(verbs: Any) -> None:
         default=None,
         help="serve the same app as Ray Serve replicas behind Ray's HTTP proxy on --host/--port",
     )
-    ray.add_argument("--replicas", type=positive_int, help="replicas (default 1; the minimum with --max-replicas)")
+    ray.add_argument(
+        "--replicas", type=positive_int, help=f"replicas (default {DEFAULTS.replicas}; the minimum with --max-replicas)"
+    )
     ray.add_argument(
         "--max-replicas",
         type=positive_int,
         help="autoscale between --replicas and this many, on the requests each replica holds",
     )
     ray.add_argument(
-        "--cpus-per-replica", type=float, help="CPUs Ray reserves per replica, and its torch threads (default 1)"
+        "--cpus-per-replica",
+        type=float,
+        help=f"CPUs Ray reserves per replica, and its torch threads (default {DEFAULTS.cpus_per_replica:g})",
     )
     ray.add_argument(
         "--ray-address",

@@ -48,6 +48,7 @@ from inferaligner.serve.engine import (
     report_plan,
 )
 from inferaligner.serve.prefix import SharedPrefix
+from inferaligner.serve.settings import SCHEDULERS
 from inferaligner.turns import chat_opening
 
 log = logging.getLogger("inferaligner.serve")
@@ -223,23 +224,27 @@ class ContinuousEngine(Engine):
                 self._prefill(live, whole)
         except Exception as exc:
             log.exception("prefill of %d requests failed", len(live))
-            running = {id(row.job) for row in self.rows}
-            # Only a request that has no answer yet and is not running is tried again; any other is told.
-            retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
-            cached = not whole and self._prefix is not None and self._prefix.fits(live[0].prompt_ids)
-            if len(live) == 1 and not cached:
-                retry = []  # tried alone, whole: the failure is this request's
-            for job in retry:
-                self._admit([job], whole=True)
-            for job in live:
-                if job.finish_reason is None and id(job) not in running and job not in retry:
-                    job.emit(Failed(f"generation failed: {exc}"))
-                    finish([job])
+            self._recover(live, whole, exc)
         with self._condition:
             self._running = len(self.rows)
         if live and self.rows:
             for observe in self.on_batch:
                 observe(len(self.rows))
+
+    def _recover(self, live: list[Job], whole: bool, exc: Exception) -> None:
+        """After a failed prefill: try again, alone and whole, each request that has no answer yet and is not
+        running; tell every other one that failed."""
+        running = {id(row.job) for row in self.rows}
+        retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
+        cached = not whole and self._prefix is not None and self._prefix.fits(live[0].prompt_ids)
+        if len(live) == 1 and not cached:
+            retry = []  # tried alone, whole: the failure is this request's
+        for job in retry:
+            self._admit([job], whole=True)
+        for job in live:
+            if job.finish_reason is None and id(job) not in running and job not in retry:
+                job.emit(Failed(f"generation failed: {exc}"))
+                finish([job])
 
     def _prefill(self, jobs: list[Job], whole: bool = False) -> None:
         """Prefill new requests: those that start with the shared prefix as one group, the others (all of them, when
@@ -380,9 +385,6 @@ class ContinuousEngine(Engine):
         with self._condition:
             self._running = len(self.rows)
         finish(leaving)
-
-
-SCHEDULERS = ("continuous", "batch")
 
 
 def make_engine(

@@ -34,6 +34,7 @@ from inferaligner.gate import GateDecision
 from inferaligner.plan import Action, Plan
 from inferaligner.prompts import pad_rows
 from inferaligner.serve.openmp import release_openmp_threads
+from inferaligner.serve.settings import DEFAULTS
 from inferaligner.turns import TurnFormat, prompt_turns
 
 log = logging.getLogger("inferaligner.serve")
@@ -273,9 +274,9 @@ class Engine:
         self,
         aligner: InferAligner,
         *,
-        max_batch: int = 8,
-        batch_wait_s: float = 0.01,
-        max_queue: int = 64,
+        max_batch: int = DEFAULTS.max_batch,
+        batch_wait_s: float = DEFAULTS.batch_wait_s,
+        max_queue: int = DEFAULTS.max_queue,
         on_batch: Sequence[Callable[[int], None]] = (),
     ) -> None:
         check_limits(max_batch, batch_wait_s, max_queue)

@@ -30,59 +30,57 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorised(scope):
-            await _reject(
-                send,
-                401,
-                "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                "authentication_error",
-                "invalid_api_key",
-            )
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _reject(send, *refusal)
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, str, str] | None:
+        """What the headers alone refuse (status, message, type, code): a missing key, a body declared too big or
+        not a number of bytes."""
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorised(scope):
+            return 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "authentication_error", (
+                "invalid_api_key")  # fmt: skip
+        declared = _header(scope, b"content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
         if declared is not None and not declared.isdigit():  # uvicorn's parser refuses these first; Ray's may not
-            await _reject(
-                send,
-                400,
-                f"Content-Length {declared[:20]!r} is not a number of bytes.",
-                "invalid_request_error",
-                "invalid_http",
-            )
-            return
+            return 400, f"Content-Length {declared[:20]!r} is not a number of bytes.", "invalid_request_error", (
+                "invalid_http")  # fmt: skip
         if declared is not None and int(declared) > self.max_body_bytes:
-            await _too_large(send, self.max_body_bytes)
-            return
+            return 413, _too_large_message(self.max_body_bytes), "invalid_request_error", "request_too_large"
+        return None
+
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        """The whole body, read within one deadline; `None` when the client left or was answered (413, 408)."""
         body = bytearray()
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s  # one deadline for the whole body
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
-                await _reject(
-                    send,
-                    408,
-                    f"The request body did not arrive within {self.body_timeout_s:g} s.",
-                    "invalid_request_error",
-                    "request_timeout",
-                )
-                return
+                await _reject(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                              "invalid_request_error", "request_timeout")  # fmt: skip
+                return None
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                await _too_large(send, self.max_body_bytes)
-                return
+                await _reject(send, 413, _too_large_message(self.max_body_bytes), "invalid_request_error",
+                              "request_too_large")  # fmt: skip
+                return None
             if not message.get("more_body", False):
-                break
-        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
-
-        async def replay() -> Message:
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
+                return bytes(body)
 
     def _authorised(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization") or ""
@@ -97,14 +95,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _too_large(send: Any, limit: int) -> None:
-    await _reject(
-        send,
-        413,
-        f"The request body is larger than this server's limit of {limit} bytes.",
-        "invalid_request_error",
-        "request_too_large",
-    )
+def _too_large_message(limit: int) -> str:
+    return f"The request body is larger than this server's limit of {limit} bytes."
 
 
 async def _reject(send: Any, status: int, message: str, kind: str, code: str) -> None:

@@ -1,13 +1,15 @@
-"""OpenAI-compatible request shapes and the OpenAI error schema.
+"""The OpenAI-compatible API's shapes: requests (strict), responses, stream chunks, models, and the error schema.
 
-Types are strict (`"stream": "yes"` or `"max_tokens": true` are errors, not conversions) and unknown fields are
-rejected with a 400 that names them: a parameter is either honoured or refused, never ignored.
+Request types are strict (`"stream": "yes"` or `"max_tokens": true` are errors, not conversions) and unknown fields
+are rejected with a 400 that names them: a parameter is either honoured or refused, never ignored. Responses are
+dumped by `dump()`: every field, `null` included (`"logprobs": null`), except the ones a shape leaves out when
+they do not apply (a chunk's `usage`, a delta's `role` after the first chunk).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -182,3 +184,127 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Responses
+
+
+class _Out(BaseModel):
+    """A response shape. `dump()` writes every field, except those in `OMIT_IF_NONE` when they are `None`."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    def dump(self) -> dict[str, Any]:
+        return {name: _dumped(value) for name in type(self).model_fields
+                if (value := getattr(self, name)) is not None or name not in self.OMIT_IF_NONE}  # fmt: skip
+
+
+def _dumped(value: Any) -> Any:
+    if isinstance(value, _Out):
+        return value.dump()
+    if isinstance(value, list):
+        return [_dumped(v) for v in value]
+    return value
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprobEntry]
+
+
+class TextLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class Message(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Delta(_Out):
+    OMIT_IF_NONE = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class Choice(_Out):
+    """One choice of a completion or of a stream chunk (chat: `message` or `delta`; text: `text`)."""
+
+    OMIT_IF_NONE = frozenset({"message", "delta", "text"})
+
+    index: int = 0
+    finish_reason: Literal["stop", "length"] | None
+    message: Message | None = None
+    delta: Delta | None = None
+    text: str | None = None
+    logprobs: ChatLogprobs | TextLogprobs | None
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class GateReport(_Out):
+    fired: bool
+    score: float | None
+    layer: int
+
+
+class Extension(_Out):
+    """The `inferaligner` field: what the gate said and what the server did with the request."""
+
+    gate: GateReport | None
+    intervened: bool
+    mode: str
+    enabled: bool
+    server: str
+
+
+class Completion(_Out):
+    """A whole answer (`chat.completion` or `text_completion`), or one stream chunk (`...chunk`)."""
+
+    OMIT_IF_NONE = frozenset({"usage", "inferaligner"})
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    inferaligner: Extension | None = None
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "inferaligner"
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -20,8 +20,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.serve.app import ServerConfig, create_app
+from inferaligner.serve.app import create_app
 from inferaligner.serve.continuous import make_engine
+from inferaligner.serve.settings import ServeSettings
 
 APP_NAME = "inferaligner"
 DRAIN_S = 60.0  # how long a stopping replica may take to finish its requests (as `inferaligner serve` on SIGTERM)
@@ -40,57 +41,32 @@ class Replica:
     """One replica: a model, its aligner and engine, and the FastAPI app around them (started by the app's
     lifespan, which Ray Serve runs)."""
 
-    def __init__(
-        self,
-        build: Callable[[Mapping[str, Any]], Any],
-        options: Mapping[str, Any],
-        config: ServerConfig,
-        limits: Mapping[str, Any],
-        threads: int,
-    ) -> None:
+    def __init__(self, build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any],
+                 settings: ServeSettings, threads: int) -> None:  # fmt: skip
         import torch
 
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
         aligner = build(options)
-        self.engine = make_engine(
-            aligner,
-            str(options.get("scheduler") or "continuous"),
-            prefix_cache=bool(options.get("prefix_cache", True)),
-            **limits,
-        )
-        self.config = config
+        self.engine = make_engine(aligner, settings.scheduler, prefix_cache=settings.prefix_cache, **settings.limits())
+        self.settings = settings
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this, after __init__, for the replica's app
-        return create_app(self.engine, self.config)
+        return create_app(self.engine, self.settings)
 
 
-def application(
-    build: Callable[[Mapping[str, Any]], Any],
-    options: Mapping[str, Any],
-    config: ServerConfig,
-    limits: Mapping[str, Any],
-    *,
-    replicas: int,
-    max_replicas: int | None = None,
-    cpus_per_replica: float = 1.0,
-) -> Any:
-    """The Ray Serve application: `replicas` replicas, or between `replicas` and `max_replicas` with autoscaling
-    on the number of requests each replica holds. Each replica calls `build(options)` for its `InferAligner` (a
-    module-level function, so Ray can ship it by name)."""
+def application(build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any], settings: ServeSettings) -> Any:
+    """The Ray Serve application: `settings.replicas` replicas, or (with `max_replicas`) between them and
+    `max_replicas`, autoscaling on the number of requests each replica holds. Each replica calls `build(options)`
+    for its `InferAligner` (a module-level function, so Ray can ship it by name)."""
     serve = ray_serve()
-    if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or cpus_per_replica <= 0:
-        raise InferAlignerError(
-            f"Ray Serve needs --replicas >= 1 (got {replicas}), --max-replicas >= --replicas (got {max_replicas}) "
-            f"and --cpus-per-replica > 0 (got {cpus_per_replica})."
-        )
-    holds = int(limits["max_batch"]) + int(limits["max_queue"])  # what one replica runs and queues
-    scaling: dict[str, Any] = {"num_replicas": replicas}
-    if max_replicas is not None:
+    holds = settings.max_batch + settings.max_queue  # what one replica runs and queues
+    scaling: dict[str, Any] = {"num_replicas": settings.replicas}
+    if settings.max_replicas:
         scaling = {
             "autoscaling_config": {
-                "min_replicas": replicas,
-                "max_replicas": max_replicas,
-                "target_ongoing_requests": int(limits["max_batch"]),
+                "min_replicas": settings.replicas,
+                "max_replicas": settings.max_replicas,
+                "target_ongoing_requests": settings.max_batch,
             }
         }
     # Beyond what the replicas hold, Ray's proxy queues at most --max-queue requests more and answers the rest 429
@@ -100,13 +76,13 @@ def application(
         serve.ingress()(Replica),
         name="InferAligner",
         max_ongoing_requests=holds,
-        max_queued_requests=int(limits["max_queue"]),
+        max_queued_requests=settings.max_queue,
         graceful_shutdown_timeout_s=DRAIN_S,
-        backpressure_config={"status_code": 429, "retry_after_s": config.retry_after_s},
-        ray_actor_options={"num_cpus": cpus_per_replica},
+        backpressure_config={"status_code": 429, "retry_after_s": settings.retry_after_s},
+        ray_actor_options={"num_cpus": settings.cpus_per_replica},
         **scaling,
     )
-    return deployment.bind(build, dict(options), config, dict(limits), max(1, int(cpus_per_replica)))
+    return deployment.bind(build, dict(options), settings, max(1, int(settings.cpus_per_replica)))
 
 
 def run(app: Any, host: str, port: int, address: str | None, status: Any = print) -> None:
