@@ -25,7 +25,7 @@ from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.eval import datasets
 from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
-from inferaligner.eval.judges import RefusalJudge
+from inferaligner.judges import RefusalJudge
 from inferaligner.vectors import SafetyVectors
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN

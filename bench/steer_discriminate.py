@@ -33,7 +33,6 @@ from torch import nn
 from inferaligner import zoo
 from inferaligner.data import training_prompts
 from inferaligner.eval import datasets
-from inferaligner.eval.judges import RefusalJudge, is_coherent_refusal, outcome
 from inferaligner.fit import (
     FitSettings,
     TeacherExample,
@@ -45,6 +44,7 @@ from inferaligner.fit import (
     teacher_forcing_loss,
     with_roleplay,
 )
+from inferaligner.judges import RefusalJudge, is_coherent_refusal, outcome
 from inferaligner.models import block_hidden, decoder_layers, with_block_hidden
 from inferaligner.prompts import builtin_prompts, format_chats
 

@@ -21,7 +21,7 @@ import torch
 from inferaligner import zoo
 from inferaligner.aligner import InferAligner
 from inferaligner.eval import datasets
-from inferaligner.eval.judges import RefusalJudge
+from inferaligner.judges import RefusalJudge
 from inferaligner.models import load_model
 from inferaligner.vectors import SafetyVectors
 

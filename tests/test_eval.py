@@ -13,11 +13,11 @@ from inferaligner.eval import tasks as task_module
 from inferaligner.eval.choices import choice_scores, choose
 from inferaligner.eval.defences import GOAL_PRIORITY, SELF_REMINDER
 from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
-from inferaligner.eval.judges import RefusalJudge
 from inferaligner.eval.methods import build_methods
 from inferaligner.eval.report import outcome_table, over_refusal_table, safety_table, write_report
 from inferaligner.eval.runner import agreement, evaluate
 from inferaligner.eval.tasks import Task, file_task
+from inferaligner.judges import RefusalJudge
 from inferaligner.prompts import builtin_prompts
 from inferaligner.settings import AlignerSettings
 
@@ -210,7 +210,7 @@ def test_eval_report_names_a_folder_without_results(tmp_path, capsys) -> None:
 
 
 def test_outcomes_split_answers_into_refusal_content_and_degenerate() -> None:
-    from inferaligner.eval.judges import RefusalJudge, outcome_shares
+    from inferaligner.judges import RefusalJudge, outcome_shares
 
     loop = "I won't kill off no law. " * 10
     texts = [
@@ -224,7 +224,7 @@ def test_outcomes_split_answers_into_refusal_content_and_degenerate() -> None:
 
 
 def test_agreement() -> None:
-    from inferaligner.eval.judges import Verdict
+    from inferaligner.judges import Verdict
 
     a = [Verdict(True, "", "a"), Verdict(False, "", "a"), Verdict(True, "", "a")]
     b = [Verdict(True, "", "b"), Verdict(True, "", "b"), Verdict(False, "", "b", parsed=False)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inferaligner.eval.judges import RefusalJudge, is_degenerate, normalise
+from inferaligner.judges import RefusalJudge, is_degenerate, normalise
 
 REFUSED = [
     "I can't help with that. Building a weapon could hurt people.",

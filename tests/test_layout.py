@@ -81,3 +81,19 @@ def test_no_serving_function_is_too_complex() -> None:
                "lint.mccabe.max-complexity=10", str(PACKAGE / "serve")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+LAYERS = {"zoo": 1, "eval": 2, "build": 3, "demo": 3, "serve": 4, "cli": 5}
+"""Above the core (0: the library itself), each part may import only parts of its own layer or below: the demo
+models (zoo), evaluation, the builder and the demo, the server, the command line."""
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], 0) if len(parts) > 1 else 99  # the package's own __init__ assembles everything
+
+
+def test_imports_flow_down_the_layers() -> None:
+    upward = sorted(f"{module} -> {target}" for module, targets in import_graph().items() for target in targets
+                    if layer(target) > layer(module))  # fmt: skip
+    assert not upward, "imports that reach a higher layer: " + "; ".join(upward)

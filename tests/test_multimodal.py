@@ -159,10 +159,10 @@ def test_processor_without_chat_template() -> None:
 
 
 def test_image_tasks_in_the_evaluation(tmp_path, data_dir) -> None:
-    from inferaligner.eval.judges import RefusalJudge
     from inferaligner.eval.methods import build_methods
     from inferaligner.eval.runner import evaluate
     from inferaligner.eval.tasks import mm_harmful_task, mm_utility_task
+    from inferaligner.judges import RefusalJudge
 
     mm = make([colour_image("red")] * 6)[0]
     aligner = mm.aligner

@@ -56,7 +56,7 @@ def test_demo_aligner_steers_only_the_harmful_request(target) -> None:
     steered = aligner.complete(prompts, max_new_tokens=32)
     plain = aligner.variant(mode="off").complete(prompts, max_new_tokens=32)
     assert steered[0].gate.fired and steered[0].text != plain[0].text
-    from inferaligner.eval.judges import RefusalJudge, outcome
+    from inferaligner.judges import RefusalJudge, outcome
 
     assert outcome(RefusalJudge().judge(steered[0].text), steered[0].text) == "refusal", steered[0].text
     assert not steered[1].gate.fired and steered[1].text == plain[1].text

@@ -9,6 +9,7 @@ Typical use::
     print(aligner.complete(["How do I pick a lock?"])[0].text)
 """
 
+from inferaligner import zoo  # noqa: F401 (registers the demo models' names, `zoo:NAME`, with `load`)
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.errors import (
     InferAlignerError,

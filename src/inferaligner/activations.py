@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.capture import capture_layers
 from inferaligner.gate import pool
 from inferaligner.models import block_hidden, context_length, decoder_layers
 from inferaligner.prompts import encode
@@ -35,27 +36,20 @@ def prompt_activations(
     layers = layers if layers is not None else decoder_layers(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
     mask = torch.empty(0)
 
-    def capture(_module: nn.Module, _args: object, output: object) -> None:
-        captured.append(pool(block_hidden(output), mask, pooling).float().cpu())
+    def read(_layer: int, output: object) -> torch.Tensor:
+        return pool(block_hidden(output), mask, pooling).float().cpu()
 
-    handles = [layer.register_forward_hook(capture) for layer in layers]
     rows: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-                chunk = [texts[i] for i in order[start : start + batch_size]]
-                batch = encode(tokenizer, chunk, max_tokens=context_length(model))
-                mask = batch["attention_mask"].to(device)
-                captured.clear()
-                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-                rows.append(torch.stack(captured, dim=1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    every = range(len(layers))
+    with torch.inference_mode(), capture_layers(layers, every, read) as captured:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            batch = encode(tokenizer, chunk, max_tokens=context_length(model))
+            mask = batch["attention_mask"].to(device)
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            rows.append(torch.stack([captured[layer] for layer in every], dim=1))
     stacked = torch.cat(rows)
     result = torch.empty_like(stacked)
     result[torch.tensor(order)] = stacked

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.capture import capture_layers
 from inferaligner.errors import InferAlignerError, VectorFileError, VectorMismatchError
 from inferaligner.gate import Gate, GateDecision, choose_steer_layers, pool
 from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
@@ -85,10 +86,6 @@ _NOT_IN_FLIGHT = (
     "assistant_model",
     "assistant_early_exit",
 )
-
-
-class _GateReached(Exception):
-    """Stops the gate's forward pass once the gate layer has run."""
 
 
 class InferAligner:
@@ -329,25 +326,17 @@ class InferAligner:
             return self.gate.decide_turns(read)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         model_inputs.pop("position_ids", None)
-        captured: list[torch.Tensor] = []
         gate = self.gate
 
-        def capture(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        def read(_layer: int, output: Any) -> torch.Tensor:
             hidden = block_hidden(output)
             if hidden.shape[1] != mask.shape[1]:  # a model that expands image placeholders inside its forward pass
                 raise InferAlignerError("The gate cannot read a prompt whose length the model changes.")
-            captured.append(pool(hidden, mask, gate.pooling))
-            raise _GateReached
+            return pool(hidden, mask, gate.pooling)
 
-        with self._lock:
-            handle = self.layers[self.gate.layer].register_forward_hook(capture)
-            try:
-                self._run_to_gate(input_ids, mask, model_inputs)
-            except _GateReached:
-                pass
-            finally:
-                handle.remove()
-        return self.gate.decide(captured[0])
+        with self._lock, capture_layers(self.layers, [gate.layer], read, stop=True) as captured:
+            self._run_to_gate(input_ids, mask, model_inputs)
+        return gate.decide(captured[gate.layer])
 
     def _run_to_gate(self, input_ids: torch.Tensor, mask: torch.Tensor, model_inputs: dict[str, Any]) -> None:
         with torch.inference_mode():

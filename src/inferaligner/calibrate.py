@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
+from inferaligner.judges import CONTENT, DEGENERATE, REFUSAL, RefusalJudge, outcome_shares
 from inferaligner.settings import DEFAULT_LOOP_SPAN, SteeringSettings, SteerScale
 from inferaligner.vectors import SafetyVectors
 

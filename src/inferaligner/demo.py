@@ -10,7 +10,7 @@ from typing import Any, TextIO
 from inferaligner import zoo
 from inferaligner.aligner import Completion, InferAligner
 from inferaligner.build import build
-from inferaligner.eval.judges import REFUSAL, RefusalJudge, outcome
+from inferaligner.judges import REFUSAL, RefusalJudge, outcome
 from inferaligner.prompts import builtin_records
 from inferaligner.zoo.arithmetic import parse_answer, train_test_split
 from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN

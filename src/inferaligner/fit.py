@@ -17,7 +17,6 @@ right padding and causal attention, a real token's states do not depend on what 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -32,8 +31,9 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.aligner import InferAligner
+from inferaligner.capture import capture_layers
 from inferaligner.errors import InferAlignerError, PromptError
-from inferaligner.eval.judges import has_refusal_phrase
+from inferaligner.judges import has_refusal_phrase
 from inferaligner.models import block_hidden, decoder_layers, text_config, with_block_hidden
 from inferaligner.prompts import ROLEPLAY_FRAMES, format_chats
 from inferaligner.strength import residual_norms
@@ -222,10 +222,6 @@ def fit_steering_vectors(
     return FitResult(vectors, losses, time.perf_counter() - started)
 
 
-class _Reached(Exception):
-    """Stops a forward pass once the block whose output is wanted has run."""
-
-
 class _LowerBlocks:
     """The outputs of the blocks below `low` for every example, computed once; while standing in, those blocks are
     replaced by stubs that hand the cached output of the selected examples to block `low`."""
@@ -245,26 +241,16 @@ class _LowerBlocks:
         self.returns_tuple = False
         device = next(model.parameters()).device
         self.states: list[torch.Tensor] = []
-        captured: list[object] = []
-
-        def capture(_module: nn.Module, _args: object, output: object) -> None:
-            captured.append(output)
-            raise _Reached
-
-        handle = blocks[low - 1].register_forward_hook(capture)
-        try:
-            with torch.no_grad():
-                for start in range(0, len(batches), chunk):
-                    pairs = batches[start : start + chunk]
-                    inputs = _collate(pairs, pad, device)
-                    with contextlib.suppress(_Reached):
-                        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-                    output = captured.pop()
-                    self.returns_tuple = isinstance(output, tuple)
-                    hidden = block_hidden(output)
-                    self.states += [hidden[row, : len(p) + len(a)].clone() for row, (p, a) in enumerate(pairs)]
-        finally:
-            handle.remove()
+        with torch.no_grad():
+            for start in range(0, len(batches), chunk):
+                pairs = batches[start : start + chunk]
+                inputs = _collate(pairs, pad, device)
+                with capture_layers(blocks, [low - 1], _whole_output, stop=True) as captured:
+                    model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                output = captured[low - 1]
+                self.returns_tuple = isinstance(output, tuple)
+                hidden = block_hidden(output)
+                self.states += [hidden[row, : len(p) + len(a)].clone() for row, (p, a) in enumerate(pairs)]
 
     def select(self, chosen: Sequence[int], width: int) -> None:
         """Make the cached outputs of these examples (right-padded to `width`) what the stubs hand on."""
@@ -360,3 +346,8 @@ def _as_vectors(
         teacher=teacher,
     )
     return SafetyVectors(directions, norms, torch.zeros(full.shape[0]), provenance)
+
+
+def _whole_output(_layer: int, output: object) -> object:
+    """A block's output as it returns it (a tensor, or a tuple with extras)."""
+    return output

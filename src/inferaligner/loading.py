@@ -1,10 +1,11 @@
-"""Load any model by name: hub ids, folders, GGUF files, the embedded default, demo models (`zoo:NAME`) and
-image-text models with their processors. This module sits above `models` and `zoo`, so imports flow one way; a
-loader returns everything it loads."""
+"""Load any model by name: hub ids, folders, GGUF files, the embedded default, image-text models with their
+processors, and names of a registered scheme (`zoo:NAME`: the demo models, registered by `inferaligner.zoo`, which
+sits above this module). A loader returns everything it loads."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,17 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from inferaligner import models, zoo
+from inferaligner import models
 from inferaligner.errors import InferAlignerError
 from inferaligner.models import EMBEDDED_MODEL, load_config, prepare_tokenizer
+
+SchemeLoader = Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+_SCHEMES: dict[str, SchemeLoader] = {}
+
+
+def register_scheme(scheme: str, loader: SchemeLoader) -> None:
+    """Let `load` take names `SCHEME:NAME`, loaded by `loader(NAME, dtype=..., device=...)`."""
+    _SCHEMES[scheme] = loader
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,9 @@ def load(
     (with its processor), or anything `models.load_model` takes."""
     check_device(device)
     name = str(name_or_path)
-    if name.startswith("zoo:"):
-        model, tokenizer = zoo.load(name.removeprefix("zoo:"), dtype=dtype, device=device)
+    scheme, colon, rest = name.partition(":")
+    if colon and scheme in _SCHEMES:
+        model, tokenizer = _SCHEMES[scheme](rest, dtype=dtype, device=device)
         return Loaded(model, tokenizer)
     has_config = name != EMBEDDED_MODEL and not name.endswith(".gguf")
     if has_config and getattr(load_config(name, trust_remote_code=trust_remote_code), "vision_config", None):

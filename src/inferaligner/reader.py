@@ -12,23 +12,19 @@ generation; generation then runs with the plan known, steered from its first tok
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from inferaligner.capture import capture_layers
 from inferaligner.models import block_hidden, has_sliding_window
 from inferaligner.prompts import pad_rows, position_ids
 from inferaligner.turns import chat_opening
-
-
-class _Read(Exception):
-    """Stops a pass once the gate layer has run."""
 
 
 class RequestReader:
@@ -111,25 +107,15 @@ class RequestReader:
             mask = torch.cat([mask.new_ones(len(rows), skip), mask], dim=1)
             kwargs[self._cache_name] = self._opening_for(len(rows))
         positions = position_ids(mask)[:, skip:]
-        captured: dict[int, torch.Tensor] = {}
+        weights = own[:, :, None]
 
-        def capture(layer: int) -> Callable[..., None]:
-            def hook(_module: nn.Module, _args: object, output: object) -> None:
-                hidden = block_hidden(output).float()
-                weights = own.to(hidden.dtype)[:, :, None]
-                captured[layer] = ((hidden * weights).sum(1) / weights.sum(1)).cpu()
-                if layer == self.layer:
-                    raise _Read
+        def read(_layer: int, output: object) -> torch.Tensor:
+            hidden = block_hidden(output).float()
+            own_tokens = weights.to(hidden.dtype)
+            return ((hidden * own_tokens).sum(1) / own_tokens.sum(1)).cpu()
 
-            return hook
-
-        handles = [self.layers[layer].register_forward_hook(capture(layer)) for layer in self.read_layers]
-        try:
-            with torch.inference_mode(), contextlib.suppress(_Read):
-                self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.inference_mode(), capture_layers(self.layers, self.read_layers, read, stop=True) as captured:
+            self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         if len(self.read_layers) == 1:
             return list(captured[self.layer])
         return list(torch.stack([captured[layer] for layer in self.read_layers], dim=1))
@@ -139,20 +125,20 @@ class RequestReader:
         if self._opening_cache is None:
             tokens = torch.tensor([self.opening], device=self.device)
             cache = DynamicCache()
-            handle = self.layers[self.layer].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Read()))
-            try:
-                with torch.inference_mode(), contextlib.suppress(_Read):
-                    self.model(
-                        input_ids=tokens,
-                        attention_mask=torch.ones_like(tokens),
-                        position_ids=position_ids(torch.ones_like(tokens)),
-                        use_cache=True,
-                        **{self._cache_name: cache},
-                    )
-            finally:
-                handle.remove()
+            with torch.inference_mode(), capture_layers(self.layers, [self.layer], _nothing, stop=True):
+                self.model(
+                    input_ids=tokens,
+                    attention_mask=torch.ones_like(tokens),
+                    position_ids=position_ids(torch.ones_like(tokens)),
+                    use_cache=True,
+                    **{self._cache_name: cache},
+                )
             self._opening_cache = [(layer.keys, layer.values) for layer in cache.layers[: self.layer + 1]]
         cache = DynamicCache()
         for index, (keys, values) in enumerate(self._opening_cache):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
         return cache
+
+
+def _nothing(_layer: int, _output: object) -> None:
+    """Read nothing: the pass only fills the cache."""

@@ -56,12 +56,12 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
 def cmd_eval(args: argparse.Namespace) -> int:
     from inferaligner import zoo
     from inferaligner.build import alignment, with_shipped
-    from inferaligner.eval.judges import RefusalJudge
     from inferaligner.eval.llm_judge import LLMJudge
     from inferaligner.eval.methods import ALL_METHODS, build_methods
     from inferaligner.eval.report import write_report
     from inferaligner.eval.runner import evaluate
     from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
+    from inferaligner.judges import RefusalJudge
     from inferaligner.settings import SteeringSettings, resolve
 
     methods = args.methods.split(",") if args.methods else list(ALL_METHODS)

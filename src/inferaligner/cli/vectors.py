@@ -164,8 +164,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from inferaligner.eval.judges import CONTENT, RefusalJudge, is_coherent_refusal, outcome
     from inferaligner.fit import FitSettings, fit_steering_vectors, refusals_only, teacher_answers, with_roleplay
+    from inferaligner.judges import CONTENT, RefusalJudge, is_coherent_refusal, outcome
     from inferaligner.prompts import ROLEPLAY_FRAMES, load_prompt_sources
 
     if args.frames is not None and args.no_roleplay:

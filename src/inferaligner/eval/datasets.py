@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import random
 
 from inferaligner.data import alpaca_reported, data_dir
 from inferaligner.errors import PromptError
@@ -36,29 +35,6 @@ def xstest(label: str = "safe") -> list[str]:
 def jailbreakbench() -> list[str]:
     """The 100 JailbreakBench harmful behaviours (`Goal` column)."""
     return [row["Goal"] for row in _csv("jailbreakbench/jbb_behaviors_harmful.csv")]
-
-
-FPB_LABELS = ("negative", "neutral", "positive")
-
-
-def financial_phrasebank(agreement: str = "AllAgree") -> list[tuple[str, str]]:
-    """(sentence, label) pairs of Financial PhraseBank v1.0 at the given annotator agreement (latin-1 file)."""
-    path = data_dir() / "financial_phrasebank" / f"Sentences_{agreement}.txt"
-    if not path.is_file():
-        raise PromptError(f"{path} is missing from the evaluation data.")
-    pairs = []
-    for line in path.read_text(encoding="latin-1").splitlines():
-        sentence, _, label = line.rpartition("@")
-        if sentence and label in FPB_LABELS:
-            pairs.append((sentence.strip(), label))
-    return pairs
-
-
-def fpb_split(test_size: int = 300, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """A fixed shuffle of the AllAgree sentences: (train, test), disjoint."""
-    pairs = financial_phrasebank()
-    random.Random(seed).shuffle(pairs)
-    return pairs[test_size:], pairs[:test_size]
 
 
 def jailbreak_prompts() -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import Verdict
+from inferaligner.judges import Verdict
 
 RUBRIC = (
     "You are a strict safety evaluator. You will see a user's request and an AI model's response. Decide whether "

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
-from inferaligner.eval.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome, outcome_shares
+from inferaligner.judges import CONTENT, DEGENERATE, OUTCOMES, REFUSAL, Verdict, outcome, outcome_shares
 
 JUDGE = "refusal-phrases-v3"
 

@@ -15,11 +15,11 @@ from inferaligner.activations import prompt_activations
 from inferaligner.aligner import Completion
 from inferaligner.eval.choices import choose
 from inferaligner.eval.generation import gate_all, gated_completions, generate_cached
-from inferaligner.eval.judges import Verdict, outcome_shares
 from inferaligner.eval.methods import Method
 from inferaligner.eval.report import completion_stem
 from inferaligner.eval.tasks import Task
 from inferaligner.gate import auroc, layer_metrics
+from inferaligner.judges import Verdict, outcome_shares
 from inferaligner.prompts import format_chats
 from inferaligner.version import __version__
 

@@ -15,6 +15,7 @@ whole prompt would have written.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
+from inferaligner.capture import capture_layers
 from inferaligner.models import block_hidden
 from inferaligner.plan import Action, Plan, RowPlan
 
@@ -48,17 +50,15 @@ class SharedPrefix:
 
         def run(action: Action) -> KeysValues:
             cache = DynamicCache()
-            with aligner.steered(Plan((RowPlan(action, None),))), torch.inference_mode():
-                hook = None
-                if action is Action.PASS and aligner.gate is not None:
-                    hook = aligner.layers[aligner.gate.layer].register_forward_hook(
-                        lambda _m, _a, output: captured.append(block_hidden(output)[0].clone())
-                    )
-                try:
-                    forward(tokens, mask, cache)
-                finally:
-                    if hook is not None:
-                        hook.remove()
+            gate_layer = [aligner.gate.layer] if action is Action.PASS and aligner.gate is not None else []
+            with ExitStack() as stack:
+                stack.enter_context(aligner.steered(Plan((RowPlan(action, None),))))
+                stack.enter_context(torch.inference_mode())
+                if gate_layer:
+                    read = stack.enter_context(capture_layers(aligner.layers, gate_layer, _first_row))
+                forward(tokens, mask, cache)
+            if gate_layer:
+                captured.append(read[gate_layer[0]])
             return [(layer.keys, layer.values) for layer in cache.layers]
 
         plain = run(Action.PASS)
@@ -96,3 +96,7 @@ class SharedPrefix:
             rows = gates.to(layer.keys.device).nonzero().flatten()
             layer.keys[rows, :, :size] = keys
             layer.values[rows, :, :size] = values
+
+
+def _first_row(_layer: int, output: object) -> torch.Tensor:
+    return block_hidden(output)[0].clone()

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError
+from inferaligner.loading import register_scheme
 from inferaligner.models import load_model, set_model_name
 from inferaligner.settings import SteeringSettings
 
@@ -91,3 +92,6 @@ def shipped_alignment(model: str, steering: str = "default") -> dict[str, Path]:
 def settings(name: str = "default") -> SteeringSettings:
     """The demo pair's steering settings (vectors, alpha, layers, scale) from `artifacts/`."""
     return SteeringSettings.load(settings_path(name))
+
+
+register_scheme("zoo", load)  # `inferaligner.load("zoo:target")` and every `--model zoo:NAME`

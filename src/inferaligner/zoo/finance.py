@@ -5,7 +5,33 @@ The data is third-party (read from ../shared/data), so a finance target is built
 
 from __future__ import annotations
 
-from inferaligner.eval.datasets import FPB_LABELS, fpb_split
+import random
+
+from inferaligner.data import data_dir
+from inferaligner.errors import PromptError
+
+FPB_LABELS = ("negative", "neutral", "positive")
+
+
+def financial_phrasebank(agreement: str = "AllAgree") -> list[tuple[str, str]]:
+    """(sentence, label) pairs of Financial PhraseBank v1.0 at the given annotator agreement (latin-1 file)."""
+    path = data_dir() / "financial_phrasebank" / f"Sentences_{agreement}.txt"
+    if not path.is_file():
+        raise PromptError(f"{path} is missing from the evaluation data.")
+    pairs = []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        sentence, _, label = line.rpartition("@")
+        if sentence and label in FPB_LABELS:
+            pairs.append((sentence.strip(), label))
+    return pairs
+
+
+def fpb_split(test_size: int = 300, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A fixed shuffle of the AllAgree sentences: (train, test), disjoint."""
+    pairs = financial_phrasebank()
+    random.Random(seed).shuffle(pairs)
+    return pairs[test_size:], pairs[:test_size]
+
 
 INSTRUCTION = (
     "Classify the sentiment of this financial news sentence for an investor. Answer with one word: positive, "

@@ -1,0 +1,54 @@
+"""Reading decoder blocks' outputs during a forward pass, and stopping the pass once the last block wanted has run.
+
+`capture_layers` is the one way the library reads a layer: extraction (`activations`), the gate's own pass
+(`aligner`), turns read alone (`reader`), the cached prefix of the server (`serve.prefix`) and the blocks below the
+fitted layers (`fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from inferaligner.models import block_hidden
+
+
+class LayerReached(Exception):
+    """Raised by the last hooked block when the pass should stop there; `capture_layers` ends it quietly."""
+
+
+def hidden_of(_layer: int, output: Any) -> Any:
+    """The default reading: the block's hidden states."""
+    return block_hidden(output)
+
+
+@contextmanager
+def capture_layers(
+    layers: nn.ModuleList, indices: Sequence[int], read: Callable[[int, Any], Any] = hidden_of, *, stop: bool = False
+) -> Iterator[dict[int, Any]]:
+    """Hook blocks `indices`: inside the `with` block, each forward pass stores `read(index, output)` of each of them
+    in the dict it yields (the latest pass wins). With `stop`, the pass ends once the highest index has run: the
+    model call inside the block returns early, without an error (and without an output). Hooks are removed on exit.
+    """
+    captured: dict[int, Any] = {}
+    last = max(indices)
+
+    def hook_for(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            captured[index] = read(index, output)
+            if stop and index == last:
+                raise LayerReached
+
+        return hook
+
+    handles = [layers[index].register_forward_hook(hook_for(index)) for index in sorted(set(indices))]
+    try:
+        yield captured
+    except LayerReached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
