@@ -92,36 +92,8 @@ class InferAligner(OnePass):
         self.tokenizer = tokenizer
         self.layers = decoder_layers(model, self.settings.layers_path)
         self._lock = threading.RLock()
-        needs_target = mode.gated
-        needs_aligned = mode in (Mode.INFERALIGNER, Mode.ALWAYS)
-        if needs_target and target_vectors is None:
-            raise InferAlignerError(f"Mode '{mode.value}' needs the target's own vectors (--target-vectors).")
-        if needs_aligned and aligned_vectors is None:
-            raise InferAlignerError(f"Mode '{mode.value}' needs the aligned model's vectors (--aligned-vectors).")
-        if mode is Mode.ALIGNED and aligned_model is None:
-            raise InferAlignerError("Mode 'aligned' needs the aligned model itself (--aligned-model).")
-        if aligned_model is not None and model_fingerprint(aligned_model) != model_fingerprint(model):
-            raise VectorMismatchError(
-                "The aligned model's shape or vocabulary differs from the target's: it must be "
-                "a fine-tune of the same base, sharing the tokenizer."
-            )
+        _check_parts(model, mode, target_vectors, aligned_vectors, aligned_model)
         self.aligned_model = aligned_model
-        for vectors, role in ((target_vectors, "target vectors"), (aligned_vectors, "aligned vectors")):
-            if vectors is not None:
-                vectors.check_fits(model, role)
-                vectors.check_finite(role)
-        if target_vectors is not None and target_vectors.fitted:
-            raise VectorFileError(
-                f"The target vectors define the gate and must come from `extract` on the target, but "
-                f"they hold {target_vectors.describe_kind()}: pass those as steering vectors."
-            )
-        if target_vectors is not None and aligned_vectors is not None:
-            aligned_vectors.check_compatible(target_vectors, ("aligned", "target"))
-            if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned_vectors.is_own_gate_of(target_vectors):
-                raise VectorMismatchError(
-                    f"The steering vectors are the target's own ({aligned_vectors.describe_kind()}): steer with the "
-                    "aligned model's vectors, or use mode 'self' for this ablation."
-                )
         self.target_vectors = target_vectors
         self.aligned_vectors = aligned_vectors
         self.gate: Gate | None = (
@@ -132,36 +104,42 @@ class InferAligner(OnePass):
         self._reader: RequestReader | None = None
         steering = {Mode.INFERALIGNER: aligned_vectors, Mode.ALWAYS: aligned_vectors, Mode.SELF: target_vectors}
         self.steering_vectors = steering.get(mode)
-        fitted = self.steering_vectors is not None and self.steering_vectors.fitted
+        self._resolve_steering()
+        self._directions = self._steer_directions()
+        self.strength = self._measure_strength()
+
+    def _resolve_steering(self) -> None:
+        """Alpha, scale and steered layers as used: the settings', else what the steering vectors imply."""
+        vectors = self.steering_vectors
+        fitted = vectors is not None and vectors.fitted
         if fitted and self.settings.steer_scale is SteerScale.UNIT:
             raise SettingsError("Teacher-fitted vectors carry their own strength: steer them at scale 'raw'.")
         self.alpha = self.settings.alpha or (FITTED_ALPHA if fitted else DEFAULT_ALPHA)
         # A scale means something only when a mode steers; otherwise it reads as the paper's (unit).
-        self.steer_scale = (
-            self.settings.steer_scale or (SteerScale.RAW if fitted else SteerScale.UNIT)
-            if self.steering_vectors is not None
-            else SteerScale.UNIT
-        )
-        if self.steering_vectors is None:
+        default_scale = SteerScale.RAW if fitted else SteerScale.UNIT
+        self.steer_scale = (self.settings.steer_scale or default_scale) if vectors is not None else SteerScale.UNIT
+        if vectors is None:
             self.steer_layers: list[int] = []
         elif self.settings.steer_layers is not None:
             self.steer_layers = list(self.settings.steer_layers)
         else:
-            self.steer_layers = default_steer_layers(self.steering_vectors, target_vectors)
+            self.steer_layers = default_steer_layers(vectors, self.target_vectors)
         outside = [i for i in self.steer_layers if i >= len(self.layers)]
         if outside:
             raise SettingsError(f"steer_layers {outside} are outside this model's layers 0..{len(self.layers) - 1}.")
-        self._directions = self._steer_directions()
-        self.strength: SteeringStrength | None = None
-        if self._directions is not None:
-            norms = residual_norms(model, tokenizer, self.layers)
-            self.strength = steering_strength(norms, self._directions, self.steer_layers, self.alpha)
-            if self.strength.weak and not self.settings.allow_weak_steering:
-                raise SettingsError(
-                    f"This steering would not protect: {self.strength.problem()}. Raise alpha or "
-                    "steer other layers; --allow-weak-steering runs it anyway (its rows are then "
-                    "never reported as intervened)."
-                )
+
+    def _measure_strength(self) -> SteeringStrength | None:
+        """How strongly the steering acts (`inferaligner.strength`); a weak one is refused unless allowed."""
+        if self._directions is None:
+            return None
+        norms = residual_norms(self.model, self.tokenizer, self.layers)
+        strength = steering_strength(norms, self._directions, self.steer_layers, self.alpha)
+        if strength.weak and not self.settings.allow_weak_steering:
+            raise SettingsError(
+                f"This steering would not protect: {strength.problem()}. Raise alpha or steer other layers; "
+                "--allow-weak-steering runs it anyway (its rows are then never reported as intervened)."
+            )
+        return strength
 
     @classmethod
     def from_pretrained(
@@ -545,6 +523,33 @@ class InferAligner(OnePass):
                 raise errors[0]
 
         return plan[0], pieces()
+
+
+def _check_parts(model: PreTrainedModel, mode: Mode, target: SafetyVectors | None, aligned: SafetyVectors | None,
+                 aligned_model: PreTrainedModel | None) -> None:  # fmt: skip
+    """Raise a one-line error unless the mode has what it needs and every part fits the model and the others."""
+    if mode.gated and target is None:
+        raise InferAlignerError(f"Mode '{mode.value}' needs the target's own vectors (--target-vectors).")
+    if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned is None:
+        raise InferAlignerError(f"Mode '{mode.value}' needs the aligned model's vectors (--aligned-vectors).")
+    if mode is Mode.ALIGNED and aligned_model is None:
+        raise InferAlignerError("Mode 'aligned' needs the aligned model itself (--aligned-model).")
+    if aligned_model is not None and model_fingerprint(aligned_model) != model_fingerprint(model):
+        raise VectorMismatchError("The aligned model's shape or vocabulary differs from the target's: it must be a "
+                                  "fine-tune of the same base, sharing the tokenizer.")  # fmt: skip
+    for vectors, role in ((target, "target vectors"), (aligned, "aligned vectors")):
+        if vectors is not None:
+            vectors.check_fits(model, role)
+            vectors.check_finite(role)
+    if target is not None and target.fitted:
+        raise VectorFileError(f"The target vectors define the gate and must come from `extract` on the target, but "
+                              f"they hold {target.describe_kind()}: pass those as steering vectors.")  # fmt: skip
+    if target is not None and aligned is not None:
+        aligned.check_compatible(target, ("aligned", "target"))
+        if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned.is_own_gate_of(target):
+            raise VectorMismatchError(f"The steering vectors are the target's own ({aligned.describe_kind()}): "
+                                      "steer with the aligned model's vectors, or use mode 'self' for this "
+                                      "ablation.")  # fmt: skip
 
 
 def default_steer_layers(steering: SafetyVectors, gate_vectors: SafetyVectors | None) -> list[int]:

@@ -21,7 +21,8 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -182,44 +183,60 @@ def fit_steering_vectors(
     )
     handles = [blocks[layer].register_forward_hook(hook_for(i)) for i, layer in enumerate(layer_ids)]
     optimiser = torch.optim.Adam([theta], lr=settings.learning_rate)
-    generator = random.Random(settings.seed)
-    order: list[int] = []
+    draws = _draws(len(batches), settings.batch_size, random.Random(settings.seed))
     losses: list[float] = []
-    was_training = model.training
-    requires = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    if prefix is not None:
-        prefix.stand_in()
-    try:
-        for _ in tqdm(range(settings.steps), desc="fitting steering vectors", disable=not progress, unit="step"):
-            if len(order) < settings.batch_size:
-                fresh = list(range(len(batches)))
-                generator.shuffle(fresh)
-                order += fresh
-            chosen, order = order[: settings.batch_size], order[settings.batch_size :]
-            inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, device)
-            if prefix is not None:
-                prefix.select(chosen, inputs["input_ids"].shape[1])
-            loss = teacher_forcing_loss(model, inputs)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-    finally:
+    with _frozen(model):
         if prefix is not None:
-            prefix.restore()
-        for handle in handles:
-            handle.remove()
-        for parameter, flag in zip(model.parameters(), requires, strict=True):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
+            prefix.stand_in()
+        try:
+            for _ in tqdm(range(settings.steps), desc="fitting steering vectors", disable=not progress, unit="step"):
+                chosen = next(draws)
+                inputs = _collate([batches[i] for i in chosen], tokenizer.pad_token_id or 0, device)
+                if prefix is not None:
+                    prefix.select(chosen, inputs["input_ids"].shape[1])
+                loss = teacher_forcing_loss(model, inputs)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.item())
+        finally:
+            if prefix is not None:
+                prefix.restore()
+            for handle in handles:
+                handle.remove()
     full = torch.zeros(len(blocks), hidden)
     full[list(layer_ids)] = theta.detach().float().cpu()
     vectors = _as_vectors(model, full, examples, teacher_name)
     vectors = replace(vectors, residual_norms=residual_norms(model, tokenizer, blocks))
     return FitResult(vectors, losses, time.perf_counter() - started)
+
+
+@contextmanager
+def _frozen(model: PreTrainedModel) -> Iterator[None]:
+    """The model in eval mode with every weight frozen; both restored on exit."""
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(model.parameters(), requires, strict=True):
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _draws(count: int, batch_size: int, generator: random.Random) -> Iterator[list[int]]:
+    """Batches of example indices without end: each pass over the examples shuffled anew, batches carried across."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(count))
+            generator.shuffle(fresh)
+            order += fresh
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield chosen
 
 
 class _LowerBlocks:

@@ -242,6 +242,46 @@ def fit_mlp_head(
     return GateHead(hidden_weight, hidden_bias, state["3.weight"][0].clone()), best[0], float(state["3.bias"][0])
 
 
+def _labels(prompts: Sequence[LabelledPrompt], tpr: float | None, fpr: float | None) -> tuple[torch.Tensor, ...]:
+    """Which prompts are harmful and which belong to the fit part; raises when a part lacks a class."""
+    if tpr is not None and fpr is not None:
+        raise PromptError("Set the gate's bias by a true-positive rate or by a false-positive rate, not both.")
+    harmful = torch.tensor([p.harmful for p in prompts])
+    fit = torch.tensor([p.split == "extraction" for p in prompts])
+    for part, mask in (("extraction", fit), ("calibration", ~fit)):
+        if not bool((harmful & mask).any()) or not bool((~harmful & mask).any()):
+            raise PromptError(f"The gate's {part} part needs harmful and harmless prompts.")
+    return harmful, fit
+
+
+def _search_probes(features: torch.Tensor, harmful: torch.Tensor, weights: torch.Tensor, fit: torch.Tensor,
+                   groups: dict[tuple[bool, str], list[int]], layers: Sequence[int], l2_values: Sequence[float]
+                   ) -> tuple[dict[int, float], tuple[float, int, torch.Tensor, float, float]]:  # fmt: skip
+    """A probe per layer and L2 on the fit part; each layer's best calibration AUROC, and the best probe overall
+    (AUROC, layer, direction, L2, its own bias)."""
+    scores_by_layer: dict[int, float] = {}
+    best: tuple[float, int, torch.Tensor, float, float] | None = None
+    for position, layer in enumerate(layers):
+        for l2 in sorted(l2_values, reverse=True):
+            direction, own = fit_weighted_probe(features[fit, position], harmful[fit], weights[fit], l2)
+            macro = pairwise_auroc(features[:, position] @ direction, groups)
+            scores_by_layer[layer] = max(scores_by_layer.get(layer, 0.0), macro)
+            if best is None or macro > best[0] + 1e-9:
+                best = (macro, layer, direction, l2, own)
+    assert best is not None
+    return scores_by_layer, best
+
+
+def _bias(harmful_cal: torch.Tensor, harmless_cal: torch.Tensor, own: float, tpr: float | None, fpr: float | None
+          ) -> tuple[float, str, float]:  # fmt: skip
+    """The gate's bias, the rule that set it and its target rate."""
+    if tpr is not None:
+        return calibrate_bias_tpr(harmful_cal, tpr), "tpr", tpr
+    if fpr is not None:
+        return calibrate_bias(harmless_cal, fpr), "fpr", fpr
+    return own, "probe", 0.0
+
+
 def fit_turns_gate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -259,13 +299,7 @@ def fit_turns_gate(
     """Fit and choose a turns gate on `prompts` (see the module's text); the bias by `tpr` or `fpr`, or, with
     neither, the probe's own. `features` ([prompts, layers, hidden], as `read_prompts` gives them for `layers`) skips
     the read."""
-    if tpr is not None and fpr is not None:
-        raise PromptError("Set the gate's bias by a true-positive rate or by a false-positive rate, not both.")
-    harmful = torch.tensor([p.harmful for p in prompts])
-    fit = torch.tensor([p.split == "extraction" for p in prompts])
-    for part, mask in (("extraction", fit), ("calibration", ~fit)):
-        if not bool((harmful & mask).any()) or not bool((~harmful & mask).any()):
-            raise PromptError(f"The gate's {part} part needs harmful and harmless prompts.")
+    harmful, fit = _labels(prompts, tpr, fpr)
     layers = list(layers) if layers is not None else candidate_layers(len(decoder_layers(model)))
     if features is None:
         features = read_prompts(model, tokenizer, [p.prompt for p in prompts], layers, progress=progress)
@@ -275,17 +309,9 @@ def fit_turns_gate(
         if p.split == "calibration":
             groups[(p.harmful, p.source)].append(index)
     cal_harmful = torch.nonzero(harmful & ~fit).flatten()
-    scores_by_layer: dict[int, float] = {}
-    best: tuple[float, int, torch.Tensor, float, float] | None = None
-    for position, layer in enumerate(layers):
-        for l2 in sorted(l2_values, reverse=True):
-            direction, own = fit_weighted_probe(features[fit, position], harmful[fit], weights[fit], l2)
-            macro = pairwise_auroc(features[:, position] @ direction, groups)
-            scores_by_layer[layer] = max(scores_by_layer.get(layer, 0.0), macro)
-            if best is None or macro > best[0] + 1e-9:
-                best = (macro, layer, direction, l2, own)
-    assert best is not None
-    linear_auroc, layer, direction, l2, own = best
+    scores_by_layer, (linear_auroc, layer, direction, l2, own) = _search_probes(
+        features, harmful, weights, fit, groups, layers, l2_values
+    )
     position = layers.index(layer)
     head = None
     if mlp:  # a small MLP at the chosen layer, kept if it ranks the calibration part better than the probe
@@ -295,12 +321,7 @@ def fit_turns_gate(
             scores_by_layer[layer] = mlp_auroc
     scores = head(features[:, position]) if head is not None else features[:, position] @ direction
     harmless_cal = scores[~harmful & ~fit]
-    if tpr is not None:
-        bias, rule, target = calibrate_bias_tpr(scores[cal_harmful], tpr), "tpr", tpr
-    elif fpr is not None:
-        bias, rule, target = calibrate_bias(harmless_cal, fpr), "fpr", fpr
-    else:
-        bias, rule, target = own, "probe", 0.0
+    bias, rule, target = _bias(scores[cal_harmful], harmless_cal, own, tpr, fpr)
     # An earlier turn fires when its score clears `margin` more: at the bias `calibrate_bias` sets for `earlier_fpr`.
     margin = max(0.0, bias - calibrate_bias(harmless_cal, earlier_fpr))
     fired = scores + bias > 0

@@ -204,7 +204,22 @@ class InFlightGate:
         replay, self._replay = self._replay, None
         if replay is not None:
             replay.remove()
-        hidden = block_hidden(output)
+        plan = self.make_plan(self.gate.decide(self._pooled(block_hidden(output))))
+        self.plan = plan
+        # Steered rows need the steering hooks, and the blocks at or below the gate (if any are steered) run again.
+        cannot_steer = self.steering is None or (replay is not None and not replay.replayable)
+        if plan.refuses or plan.delegates or (plan.steers and cannot_steer):
+            raise Replan(plan)
+        replayed = self._steer(plan, replay) if self.steering is not None else None
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        if self.streamer is not None:
+            self.streamer.release()
+        return replayed
+
+    def _pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate layer's output pooled per prompt (a cached prefix's outputs put in front); `Replan(None)` when
+        the model changed the prompt's length."""
         rows = len(self.mask)
         if self.prefix_hidden is not None:
             prefix = self.prefix_hidden.to(device=hidden.device, dtype=hidden.dtype)
@@ -212,27 +227,18 @@ class InFlightGate:
         if hidden.shape[1] != self.mask.shape[1] or hidden.shape[0] % rows:
             raise Replan(None)
         hidden = hidden[:: hidden.shape[0] // rows]  # sequences expanded per prompt (beams, samples) are alike
-        plan = self.make_plan(self.gate.decide(pool(hidden, self.mask.to(hidden.device), self.gate.pooling)))
-        self.plan = plan
-        # Steered rows need the steering hooks, and the blocks at or below the gate (if any are steered) run again.
-        cannot_steer = self.steering is None or (replay is not None and not replay.replayable)
-        if plan.refuses or plan.delegates or (plan.steers and cannot_steer):
-            raise Replan(plan)
-        replayed = None
-        if self.steering is not None:
-            if plan.steers:
-                self.steering.row_gates = plan.steer_gates()
-                if self.before_steering is not None:
-                    self.before_steering(plan)
-                if replay is not None:
-                    replayed = replay.run_again()
-            else:
-                self.steering.remove()
-        if self.on_plan is not None:
-            self.on_plan(plan)
-        if self.streamer is not None:
-            self.streamer.release()
-        return replayed
+        return pool(hidden, self.mask.to(hidden.device), self.gate.pooling)
+
+    def _steer(self, plan: Plan, replay: BlockReplay | None) -> Any:
+        """Give the steering hooks the plan's rows (or remove them when none steers); run the replayed blocks."""
+        assert self.steering is not None
+        if not plan.steers:
+            self.steering.remove()
+            return None
+        self.steering.row_gates = plan.steer_gates()
+        if self.before_steering is not None:
+            self.before_steering(plan)
+        return replay.run_again() if replay is not None else None
 
     def remove(self) -> None:
         """Detach the gate hook and any recording hooks (the steering hooks belong to the caller)."""

@@ -86,28 +86,17 @@ class AlignerSettings:
     allow_weak_steering: bool = False  # run a negligible steering anyway (`inferaligner.strength`); never intervenes
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "mode", _enum(Mode, self.mode, "mode"))
-        if self.steer_scale is not None:
-            set_(self, "steer_scale", _enum(SteerScale, self.steer_scale, "steer_scale"))
-        if self.alpha is not None:
-            set_(self, "alpha", _number(self.alpha, "alpha"))
-            if self.alpha <= 0:
-                raise SettingsError(
-                    f"alpha must be a positive number, not {self.alpha:g} (to steer nothing: mode 'off')."
-                )
-        if self.gate_bias is not None:
-            set_(self, "gate_bias", _number(self.gate_bias, "gate_bias"))
-        if self.gate_layer is not None:
-            set_(self, "gate_layer", _layer(self.gate_layer, "gate_layer"))
-        if self.steer_layers is not None:
-            if not isinstance(self.steer_layers, (list, tuple)) or not self.steer_layers:
-                raise SettingsError("steer_layers must be a non-empty list of layer indices (or unset: automatic).")
-            set_(self, "steer_layers", tuple(sorted({_layer(i, "steer_layers") for i in self.steer_layers})))
-        if not isinstance(self.refusal, str) or not self.refusal.strip():
-            raise SettingsError("refusal must be a non-empty text.")
-        if self.system is not None and not isinstance(self.system, str):
-            raise SettingsError(f"system must be a text, not {self.system!r}.")
+        normalised = {
+            "mode": _enum(Mode, self.mode, "mode"),
+            "steer_scale": None if self.steer_scale is None else _enum(SteerScale, self.steer_scale, "steer_scale"),
+            "alpha": None if self.alpha is None else _positive(self.alpha, "alpha"),
+            "gate_bias": None if self.gate_bias is None else _number(self.gate_bias, "gate_bias"),
+            "gate_layer": None if self.gate_layer is None else _layer(self.gate_layer, "gate_layer"),
+            "steer_layers": None if self.steer_layers is None else _layers(self.steer_layers),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        _check_texts(self.refusal, self.system)
         if isinstance(self.loop_span, bool) or not isinstance(self.loop_span, int) or self.loop_span < 0:
             raise SettingsError(f"loop_span must be a whole number of tokens (0: off), not {self.loop_span!r}.")
         if not isinstance(self.allow_weak_steering, bool):
@@ -238,3 +227,23 @@ def _layer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SettingsError(f"{name} must hold layer indices (integers from 0), not {value!r}.")
     return value
+
+
+def _positive(value: Any, name: str) -> float:
+    number = _number(value, name)
+    if number <= 0:
+        raise SettingsError(f"{name} must be a positive number, not {number:g} (to steer nothing: mode 'off').")
+    return number
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SettingsError("steer_layers must be a non-empty list of layer indices (or unset: automatic).")
+    return tuple(sorted({_layer(i, "steer_layers") for i in value}))
+
+
+def _check_texts(refusal: Any, system: Any) -> None:
+    if not isinstance(refusal, str) or not refusal.strip():
+        raise SettingsError("refusal must be a non-empty text.")
+    if system is not None and not isinstance(system, str):
+        raise SettingsError(f"system must be a text, not {system!r}.")

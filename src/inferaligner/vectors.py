@@ -262,6 +262,31 @@ class SafetyVectors:
         save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
         return path
 
+    def _check_shapes(self, path: Path) -> None:
+        """Raise `VectorFileError` unless every stored tensor has the shape the file's own numbers say."""
+        if self.directions.ndim != 2 or self.directions.shape[0] != self.provenance.num_layers:
+            raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
+        per_layer = {"norms": self.norms, "bias": self.bias, **self.metrics}
+        if self.residual_norms is not None:
+            per_layer["residual_norms"] = self.residual_norms
+        short = [name for name, values in per_layer.items() if tuple(values.shape) != (self.num_layers,)]
+        if short:
+            raise VectorFileError(
+                f"{path} is corrupt: {', '.join(short)} should hold one value per layer ({self.num_layers})."
+            )
+        probe = self.gate is not None and self.gate.direction == PROBE
+        if probe != (self.gate_direction is not None) or (
+            self.gate_direction is not None and self.gate_direction.shape != (self.hidden_size,)
+        ):
+            raise VectorFileError(f"{path} is corrupt: its probe gate and gate direction do not match.")
+        head, mlp = self.gate_head, self.gate is not None and self.gate.direction == MLP
+        fits = head is None or (
+            head.hidden_weight.shape == (len(head.hidden_bias), self.hidden_size)
+            and head.output_weight.shape == head.hidden_bias.shape
+        )
+        if mlp != (head is not None) or not fits:
+            raise VectorFileError(f"{path} is corrupt: its MLP gate and gate head do not match.")
+
     @classmethod
     def load(cls, path: str | Path) -> SafetyVectors:
         """Read a file written by `save`; anything else raises `VectorFileError` saying what is wrong."""
@@ -275,13 +300,7 @@ class SafetyVectors:
         except (SafetensorError, OSError, ValueError) as exc:
             hint = "create one with `inferaligner extract`"
             raise VectorFileError(f"{path} is not a safetensors file ({exc}); {hint}.") from exc
-        if metadata.get("format") != FORMAT:
-            raise VectorFileError(f"{path} is not an InferAligner vector file; create one with `inferaligner extract`.")
-        version = metadata.get("format_version", "0")
-        if not version.isdigit():
-            raise VectorFileError(f"{path} is corrupt: its format_version '{version}' is not a number.")
-        if int(version) > FORMAT_VERSION:
-            raise VectorFileError(f"{path} was written by a newer inferaligner; upgrade the library to read it.")
+        _check_format(path, metadata)
         try:
             provenance = Provenance(**json.loads(metadata["provenance"]))
             gate = json.loads(metadata.get("gate") or "null")
@@ -302,32 +321,19 @@ class SafetyVectors:
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{path} is an incomplete vector file (missing {exc}); extract it again.") from exc
-        if vectors.directions.ndim != 2 or vectors.directions.shape[0] != provenance.num_layers:
-            raise VectorFileError(f"{path} is corrupt: its directions do not match its stated shape.")
-        per_layer = {"norms": vectors.norms, "bias": vectors.bias, **vectors.metrics}
-        if vectors.residual_norms is not None:
-            per_layer["residual_norms"] = vectors.residual_norms
-        short = [name for name, values in per_layer.items() if tuple(values.shape) != (vectors.num_layers,)]
-        if short:
-            raise VectorFileError(
-                f"{path} is corrupt: {', '.join(short)} should hold one value per layer ({vectors.num_layers})."
-            )
-        probe = vectors.gate is not None and vectors.gate.direction == PROBE
-        if probe != (vectors.gate_direction is not None) or (
-            vectors.gate_direction is not None and vectors.gate_direction.shape != (vectors.hidden_size,)
-        ):
-            raise VectorFileError(f"{path} is corrupt: its probe gate and gate direction do not match.")
-        head = vectors.gate_head
-        mlp = vectors.gate is not None and vectors.gate.direction == MLP
-        if mlp != (head is not None) or (
-            head is not None
-            and not (
-                head.hidden_weight.shape == (len(head.hidden_bias), vectors.hidden_size)
-                and head.output_weight.shape == head.hidden_bias.shape
-            )
-        ):
-            raise VectorFileError(f"{path} is corrupt: its MLP gate and gate head do not match.")
+        vectors._check_shapes(path)
         return vectors
+
+
+def _check_format(path: Path, metadata: dict[str, str]) -> None:
+    """Raise `VectorFileError` unless the header says this is a vector file this library can read."""
+    if metadata.get("format") != FORMAT:
+        raise VectorFileError(f"{path} is not an InferAligner vector file; create one with `inferaligner extract`.")
+    version = metadata.get("format_version", "0")
+    if not version.isdigit():
+        raise VectorFileError(f"{path} is corrupt: its format_version '{version}' is not a number.")
+    if int(version) > FORMAT_VERSION:
+        raise VectorFileError(f"{path} was written by a newer inferaligner; upgrade the library to read it.")
 
 
 def data_hash(*prompt_sets: Sequence[str]) -> str:
@@ -363,18 +369,7 @@ def extract_safety_vectors(
     regularisation that rank the calibration prompts best (`gate.search_probe`; `harmless_groups` says how many
     consecutive calibration harmless prompts each group holds, e.g. one per prompt set).
     """
-    if not harmful or not harmless:
-        raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
-    if (gate_fpr is not None or gate_tpr is not None) and calibration is None:
-        raise PromptError("Calibrating the gate bias to a false- or true-positive rate needs calibration prompts.")
-    if gate_fpr is not None and gate_tpr is not None:
-        raise PromptError("Set the gate bias by a false-positive rate or by a true-positive rate, not both.")
-    if gate not in (MEAN_DIFFERENCE, PROBE):
-        raise PromptError(f"Unknown gate '{gate}': use '{MEAN_DIFFERENCE}' or '{PROBE}'.")
-    if gate == PROBE and calibration is None:
-        raise PromptError("A probe gate is chosen on held-out prompts: give calibration prompts.")
-    if pooling not in POOLINGS:
-        raise PromptError(f"Unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}.")
+    _check_extraction(bool(harmful and harmless), calibration is not None, gate_fpr, gate_tpr, gate, pooling)
     layers = decoder_layers(model, layers_path)
 
     def activations(prompts: Sequence[str], desc: str, how: str = "last") -> torch.Tensor:
@@ -407,10 +402,8 @@ def extract_safety_vectors(
         metrics |= _prefixed("calibration", cal.as_dict())
         if gate == PROBE:
             if pooling != "last":
-                harmful_acts, harmless_acts = (
-                    activations(harmful, "harmful prompts", pooling),
-                    activations(harmless, "harmless prompts", pooling),
-                )
+                harmful_acts, harmless_acts = (activations(harmful, "harmful prompts", pooling),
+                                               activations(harmless, "harmless prompts", pooling))  # fmt: skip
                 cal_harmful_acts, cal_harmless_acts = (
                     activations(calibration[0], "calibration harmful", pooling),
                     activations(calibration[1], "calibration harmless", pooling),
@@ -419,22 +412,10 @@ def extract_safety_vectors(
                 harmful_acts, harmless_acts, cal_harmful_acts, cal_harmless_acts, groups=harmless_groups, tpr=gate_tpr
             )
             metrics["probe.calibration_auroc"] = search.auroc
-            gate_direction, probe_bias, layer = search.direction, search.bias, search.layer
-            rule = "probe" if gate_tpr is None else "tpr"
-            if gate_fpr is not None:
-                probe_bias = calibrate_bias(cal_harmless_acts[:, layer] @ gate_direction, gate_fpr)
-                rule = "fpr"
-            stored = GateSpec(layer, probe_bias, rule, gate_fpr, PROBE, pooling, gate_tpr)
+            stored = _probe_gate(search, cal_harmless_acts, pooling, gate_fpr, gate_tpr)
+            gate_direction = search.direction
         else:
-            layer = choose_gate_layer(cal.accuracy, cal.separation)
-            if gate_fpr is not None:
-                stored = GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
-            elif gate_tpr is not None:
-                stored = GateSpec(
-                    layer, calibrate_bias_tpr(cal_harmful[:, layer], gate_tpr), "tpr", target_tpr=gate_tpr
-                )
-            else:
-                stored = GateSpec(layer=layer, bias=float(bias[layer]))
+            stored = _mean_difference_gate(cal, cal_harmful, cal_harmless, bias, gate_fpr, gate_tpr)
     provenance = Provenance.of(model, len(layers), len(harmful), len(harmless), data_hash(harmful, harmless))
     return SafetyVectors(
         directions,
@@ -446,6 +427,44 @@ def extract_safety_vectors(
         gate_direction,
         residual_norms=residual_norms(model, tokenizer, layers),
     )
+
+
+def _check_extraction(has_prompts: bool, calibrated: bool, gate_fpr: float | None, gate_tpr: float | None,
+                      gate: str, pooling: str) -> None:  # fmt: skip
+    """Raise `PromptError` for options `extract_safety_vectors` cannot honour."""
+    if not has_prompts:
+        raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
+    if (gate_fpr is not None or gate_tpr is not None) and not calibrated:
+        raise PromptError("Calibrating the gate bias to a false- or true-positive rate needs calibration prompts.")
+    if gate_fpr is not None and gate_tpr is not None:
+        raise PromptError("Set the gate bias by a false-positive rate or by a true-positive rate, not both.")
+    if gate not in (MEAN_DIFFERENCE, PROBE):
+        raise PromptError(f"Unknown gate '{gate}': use '{MEAN_DIFFERENCE}' or '{PROBE}'.")
+    if gate == PROBE and not calibrated:
+        raise PromptError("A probe gate is chosen on held-out prompts: give calibration prompts.")
+    if pooling not in POOLINGS:
+        raise PromptError(f"Unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}.")
+
+
+def _probe_gate(search: Any, cal_harmless_acts: torch.Tensor, pooling: str, gate_fpr: float | None,
+                gate_tpr: float | None) -> GateSpec:  # fmt: skip
+    """The stored probe gate: the search's layer and bias, or the bias at `gate_fpr` of the calibration harmless."""
+    if gate_fpr is not None:
+        bias = calibrate_bias(cal_harmless_acts[:, search.layer] @ search.direction, gate_fpr)
+        return GateSpec(search.layer, bias, "fpr", gate_fpr, PROBE, pooling, gate_tpr)
+    rule = "probe" if gate_tpr is None else "tpr"
+    return GateSpec(search.layer, search.bias, rule, gate_fpr, PROBE, pooling, gate_tpr)
+
+
+def _mean_difference_gate(cal: Any, cal_harmful: torch.Tensor, cal_harmless: torch.Tensor, bias: torch.Tensor,
+                          gate_fpr: float | None, gate_tpr: float | None) -> GateSpec:  # fmt: skip
+    """The paper's gate at the best calibration layer: the midpoint bias, or one set by a false/true-positive rate."""
+    layer = choose_gate_layer(cal.accuracy, cal.separation)
+    if gate_fpr is not None:
+        return GateSpec(layer, calibrate_bias(cal_harmless[:, layer], gate_fpr), "fpr", gate_fpr)
+    if gate_tpr is not None:
+        return GateSpec(layer, calibrate_bias_tpr(cal_harmful[:, layer], gate_tpr), "tpr", target_tpr=gate_tpr)
+    return GateSpec(layer=layer, bias=float(bias[layer]))
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

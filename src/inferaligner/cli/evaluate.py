@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,76 +54,105 @@ def _demo_models(domain: str, root: Path, methods: list[str]) -> dict[str, objec
     return folders
 
 
+@dataclass
+class _Setup:
+    """What an eval run works on: the target (and processor), the comparison models, the options, the methods."""
+
+    target: Any
+    tokenizer: Any
+    options: dict[str, Any]
+    methods: list[str]
+    domain: str
+    paper_file: Path | None
+    processor: Any = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from inferaligner import zoo
-    from inferaligner.build import alignment, with_shipped
-    from inferaligner.eval.llm_judge import LLMJudge
+    from inferaligner.build import alignment
     from inferaligner.eval.methods import ALL_METHODS, build_methods
     from inferaligner.eval.report import write_report
     from inferaligner.eval.runner import evaluate
-    from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
-    from inferaligner.judges import RefusalJudge
-    from inferaligner.settings import SteeringSettings, resolve
 
     methods = args.methods.split(",") if args.methods else list(ALL_METHODS)
     options = {key: value for key, value in vars(args).items() if value is not None}
-    extra: dict[str, object] = {}
-    processor = None
-    paper_file = args.paper_settings
     if args.demo and args.multimodal:
         raise InferAlignerError("The demo pair is text-only: --multimodal needs --target with an image-text model.")
-    if args.demo:
-        folders = _demo_models(args.demo, args.zoo_dir, methods)
-        target, tokenizer = zoo.load(str(folders["target"]))
-        options.setdefault("target_vectors", Path(str(folders["target"])) / "vectors.safetensors")
-        if not (args.settings or args.aligned_vectors):
-            options["settings"] = zoo.settings_path()
-        paper_file = paper_file or zoo.settings_path("mean-difference")
-        extra = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
-        if "aligned-answers" in methods:
-            extra["aligned"] = zoo.load(args.aligned_model.removeprefix("zoo:") if args.aligned_model else "aligned")
-        domain = args.demo
-    else:
-        options = {k: v for k, v in with_shipped({**options, "model": args.target}).items() if k != "model"}
-        if not (
-            args.target
-            and options.get("target_vectors")
-            and (options.get("aligned_vectors") or options.get("settings"))
-        ):
-            raise InferAlignerError(
-                "Give --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
-            )
-        loaded = load_named(options, args.target)
-        if args.multimodal and loaded.processor is None:
-            raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
-        target, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
-        for role, path in (
-            ("safety-sft", args.model_safety_sft),
-            ("aligned-domain", args.model_aligned_domain),
-            ("aligned", args.aligned_model),
-        ):
-            if path:
-                other = load_named(options, path)
-                extra[role] = (other.model, other.tokenizer)
-        methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
-        methods = [m for m in methods if m != "aligned-answers" or "aligned" in extra]
-        domain = args.domain or "custom"
-    resolved = alignment(options)
-    settings, target_vectors, aligned_vectors = resolved.settings, resolved.target_vectors, resolved.aligned_vectors
+    setup = _demo_setup(args, options, methods) if args.demo else _custom_setup(args, options, methods)
+    resolved = alignment(setup.options)
+    tasks = _eval_tasks(args, setup.domain)
+    paper = _paper(setup)
+    vectors = (resolved.target_vectors, resolved.aligned_vectors)
+    built = build_methods(setup.methods, setup.target, setup.tokenizer, *vectors, resolved.settings,
+                          extra_models=setup.extra, paper=paper)  # fmt: skip
+    out = args.out or Path("runs") / "eval" / setup.domain
+    steered = [how for m in built if (how := m.aligner.describe())["layers"]]  # "simple" and "off" steer none
+    how = steered[0] if steered else {"alpha": resolved.settings.alpha, "scale": None, "layers": None}
+    config = {"domain": setup.domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
+              "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
+    status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
+    results = evaluate(built, tasks, out, _judges(args), batch_size=args.batch_size, config=config,
+                       processor=setup.processor)  # fmt: skip
+    write_report(results, out, setup.domain)
+    print((out / "table.md").read_text())
+    return 0
+
+
+def _demo_setup(args: argparse.Namespace, options: dict[str, Any], methods: list[str]) -> _Setup:
+    """The demo pair of `--demo DOMAIN`, with the comparison models its methods need (built once)."""
+    from inferaligner import zoo
+
+    folders = _demo_models(args.demo, args.zoo_dir, methods)
+    target, tokenizer = zoo.load(str(folders["target"]))
+    options.setdefault("target_vectors", Path(str(folders["target"])) / "vectors.safetensors")
+    if not (args.settings or args.aligned_vectors):
+        options["settings"] = zoo.settings_path()
+    extra: dict[str, object] = {role: zoo.load(str(folder)) for role, folder in folders.items() if role != "target"}
+    if "aligned-answers" in methods:
+        extra["aligned"] = zoo.load(args.aligned_model.removeprefix("zoo:") if args.aligned_model else "aligned")
+    paper_file = args.paper_settings or zoo.settings_path("mean-difference")
+    return _Setup(target, tokenizer, options, methods, args.demo, paper_file, extra=extra)
+
+
+def _custom_setup(args: argparse.Namespace, options: dict[str, Any], methods: list[str]) -> _Setup:
+    """Your own pair (`--target` with its vectors or settings), and the comparison models you named."""
+    from inferaligner.build import with_shipped
+
+    options = {k: v for k, v in with_shipped({**options, "model": args.target}).items() if k != "model"}
+    steering = options.get("aligned_vectors") or options.get("settings")
+    if not (args.target and options.get("target_vectors") and steering):
+        raise InferAlignerError(
+            "Give --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
+        )
+    loaded = load_named(options, args.target)
+    if args.multimodal and loaded.processor is None:
+        raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
+    extra: dict[str, object] = {}
+    named = (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain),
+             ("aligned", args.aligned_model))  # fmt: skip
+    for role, path in named:
+        if path:
+            other = load_named(options, path)
+            extra[role] = (other.model, other.tokenizer)
+    methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
+    methods = [m for m in methods if m != "aligned-answers" or "aligned" in extra]
+    return _Setup(loaded.model, loaded.tokenizer, options, methods, args.domain or "custom", args.paper_settings,
+                  loaded.processor, extra)  # fmt: skip
+
+
+def _eval_tasks(args: argparse.Namespace, domain: str) -> list[Any]:
+    """The tasks: image-text sets, or the domain's default tasks (a utility file in place of the domain's own)."""
+    from inferaligner.eval.tasks import default_tasks, file_task, harmful_task
+
     if args.multimodal:
         from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
 
-        tasks = [
-            mm_harmful_task(args.limit),
-            mm_utility_task(args.limit),
-            xstest_task(args.limit),
-            harmless_task(args.limit),
-        ]
-    elif args.utility_file:
+        return [mm_harmful_task(args.limit), mm_utility_task(args.limit), xstest_task(args.limit),
+                harmless_task(args.limit)]  # fmt: skip
+    if args.utility_file:
         choices = args.choices.split(",") if args.choices else None
-        utility = file_task(
-            "utility", "utility", args.utility_file, args.column, args.answer_column, choices, args.limit
-        )
+        utility = file_task("utility", "utility", args.utility_file, args.column, args.answer_column, choices,
+                            args.limit)  # fmt: skip
         tasks = [*default_tasks("arithmetic", args.limit)[:-1], utility]
     else:
         tasks = default_tasks(domain if domain in ("arithmetic", "finance") else "arithmetic", args.limit)
@@ -130,37 +160,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks[0] = file_task("harmful", "harmful", args.harmful_file, args.column, limit=args.limit)
     elif args.exclude:
         tasks[0] = harmful_task(args.limit, load_prompt_file(args.exclude))
+    return tasks
+
+
+def _judges(args: argparse.Namespace) -> list[object]:
+    from inferaligner.eval.llm_judge import LLMJudge
+    from inferaligner.judges import RefusalJudge
+
     judges: list[object] = []
     if args.judge in ("refusal", "both"):
         judges.append(RefusalJudge())
     if args.judge in ("llm", "both"):
         judges.append(LLMJudge.from_env(args.judge_url, args.judge_model, args.judge_key))
-    paper = None
-    if paper_file is not None:  # the paper's vectors with their own steering, the same gate and system prompt
-        paper_steering = SteeringSettings.load(paper_file)
-        shared = {k: options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal", "loop_span")}
-        paper = (paper_steering.load_vectors(), resolve(shared, paper_steering))
-    elif "inferaligner-paper" in methods:
-        methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
-    built = build_methods(
-        methods, target, tokenizer, target_vectors, aligned_vectors, settings, extra_models=extra, paper=paper
-    )
-    out = args.out or Path("runs") / "eval" / domain
-    steered = [how for m in built if (how := m.aligner.describe())["layers"]]  # "simple" and "off" steer none
-    how = steered[0] if steered else {"alpha": settings.alpha, "scale": None, "layers": None}
-    config = {
-        "domain": domain,
-        "alpha": how["alpha"],
-        "steer_scale": how["scale"],
-        "layers": how["layers"],
-        "limit": args.limit,
-        "methods": [m.name for m in built],
-    }
-    status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
-    results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=processor)
-    write_report(results, out, domain)
-    print((out / "table.md").read_text())
-    return 0
+    return judges
+
+
+def _paper(setup: _Setup) -> tuple[Any, Any] | None:
+    """The paper's vectors with their own steering, the same gate and system prompt (row "inferaligner-paper")."""
+    from inferaligner.settings import SteeringSettings, resolve
+
+    if setup.paper_file is None:
+        if "inferaligner-paper" in setup.methods:
+            setup.methods.remove("inferaligner-paper")  # a custom pair without --paper-settings has no such row
+        return None
+    paper_steering = SteeringSettings.load(setup.paper_file)
+    shared = {k: setup.options.get(k) for k in ("gate_layer", "gate_bias", "system", "refusal", "loop_span")}
+    return paper_steering.load_vectors(), resolve(shared, paper_steering)
 
 
 def cmd_eval_report(args: argparse.Namespace) -> int:

@@ -92,45 +92,53 @@ def generate_cached(
         from inferaligner.multimodal import MultimodalAligner
 
         multimodal = MultimodalAligner(aligner, processor)
-    done: dict[str, Completion] = {}
-    if cache is not None and cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interruption
-            gate = GateDecision(**row["gate"]) if row["gate"] else None
-            done[row["key"]] = Completion(row["prompt"], row["completion"], gate, row["intervened"])
+    done = _cached(cache)
     todo = sorted(
         {k: p for k, p in zip(keys, prompts, strict=True) if k not in done}.items(), key=lambda kv: len(kv[1])
     )
-    if todo:
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="prompt")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            texts = [p for _, p in chunk]
-            if multimodal is not None:
-                chunk_images = [by_key[k] for k, _ in chunk]
-                results = multimodal.complete(texts, chunk_images, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            else:
-                rows = plan.select([index[p] for p in texts]) if plan is not None else None
-                results = aligner.complete(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, plan=rows)
-            lines = []
-            for (key, _), completion in zip(chunk, results, strict=True):
-                done[key] = completion
-                lines.append(json.dumps({"key": key, **completion.as_dict()}))
-            if cache is not None:
-                with cache.open("a", encoding="utf-8") as handle:
-                    handle.write("\n".join(lines) + "\n")
-            bar.update(len(chunk))
-        bar.close()
+    if todo and cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="prompt")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        texts = [p for _, p in chunk]
+        if multimodal is not None:
+            chunk_images = [by_key[k] for k, _ in chunk]
+            results = multimodal.complete(texts, chunk_images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        else:
+            rows = plan.select([index[p] for p in texts]) if plan is not None else None
+            results = aligner.complete(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, plan=rows)
+        fresh = {key: completion for (key, _), completion in zip(chunk, results, strict=True)}
+        done |= fresh
+        _append(cache, fresh)
+        bar.update(len(chunk))
+    bar.close()
     completions = [done[k] for k in keys]
     if unsteered:
         decisions = gate_all(aligner, prompts, batch_size) if aligner.gate is not None else [None] * len(prompts)
         completions = [Completion(c.prompt, c.text, g, False) for c, g in zip(completions, decisions, strict=True)]
     return completions
+
+
+def _cached(cache: Path | None) -> dict[str, Completion]:
+    """The completions a cache file holds, by key (a line cut short by an interruption is skipped)."""
+    done: dict[str, Completion] = {}
+    if cache is None or not cache.is_file():
+        return done
+    for line in cache.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        gate = GateDecision(**row["gate"]) if row["gate"] else None
+        done[row["key"]] = Completion(row["prompt"], row["completion"], gate, row["intervened"])
+    return done
+
+
+def _append(cache: Path | None, fresh: dict[str, Completion]) -> None:
+    if cache is not None and fresh:
+        with cache.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps({"key": key, **c.as_dict()}) + "\n" for key, c in fresh.items()))
 
 
 def gate_all(aligner: InferAligner, prompts: Sequence[str], batch_size: int = 32) -> list[GateDecision]:

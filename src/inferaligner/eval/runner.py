@@ -88,22 +88,31 @@ def run_task(
             got = [task.parse(c.text) for c in completions]
             metrics["accuracy"] = sum(str(g) == str(a) for g, a in zip(got, task.answers, strict=True)) / len(got)
         else:
-            verdicts = judge_all(judges, task.prompts, [c.text for c in completions])
-            for name, judged in verdicts.items():
-                share = refusal_share(judged)
-                metrics[f"refusal[{name}]"] = share
-                if task.kind == "harmful":
-                    metrics[f"asr[{name}]"] = None if share is None else 1 - share
-                    for kind, value in outcome_shares(judged, [c.text for c in completions]).items():
-                        metrics[f"{kind}[{name}]"] = value
-                metrics[f"unparsed[{name}]"] = sum(not v.parsed for v in judged)
-                for row, verdict in zip(rows, judged, strict=True):
-                    row.setdefault("verdicts", {})[name] = {"refused": verdict.refused, "reason": verdict.reason}
-            metrics["judge_agreement"] = agreement(verdicts)
+            metrics |= _judged(judges, task, completions, rows)
     known = [g for g in gates if g is not None]
     metrics["gate_fire_rate"] = sum(g.fired for g in known) / len(known) if known else None
     metrics["intervened"] = sum(c.intervened for c in completions) / len(completions) if completions else None
     return metrics, rows
+
+
+def _judged(judges: Sequence[Any], task: Task, completions: Sequence[Completion], rows: list[dict[str, Any]]
+            ) -> dict[str, Any]:  # fmt: skip
+    """Each judge's refusal share (and, on harmful tasks, ASR and outcome shares); each row gets its verdicts."""
+    texts = [c.text for c in completions]
+    verdicts = judge_all(judges, task.prompts, texts)
+    metrics: dict[str, Any] = {}
+    for name, judged in verdicts.items():
+        share = refusal_share(judged)
+        metrics[f"refusal[{name}]"] = share
+        if task.kind == "harmful":
+            metrics[f"asr[{name}]"] = None if share is None else 1 - share
+            for kind, value in outcome_shares(judged, texts).items():
+                metrics[f"{kind}[{name}]"] = value
+        metrics[f"unparsed[{name}]"] = sum(not v.parsed for v in judged)
+        for row, verdict in zip(rows, judged, strict=True):
+            row.setdefault("verdicts", {})[name] = {"refused": verdict.refused, "reason": verdict.reason}
+    metrics["judge_agreement"] = agreement(verdicts)
+    return metrics
 
 
 def gate_quality(method: Method, harmful: Sequence[str], benign: Sequence[str], batch_size: int) -> dict[str, Any]:
