@@ -188,7 +188,11 @@ def alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> No
         help="alpha x unit vectors (paper) or alpha x raw vectors (default for fitted ones)",
     )
     group.add_argument("--gate-layer", type=int, help="layer the gate reads (default: from the vector file)")
-    group.add_argument("--gate-bias", type=float, help="gate bias; higher is stricter (default: from the file)")
+    group.add_argument(
+        "--gate-bias",
+        type=float,
+        help="gate bias, added to the score (fires above 0): higher fires more often (default: from the file)",
+    )
     group.add_argument("--system", help="system prompt for the chat template")
     group.add_argument("--refusal", help="the fixed answer of mode 'simple'")
     group.add_argument(
