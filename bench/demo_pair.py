@@ -32,7 +32,7 @@ from inferaligner.zoo.recipes import ARITHMETIC_TEST, ARITHMETIC_TRAIN
 
 ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0)  # alpha 0 is the plain target (the headline's first row)
 # Raw mean differences (steer_scale="raw"): on this pair the unit vectors of the paper barely move the target
-# (see docs/RESULTS.md), and one late layer transfers better than a band of layers.
+# (see docs/results/efficacy.md), and one late layer transfers better than a band of layers.
 STEER_SCALE = "raw"
 LAYER_ALPHA = 4.0
 LAYER_SETS = {

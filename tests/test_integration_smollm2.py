@@ -10,7 +10,7 @@ from inferaligner.vectors import extract_safety_vectors
 
 pytestmark = pytest.mark.slow
 
-# Measured (docs/RESULTS.md, "Gate quality"): balanced accuracy 0.849 and AUROC 0.923 at layer 27 on the
+# Measured (docs/results/speed.md, "Gate quality"): balanced accuracy 0.849 and AUROC 0.923 at layer 27 on the
 # calibration split. The target of 0.9 accuracy is not reached by this 135M model's own representation;
 # these floors guard against regressions.
 MIN_ACCURACY = 0.8

@@ -156,8 +156,8 @@ class InferAligner(OnePass):
     ) -> InferAligner:
         """Load the target model (any name `inferaligner.loading.load` takes) and the vector files, then build the
         aligner. `steering` is a steering settings file (`inferaligner calibrate`): its vectors steer unless
-        `aligned_vectors` is given, and its alpha, layers and scale apply unless given here (`settings` and options
-        as in `__init__`)."""
+        `aligned_vectors` is given, and its alpha, layers and scale take the place of those in `settings`; keyword
+        options (as in `__init__`) win over both, as options given to the CLI win over its `--settings` file."""
         from inferaligner.loading import load
 
         chosen = SteeringSettings.load(steering) if steering else None

@@ -35,20 +35,22 @@ def capture_layers(
     """
     captured: dict[int, Any] = {}
     last = max(indices)
+    reached = LayerReached()  # this capture's own: another capture's stop is not swallowed here
 
     def hook_for(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             captured[index] = read(index, output)
             if stop and index == last:
-                raise LayerReached
+                raise reached
 
         return hook
 
     handles = [layers[index].register_forward_hook(hook_for(index)) for index in sorted(set(indices))]
     try:
         yield captured
-    except LayerReached:
-        pass
+    except LayerReached as stopped:
+        if stopped is not reached:
+            raise
     finally:
         for handle in handles:
             handle.remove()

@@ -1,8 +1,8 @@
 """Teacher-fitted steering vectors: the aligned model shows the answer, the frozen target learns where to go.
 
 The paper's steering vectors are the aligned model's mean activation differences. On small or strongly fine-tuned
-targets they do not transfer (docs/RESULTS.md). Here the aligned model supplies its *answers* instead: for prompts
-`P` with the aligned model's greedy answers `y` (its refusals of harmful requests, and optionally its answers to
+targets they do not transfer (docs/results/efficacy.md). Here the aligned model supplies its *answers* instead: for
+prompts `P` with the aligned model's greedy answers `y` (its refusals of harmful requests, and optionally its answers to
 benign look-alikes), one vector `θ_l` per steered layer is fitted on the frozen target so that the steered target
 reproduces them, by teacher forcing:
 
@@ -55,7 +55,7 @@ class TeacherExample:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How the vectors are fitted (the defaults were chosen by measurement, docs/RESULTS.md)."""
+    """How the vectors are fitted (the defaults were chosen by measurement, docs/results/efficacy.md)."""
 
     layers: tuple[int, ...] | None = None  # None: DEFAULT_FIT_LAYERS of the model's depth
     steps: int = 80

@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InferAlignerError("The demo pair is text-only: --multimodal needs --target with an image-text model.")
     setup = _demo_setup(args, options, methods) if args.demo else _custom_setup(args, options, methods)
     resolved = alignment(setup.options)
-    tasks = _eval_tasks(args, setup.domain)
+    tasks, judges = _eval_tasks(args, setup.domain), _judges(args)  # both checked before any aligner is built
     paper = _paper(setup)
     vectors = (resolved.target_vectors, resolved.aligned_vectors)
     built = build_methods(setup.methods, setup.target, setup.tokenizer, *vectors, resolved.settings,
@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = {"domain": setup.domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
               "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
     status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
-    results = evaluate(built, tasks, out, _judges(args), batch_size=args.batch_size, config=config,
+    results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config,
                        processor=setup.processor)  # fmt: skip
     write_report(results, out, setup.domain)
     print((out / "table.md").read_text())

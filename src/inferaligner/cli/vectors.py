@@ -366,7 +366,7 @@ def add_parsers(verbs: Any) -> None:
         nargs="*",
         default=[],
         help="benign prompts whose answers the steered target should keep (default: none; measured in "
-        "docs/RESULTS.md: it costs refusals about as a weaker strength does)",
+        "docs/results/efficacy.md: it costs refusals about as a weaker strength does)",
     )
     fit.add_argument("--no-roleplay", action="store_true", help="do not also teach the refusals in role-play frames")
     fit.add_argument(
@@ -378,7 +378,7 @@ def add_parsers(verbs: Any) -> None:
         "--whole-refusals",
         action="store_true",
         help="teach the teacher's whole refusals, offers after the refusal included (default: cut after "
-        "the opening refusal; docs/RESULTS.md measures both)",
+        "the opening refusal; docs/results/efficacy.md measures both)",
     )
     fit.add_argument("--layers", type=parse_layers, help="steered layers (default: 40/53/67/80%% of the depth)")
     fit.add_argument("--steps", type=positive_int, default=80)

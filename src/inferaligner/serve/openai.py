@@ -138,6 +138,9 @@ class OpenAIServing:
         except APIError as exc:
             self.metrics.request(endpoint, str(exc.status), time.perf_counter() - started)
             raise
+        except asyncio.CancelledError:  # the client (or Ray Serve for it) gave up
+            self.metrics.request(endpoint, "499", time.perf_counter() - started)
+            raise
         self.metrics.request(endpoint, "200", time.perf_counter() - started)
         return answer
 
