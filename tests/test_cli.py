@@ -103,54 +103,13 @@ def test_turns_gate_options_that_cannot_work_are_one_line_errors(model_dir, tmp_
 
 def test_fit_calibrate_and_generate_with_the_settings(model_dir, vector_file, tmp_path, capsys) -> None:
     steering = tmp_path / "steering.safetensors"
-    assert (
-        main(
-            ["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering), "--frames", "0,99"]
-        )
-        == 2
-    )
+    fit = ["fit", "--model", str(model_dir), "--aligned", str(model_dir), "--out", str(steering)]
+    assert main([*fit, "--frames", "0,99"]) == 2
     assert "role-play frame numbers 0-16, not [99]" in capsys.readouterr().err and not steering.exists()
-    assert (
-        main(
-            [
-                "fit",
-                "--model",
-                str(model_dir),
-                "--aligned",
-                str(model_dir),
-                "--out",
-                str(steering),
-                "--frames",
-                "1",
-                "--no-roleplay",
-            ]
-        )
-        == 2
-    )
+    assert main([*fit, "--frames", "1", "--no-roleplay"]) == 2
     assert "--no-roleplay teaches none" in capsys.readouterr().err
     # the tiny random "aligned" model refuses nothing, so teach with a one-line file of refusals via a tiny teacher
-    assert (
-        main(
-            [
-                "fit",
-                "--model",
-                str(model_dir),
-                "--aligned",
-                str(model_dir),
-                "--out",
-                str(steering),
-                "--limit",
-                "2",
-                "--steps",
-                "2",
-                "--layers",
-                "1,2",
-                "--answer-tokens",
-                "4",
-            ]
-        )
-        == 2
-    )
+    assert main([*fit, "--limit", "2", "--steps", "2", "--layers", "1,2", "--answer-tokens", "4"]) == 2
     assert "refused none of the harmful prompts" in capsys.readouterr().err
     from inferaligner.fit import FitSettings, TeacherExample, fit_steering_vectors
 
