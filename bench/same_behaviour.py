@@ -40,12 +40,17 @@ def requests() -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     for prompt in harmful + harmless:
         for history in ([], [system], earlier):
-            body = {"model": MODEL, "messages": [*history, {"role": "user", "content": prompt}], "max_tokens": 24,
-                    "temperature": 0}  # fmt: skip
+            body = {
+                "model": MODEL,
+                "messages": [*history, {"role": "user", "content": prompt}],
+                "max_tokens": 24,
+                "temperature": 0,
+            }
             out.append(("/v1/chat/completions", body))
         out.append(("/v1/chat/completions", {**out[-1][1], "stream": True, "stream_options": {"include_usage": True}}))
-        out.append(("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0,
-                                         "logprobs": 2}))  # fmt: skip
+        out.append(
+            ("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2})
+        )
     out.append(("/v1/chat/completions", {**out[0][1], "logprobs": True, "top_logprobs": 3}))
     return out
 
@@ -76,8 +81,20 @@ def eval_figures(source: Path | None, limit: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str((source or Path.cwd()).resolve() / "src")}
     env.setdefault("INFERALIGNER_DATA", str(Path.cwd().resolve().parent / "shared" / "data"))
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "inferaligner.cli", "eval", "--demo", "arithmetic", "--methods",
-                   "target,inferaligner,simple", "--limit", str(limit), "--out", out]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "inferaligner.cli",
+            "eval",
+            "--demo",
+            "arithmetic",
+            "--methods",
+            "target,inferaligner,simple",
+            "--limit",
+            str(limit),
+            "--out",
+            out,
+        ]
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads((Path(out) / "results.json").read_text())["methods"]
 
@@ -92,16 +109,20 @@ def main() -> None:
     before, after = serve_answers(args.before), serve_answers(None)
     same = [a == b for a, b in zip(before, after, strict=True)]
     eval_before, eval_after = eval_figures(args.before, args.limit), eval_figures(None, args.limit)
-    commit = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     result = {
         "before": commit,
         "after": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "server_requests": len(same), "server_identical": sum(same),
+        "server_requests": len(same),
+        "server_identical": sum(same),
         "server_differences": [i for i, s in enumerate(same) if not s],
-        "eval_limit": args.limit, "eval_identical": eval_before == eval_after,
-        "eval_methods": sorted(eval_after), "seconds": round(time.time() - started, 1),
-    }  # fmt: skip
+        "eval_limit": args.limit,
+        "eval_identical": eval_before == eval_after,
+        "eval_methods": sorted(eval_after),
+        "seconds": round(time.time() - started, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -83,8 +83,12 @@ def layer(module: str) -> int:
 
 
 def test_imports_flow_down_the_layers() -> None:
-    upward = sorted(f"{module} -> {target}" for module, targets in import_graph().items() for target in targets
-                    if layer(target) > layer(module))  # fmt: skip
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        for target in targets
+        if layer(target) > layer(module)
+    )
     assert not upward, "imports that reach a higher layer: " + "; ".join(upward)
 
 

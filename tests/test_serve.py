@@ -504,8 +504,14 @@ def test_the_serving_layer_answers_without_http() -> None:
         messages = [{"role": "user", "content": HARMFUL}]
         body = ChatCompletionRequest(model=MODEL, messages=messages, max_tokens=3, temperature=0)
         answer = await serving.respond(body, serving.chat_prompt(body), "chat", gone)
-        streamed = ChatCompletionRequest(model=MODEL, messages=messages, max_tokens=3, temperature=0, stream=True,
-                                         stream_options={"include_usage": True})  # fmt: skip
+        streamed = ChatCompletionRequest(
+            model=MODEL,
+            messages=messages,
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         lines = [line async for line in await serving.respond(streamed, serving.chat_prompt(streamed), "chat", gone)]
         with pytest.raises(APIError, match="does not exist"):
             await serving.respond(body.model_copy(update={"model": "other"}), [1, 2], "chat", gone)
@@ -523,5 +529,7 @@ def test_the_serving_layer_answers_without_http() -> None:
     assert chunks[0]["inferaligner"]["intervened"] and chunks[-1]["choices"] == [] and chunks[-1]["usage"]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == answer["choices"][0]["message"]["content"]
-    assert serving.models().dump() == {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0,
-                                                                    "owned_by": "inferaligner"}]}  # fmt: skip
+    assert serving.models().dump() == {
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "inferaligner"}],
+    }

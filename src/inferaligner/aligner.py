@@ -525,8 +525,13 @@ class InferAligner(OnePass):
         return plan[0], pieces()
 
 
-def _check_parts(model: PreTrainedModel, mode: Mode, target: SafetyVectors | None, aligned: SafetyVectors | None,
-                 aligned_model: PreTrainedModel | None) -> None:  # fmt: skip
+def _check_parts(
+    model: PreTrainedModel,
+    mode: Mode,
+    target: SafetyVectors | None,
+    aligned: SafetyVectors | None,
+    aligned_model: PreTrainedModel | None,
+) -> None:
     """Raise a one-line error unless the mode has what it needs and every part fits the model and the others."""
     if mode.gated and target is None:
         raise InferAlignerError(f"Mode '{mode.value}' needs the target's own vectors (--target-vectors).")
@@ -535,21 +540,27 @@ def _check_parts(model: PreTrainedModel, mode: Mode, target: SafetyVectors | Non
     if mode is Mode.ALIGNED and aligned_model is None:
         raise InferAlignerError("Mode 'aligned' needs the aligned model itself (--aligned-model).")
     if aligned_model is not None and model_fingerprint(aligned_model) != model_fingerprint(model):
-        raise VectorMismatchError("The aligned model's shape or vocabulary differs from the target's: it must be a "
-                                  "fine-tune of the same base, sharing the tokenizer.")  # fmt: skip
+        raise VectorMismatchError(
+            "The aligned model's shape or vocabulary differs from the target's: it must be a "
+            "fine-tune of the same base, sharing the tokenizer."
+        )
     for vectors, role in ((target, "target vectors"), (aligned, "aligned vectors")):
         if vectors is not None:
             vectors.check_fits(model, role)
             vectors.check_finite(role)
     if target is not None and target.fitted:
-        raise VectorFileError(f"The target vectors define the gate and must come from `extract` on the target, but "
-                              f"they hold {target.describe_kind()}: pass those as steering vectors.")  # fmt: skip
+        raise VectorFileError(
+            f"The target vectors define the gate and must come from `extract` on the target, but "
+            f"they hold {target.describe_kind()}: pass those as steering vectors."
+        )
     if target is not None and aligned is not None:
         aligned.check_compatible(target, ("aligned", "target"))
         if mode in (Mode.INFERALIGNER, Mode.ALWAYS) and aligned.is_own_gate_of(target):
-            raise VectorMismatchError(f"The steering vectors are the target's own ({aligned.describe_kind()}): "
-                                      "steer with the aligned model's vectors, or use mode 'self' for this "
-                                      "ablation.")  # fmt: skip
+            raise VectorMismatchError(
+                f"The steering vectors are the target's own ({aligned.describe_kind()}): "
+                "steer with the aligned model's vectors, or use mode 'self' for this "
+                "ablation."
+            )
 
 
 def default_steer_layers(steering: SafetyVectors, gate_vectors: SafetyVectors | None) -> list[int]:

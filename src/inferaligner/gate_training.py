@@ -254,9 +254,15 @@ def _labels(prompts: Sequence[LabelledPrompt], tpr: float | None, fpr: float | N
     return harmful, fit
 
 
-def _search_probes(features: torch.Tensor, harmful: torch.Tensor, weights: torch.Tensor, fit: torch.Tensor,
-                   groups: dict[tuple[bool, str], list[int]], layers: Sequence[int], l2_values: Sequence[float]
-                   ) -> tuple[dict[int, float], tuple[float, int, torch.Tensor, float, float]]:  # fmt: skip
+def _search_probes(
+    features: torch.Tensor,
+    harmful: torch.Tensor,
+    weights: torch.Tensor,
+    fit: torch.Tensor,
+    groups: dict[tuple[bool, str], list[int]],
+    layers: Sequence[int],
+    l2_values: Sequence[float],
+) -> tuple[dict[int, float], tuple[float, int, torch.Tensor, float, float]]:
     """A probe per layer and L2 on the fit part; each layer's best calibration AUROC, and the best probe overall
     (AUROC, layer, direction, L2, its own bias)."""
     scores_by_layer: dict[int, float] = {}
@@ -272,8 +278,9 @@ def _search_probes(features: torch.Tensor, harmful: torch.Tensor, weights: torch
     return scores_by_layer, best
 
 
-def _bias(harmful_cal: torch.Tensor, harmless_cal: torch.Tensor, own: float, tpr: float | None, fpr: float | None
-          ) -> tuple[float, str, float]:  # fmt: skip
+def _bias(
+    harmful_cal: torch.Tensor, harmless_cal: torch.Tensor, own: float, tpr: float | None, fpr: float | None
+) -> tuple[float, str, float]:
     """The gate's bias, the rule that set it and its target rate."""
     if tpr is not None:
         return calibrate_bias_tpr(harmful_cal, tpr), "tpr", tpr

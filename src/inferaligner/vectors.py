@@ -402,8 +402,10 @@ def extract_safety_vectors(
         metrics |= _prefixed("calibration", cal.as_dict())
         if gate == PROBE:
             if pooling != "last":
-                harmful_acts, harmless_acts = (activations(harmful, "harmful prompts", pooling),
-                                               activations(harmless, "harmless prompts", pooling))  # fmt: skip
+                harmful_acts, harmless_acts = (
+                    activations(harmful, "harmful prompts", pooling),
+                    activations(harmless, "harmless prompts", pooling),
+                )
                 cal_harmful_acts, cal_harmless_acts = (
                     activations(calibration[0], "calibration harmful", pooling),
                     activations(calibration[1], "calibration harmless", pooling),
@@ -429,8 +431,9 @@ def extract_safety_vectors(
     )
 
 
-def _check_extraction(has_prompts: bool, calibrated: bool, gate_fpr: float | None, gate_tpr: float | None,
-                      gate: str, pooling: str) -> None:  # fmt: skip
+def _check_extraction(
+    has_prompts: bool, calibrated: bool, gate_fpr: float | None, gate_tpr: float | None, gate: str, pooling: str
+) -> None:
     """Raise `PromptError` for options `extract_safety_vectors` cannot honour."""
     if not has_prompts:
         raise PromptError("Extraction needs at least one harmful and one harmless prompt.")
@@ -446,8 +449,9 @@ def _check_extraction(has_prompts: bool, calibrated: bool, gate_fpr: float | Non
         raise PromptError(f"Unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}.")
 
 
-def _probe_gate(search: Any, cal_harmless_acts: torch.Tensor, pooling: str, gate_fpr: float | None,
-                gate_tpr: float | None) -> GateSpec:  # fmt: skip
+def _probe_gate(
+    search: Any, cal_harmless_acts: torch.Tensor, pooling: str, gate_fpr: float | None, gate_tpr: float | None
+) -> GateSpec:
     """The stored probe gate: the search's layer and bias, or the bias at `gate_fpr` of the calibration harmless."""
     if gate_fpr is not None:
         bias = calibrate_bias(cal_harmless_acts[:, search.layer] @ search.direction, gate_fpr)
@@ -456,8 +460,14 @@ def _probe_gate(search: Any, cal_harmless_acts: torch.Tensor, pooling: str, gate
     return GateSpec(search.layer, search.bias, rule, gate_fpr, PROBE, pooling, gate_tpr)
 
 
-def _mean_difference_gate(cal: Any, cal_harmful: torch.Tensor, cal_harmless: torch.Tensor, bias: torch.Tensor,
-                          gate_fpr: float | None, gate_tpr: float | None) -> GateSpec:  # fmt: skip
+def _mean_difference_gate(
+    cal: Any,
+    cal_harmful: torch.Tensor,
+    cal_harmless: torch.Tensor,
+    bias: torch.Tensor,
+    gate_fpr: float | None,
+    gate_tpr: float | None,
+) -> GateSpec:
     """The paper's gate at the best calibration layer: the midpoint bias, or one set by a false/true-positive rate."""
     layer = choose_gate_layer(cal.accuracy, cal.separation)
     if gate_fpr is not None:

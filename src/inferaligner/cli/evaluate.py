@@ -83,16 +83,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks, judges = _eval_tasks(args, setup.domain), _judges(args)  # both checked before any aligner is built
     paper = _paper(setup)
     vectors = (resolved.target_vectors, resolved.aligned_vectors)
-    built = build_methods(setup.methods, setup.target, setup.tokenizer, *vectors, resolved.settings,
-                          extra_models=setup.extra, paper=paper)  # fmt: skip
+    built = build_methods(
+        setup.methods, setup.target, setup.tokenizer, *vectors, resolved.settings, extra_models=setup.extra, paper=paper
+    )
     out = args.out or Path("runs") / "eval" / setup.domain
     steered = [how for m in built if (how := m.aligner.describe())["layers"]]  # "simple" and "off" steer none
     how = steered[0] if steered else {"alpha": resolved.settings.alpha, "scale": None, "layers": None}
-    config = {"domain": setup.domain, "alpha": how["alpha"], "steer_scale": how["scale"], "layers": how["layers"],
-              "limit": args.limit, "methods": [m.name for m in built]}  # fmt: skip
+    config = {
+        "domain": setup.domain,
+        "alpha": how["alpha"],
+        "steer_scale": how["scale"],
+        "layers": how["layers"],
+        "limit": args.limit,
+        "methods": [m.name for m in built],
+    }
     status(f"evaluating {len(built)} methods on {len(tasks)} tasks into {out} (cached; rerun to resume)")
-    results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config,
-                       processor=setup.processor)  # fmt: skip
+    results = evaluate(built, tasks, out, judges, batch_size=args.batch_size, config=config, processor=setup.processor)
     write_report(results, out, setup.domain)
     print((out / "table.md").read_text())
     return 0
@@ -128,16 +134,27 @@ def _custom_setup(args: argparse.Namespace, options: dict[str, Any], methods: li
     if args.multimodal and loaded.processor is None:
         raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
     extra: dict[str, object] = {}
-    named = (("safety-sft", args.model_safety_sft), ("aligned-domain", args.model_aligned_domain),
-             ("aligned", args.aligned_model))  # fmt: skip
+    named = (
+        ("safety-sft", args.model_safety_sft),
+        ("aligned-domain", args.model_aligned_domain),
+        ("aligned", args.aligned_model),
+    )
     for role, path in named:
         if path:
             other = load_named(options, path)
             extra[role] = (other.model, other.tokenizer)
     methods = [m for m in methods if m not in ("safety-sft", "aligned-domain") or m in extra]
     methods = [m for m in methods if m != "aligned-answers" or "aligned" in extra]
-    return _Setup(loaded.model, loaded.tokenizer, options, methods, args.domain or "custom", args.paper_settings,
-                  loaded.processor, extra)  # fmt: skip
+    return _Setup(
+        loaded.model,
+        loaded.tokenizer,
+        options,
+        methods,
+        args.domain or "custom",
+        args.paper_settings,
+        loaded.processor,
+        extra,
+    )
 
 
 def _eval_tasks(args: argparse.Namespace, domain: str) -> list[Any]:
@@ -147,12 +164,17 @@ def _eval_tasks(args: argparse.Namespace, domain: str) -> list[Any]:
     if args.multimodal:
         from inferaligner.eval.tasks import harmless_task, mm_harmful_task, mm_utility_task, xstest_task
 
-        return [mm_harmful_task(args.limit), mm_utility_task(args.limit), xstest_task(args.limit),
-                harmless_task(args.limit)]  # fmt: skip
+        return [
+            mm_harmful_task(args.limit),
+            mm_utility_task(args.limit),
+            xstest_task(args.limit),
+            harmless_task(args.limit),
+        ]
     if args.utility_file:
         choices = args.choices.split(",") if args.choices else None
-        utility = file_task("utility", "utility", args.utility_file, args.column, args.answer_column, choices,
-                            args.limit)  # fmt: skip
+        utility = file_task(
+            "utility", "utility", args.utility_file, args.column, args.answer_column, choices, args.limit
+        )
         tasks = [*default_tasks("arithmetic", args.limit)[:-1], utility]
     else:
         tasks = default_tasks(domain if domain in ("arithmetic", "finance") else "arithmetic", args.limit)

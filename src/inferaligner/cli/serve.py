@@ -121,8 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype(options)
     _check_port_free(settings.host, settings.port)
     if settings.api_key is None:
-        status(f"warning: no API key; anyone who can reach {settings.host}:{settings.port} can use this server "
-               "(set --api-key or INFERALIGNER_API_KEY)")  # fmt: skip
+        status(
+            f"warning: no API key; anyone who can reach {settings.host}:{settings.port} can use this server "
+            "(set --api-key or INFERALIGNER_API_KEY)"
+        )
     if settings.ray:
         return _serve_on_ray(options, settings)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler found before it ran:
@@ -130,10 +132,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
     engine = make_engine(aligner, settings.scheduler, prefix_cache=settings.prefix_cache, **settings.limits())
-    status(f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
-           f"http://{settings.host}:{settings.port}, {engine.scheduler} batching")  # fmt: skip
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=60, http=http_protocol())  # fmt: skip
+    status(
+        f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
+        f"http://{settings.host}:{settings.port}, {engine.scheduler} batching"
+    )
+    uvicorn.run(
+        create_app(engine, settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=60,
+        http=http_protocol(),
+    )
     return 0
 
 
@@ -145,8 +155,10 @@ def _serve_on_ray(options: dict[str, Any], settings: ServeSettings) -> int:
     rayserve.ray_serve()  # installed? (a one-line error before anything loads)
     alignment(options)  # the vector files and settings are checked here, before any replica loads a model
     app = rayserve.application(build_aligner, options, settings)
-    status(f"deploying '{settings.served_model_name}' on Ray Serve: {settings.replicas} replica(s), "
-           f"{settings.scheduler} batching")  # fmt: skip
+    status(
+        f"deploying '{settings.served_model_name}' on Ray Serve: {settings.replicas} replica(s), "
+        f"{settings.scheduler} batching"
+    )
     rayserve.run(app, settings.host, settings.port, settings.ray_address or None, status=status)
     return 0
 

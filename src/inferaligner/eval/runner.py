@@ -95,8 +95,9 @@ def run_task(
     return metrics, rows
 
 
-def _judged(judges: Sequence[Any], task: Task, completions: Sequence[Completion], rows: list[dict[str, Any]]
-            ) -> dict[str, Any]:  # fmt: skip
+def _judged(
+    judges: Sequence[Any], task: Task, completions: Sequence[Completion], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Each judge's refusal share (and, on harmful tasks, ASR and outcome shares); each row gets its verdicts."""
     texts = [c.text for c in completions]
     verdicts = judge_all(judges, task.prompts, texts)

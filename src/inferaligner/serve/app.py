@@ -36,8 +36,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="InferAligner", lifespan=lifespan)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.body_timeout_s)  # fmt: skip
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     metrics = Metrics(engine)
     serving = OpenAIServing(engine, settings, metrics)
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
@@ -46,9 +50,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.served_model_name, "queue_depth": engine.queue_depth,
-                "in_flight": engine.in_flight, "mode": engine.aligner.settings.mode.value,
-                "scheduler": engine.scheduler, "server": SERVER_ID}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": settings.served_model_name,
+            "queue_depth": engine.queue_depth,
+            "in_flight": engine.in_flight,
+            "mode": engine.aligner.settings.mode.value,
+            "scheduler": engine.scheduler,
+            "server": SERVER_ID,
+        }
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:

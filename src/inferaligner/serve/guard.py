@@ -51,12 +51,20 @@ class RequestGuard:
         """What the headers alone refuse (status, message, type, code): a missing key, a body declared too big or
         not a number of bytes."""
         if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorised(scope):
-            return 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "authentication_error", (
-                "invalid_api_key")  # fmt: skip
+            return (
+                401,
+                "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                ("invalid_api_key"),
+            )
         declared = _header(scope, b"content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
         if declared is not None and not declared.isdigit():  # uvicorn's parser refuses these first; Ray's may not
-            return 400, f"Content-Length {declared[:20]!r} is not a number of bytes.", "invalid_request_error", (
-                "invalid_http")  # fmt: skip
+            return (
+                400,
+                f"Content-Length {declared[:20]!r} is not a number of bytes.",
+                "invalid_request_error",
+                ("invalid_http"),
+            )
         if declared is not None and int(declared) > self.max_body_bytes:
             return 413, _too_large_message(self.max_body_bytes), "invalid_request_error", "request_too_large"
         return None
@@ -69,15 +77,21 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
-                await _reject(send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
-                              "invalid_request_error", "request_timeout")  # fmt: skip
+                await _reject(
+                    send,
+                    408,
+                    f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                    "invalid_request_error",
+                    "request_timeout",
+                )
                 return None
             if message["type"] == "http.disconnect":
                 return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                await _reject(send, 413, _too_large_message(self.max_body_bytes), "invalid_request_error",
-                              "request_too_large")  # fmt: skip
+                await _reject(
+                    send, 413, _too_large_message(self.max_body_bytes), "invalid_request_error", "request_too_large"
+                )
                 return None
             if not message.get("more_body", False):
                 return bytes(body)

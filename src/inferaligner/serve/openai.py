@@ -77,8 +77,13 @@ class OpenAIServing:
 
     def model(self, ident: str) -> ModelCard:
         if ident != self.card.id:
-            raise APIError(404, f"The model '{ident}' does not exist; this server serves '{self.card.id}'.",
-                           kind="not_found_error", param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model '{ident}' does not exist; this server serves '{self.card.id}'.",
+                kind="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return self.card
 
     # --- prompts (call off the event loop) ----------------------------------------------------------------------
@@ -123,8 +128,9 @@ class OpenAIServing:
 
     # --- one request ------------------------------------------------------------------------------------------------
 
-    async def respond(self, body: Request, prompt_ids: list[int], endpoint: str,
-                      client_gone: Callable[[], Awaitable[bool]]) -> dict[str, Any] | AsyncIterator[str]:  # fmt: skip
+    async def respond(
+        self, body: Request, prompt_ids: list[int], endpoint: str, client_gone: Callable[[], Awaitable[bool]]
+    ) -> dict[str, Any] | AsyncIterator[str]:
         """The whole answer, or (`stream`) the SSE lines of its chunks; 4xx/5xx as `APIError`. Every request is
         counted in the metrics once: here, or when its stream ends."""
         chat = isinstance(body, ChatCompletionRequest)
@@ -156,31 +162,53 @@ class OpenAIServing:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from None
         except Draining:
-            raise APIError(503, "The server is shutting down; send the request elsewhere.",
-                           kind="server_error") from None  # fmt: skip
+            raise APIError(
+                503, "The server is shutting down; send the request elsewhere.", kind="server_error"
+            ) from None
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return job
 
     def _job(self, body: Request, prompt_ids: list[int], chat: bool) -> Job:
         """The request as a job, once it is within what this server and model allow."""
         if body.model != self.card.id:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.card.id}'.",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model '{body.model}' does not exist; this server serves '{self.card.id}'.",
+                param="model",
+                code="model_not_found",
+            )
         wanted, limit = body.requested_tokens(), self.settings.max_tokens_limit
         if wanted is not None and wanted > limit:
-            raise APIError(400, f"max_tokens is {wanted}, above this server's limit of {limit}; ask for fewer "
-                           "tokens.", param="max_tokens")  # fmt: skip
+            raise APIError(
+                400,
+                f"max_tokens is {wanted}, above this server's limit of {limit}; ask for fewer tokens.",
+                param="max_tokens",
+            )
         max_tokens = wanted or min(self.settings.max_tokens_default, max(1, self.context - len(prompt_ids)))
         if len(prompt_ids) + max_tokens > self.context:
-            raise APIError(400, f"The prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together "
-                           f"they exceed the model's context of {self.context} tokens. Shorten the prompt or lower "
-                           "max_tokens.", param="messages", code="context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"The prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together "
+                f"they exceed the model's context of {self.context} tokens. Shorten the prompt or lower "
+                "max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         enabled = body.inferaligner.enabled if body.inferaligner else True
         if not enabled and not self.settings.allow_client_disable:
             raise APIError(403, "This server does not let clients switch InferAligner off.", param="inferaligner")
         temperature = 0.0 if body.greedy else body.temperature
-        return Job(prompt_ids, max_tokens, temperature, body.top_p, body.stop_strings(), enabled,
-                   asyncio.get_running_loop(), top_logprobs=body.top_logprobs_wanted(), chat=chat)  # fmt: skip
+        return Job(
+            prompt_ids,
+            max_tokens,
+            temperature,
+            body.top_p,
+            body.stop_strings(),
+            enabled,
+            asyncio.get_running_loop(),
+            top_logprobs=body.top_logprobs_wanted(),
+            chat=chat,
+        )
 
     async def _answer(self, job: Job, chat: bool, client_gone: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
         """Wait for the job's end (checking every `DISCONNECT_POLL_S` that the client is still there), then shape it."""
@@ -247,24 +275,44 @@ class OpenAIServing:
             chunks.append(self._completion(job, chat, True, [], ident=ident, usage=_usage(job)))
         return chunks
 
-    def _chunk(self, job: Job, chat: bool, ident: str, delta: Delta, reason: str | None,
-               logprobs: Sequence[TokenLogprob], first: bool = False) -> dict[str, Any]:  # fmt: skip
+    def _chunk(
+        self,
+        job: Job,
+        chat: bool,
+        ident: str,
+        delta: Delta,
+        reason: str | None,
+        logprobs: Sequence[TokenLogprob],
+        first: bool = False,
+    ) -> dict[str, Any]:
         entries = logprobs_body(logprobs, chat) if job.top_logprobs is not None and logprobs else None
         content = {"delta": delta} if chat else {"text": delta.content or ""}
         choice = Choice(index=0, finish_reason=reason, logprobs=entries, **content)
         extension = self._extension(job) if first else None
         return self._completion(job, chat, True, [choice], ident=ident, inferaligner=extension)
 
-    def _completion(self, job: Job, chat: bool, chunk: bool, choices: list[Choice], ident: str | None = None,
-                    **extra: Any) -> dict[str, Any]:  # fmt: skip
+    def _completion(
+        self, job: Job, chat: bool, chunk: bool, choices: list[Choice], ident: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return Completion(id=ident or _ident(chat), object=kind, created=int(time.time()), model=self.card.id,
-                          choices=choices, **extra).dump()  # fmt: skip
+        return Completion(
+            id=ident or _ident(chat),
+            object=kind,
+            created=int(time.time()),
+            model=self.card.id,
+            choices=choices,
+            **extra,
+        ).dump()
 
     def _extension(self, job: Job) -> Extension:
         gate = GateReport(**job.gate.as_dict()) if job.gate else None
-        return Extension(gate=gate, intervened=job.intervened, mode=self.engine.aligner.settings.mode.value,
-                         enabled=job.aligned, server=SERVER_ID)  # fmt: skip
+        return Extension(
+            gate=gate,
+            intervened=job.intervened,
+            mode=self.engine.aligner.settings.mode.value,
+            enabled=job.aligned,
+            server=SERVER_ID,
+        )
 
 
 def logprobs_body(entries: Sequence[TokenLogprob], chat: bool) -> ChatLogprobs | TextLogprobs:
@@ -285,14 +333,22 @@ def logprobs_body(entries: Sequence[TokenLogprob], chat: bool) -> ChatLogprobs |
     for e in entries:
         offsets.append(position)
         position += len(e.token)
-    return TextLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                        top_logprobs=[dict(e.top) for e in entries], text_offset=offsets)  # fmt: skip
+    return TextLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[dict(e.top) for e in entries],
+        text_offset=offsets,
+    )
 
 
 def _usage(job: Job) -> Usage:
     prompt, completion = len(job.prompt_ids), len(job.tokens)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=job.cached_tokens))  # fmt: skip
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=job.cached_tokens),
+    )
 
 
 def _reason(job: Job) -> str:

@@ -196,8 +196,11 @@ class _Out(BaseModel):
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
 
     def dump(self) -> dict[str, Any]:
-        return {name: _dumped(value) for name in type(self).model_fields
-                if (value := getattr(self, name)) is not None or name not in self.OMIT_IF_NONE}  # fmt: skip
+        return {
+            name: _dumped(value)
+            for name in type(self).model_fields
+            if (value := getattr(self, name)) is not None or name not in self.OMIT_IF_NONE
+        }
 
 
 def _dumped(value: Any) -> Any:

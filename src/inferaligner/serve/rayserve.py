@@ -41,8 +41,13 @@ class Replica:
     """One replica: a model, its aligner and engine, and the FastAPI app around them (started by the app's
     lifespan, which Ray Serve runs)."""
 
-    def __init__(self, build: Callable[[Mapping[str, Any]], Any], options: Mapping[str, Any],
-                 settings: ServeSettings, threads: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        build: Callable[[Mapping[str, Any]], Any],
+        options: Mapping[str, Any],
+        settings: ServeSettings,
+        threads: int,
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
