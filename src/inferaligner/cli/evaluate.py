@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from inferaligner.cli.options import (
     DTYPE_NAMES,
@@ -21,6 +16,7 @@ from inferaligner.cli.options import (
     positive_int,
     status,
 )
+from inferaligner.errors import InferAlignerError
 
 
 def _method_names() -> tuple[str, ...]:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
-
-from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from inferaligner.cli.options import (
     alignment_options,
@@ -20,6 +15,7 @@ from inferaligner.cli.options import (
     model_options,
     positive_int,
 )
+from inferaligner.errors import InferAlignerError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

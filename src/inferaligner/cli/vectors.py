@@ -6,12 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from inferaligner.cli.options import (
     floats,
@@ -24,6 +19,7 @@ from inferaligner.cli.options import (
     positive_int,
     status,
 )
+from inferaligner.errors import InferAlignerError
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from inferaligner.errors import InferAlignerError
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from inferaligner.cli.options import (
     gate_rate_options,
@@ -19,6 +14,7 @@ from inferaligner.cli.options import (
     positive_int,
     status,
 )
+from inferaligner.errors import InferAlignerError
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:

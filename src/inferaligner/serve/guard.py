@@ -55,7 +55,7 @@ class RequestGuard:
                 401,
                 "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
                 "authentication_error",
-                ("invalid_api_key"),
+                "invalid_api_key",
             )
         declared = _header(scope, b"content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
         if declared is not None and not declared.isdigit():  # uvicorn's parser refuses these first; Ray's may not
@@ -63,10 +63,10 @@ class RequestGuard:
                 400,
                 f"Content-Length {declared[:20]!r} is not a number of bytes.",
                 "invalid_request_error",
-                ("invalid_http"),
+                "invalid_http",
             )
         if declared is not None and int(declared) > self.max_body_bytes:
-            return 413, _too_large_message(self.max_body_bytes), "invalid_request_error", "request_too_large"
+            return _too_large(self.max_body_bytes)
         return None
 
     async def _read_body(self, receive: Any, send: Any) -> bytes | None:
@@ -89,9 +89,7 @@ class RequestGuard:
                 return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                await _reject(
-                    send, 413, _too_large_message(self.max_body_bytes), "invalid_request_error", "request_too_large"
-                )
+                await _reject(send, *_too_large(self.max_body_bytes))
                 return None
             if not message.get("more_body", False):
                 return bytes(body)
@@ -109,8 +107,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _too_large_message(limit: int) -> str:
-    return f"The request body is larger than this server's limit of {limit} bytes."
+def _too_large(limit: int) -> tuple[int, str, str, str]:
+    """The 413 refusal (status, message, type, code) of a body over the limit, declared or sent."""
+    return (
+        413,
+        f"The request body is larger than this server's limit of {limit} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
 
 
 async def _reject(send: Any, status: int, message: str, kind: str, code: str) -> None:

@@ -67,24 +67,28 @@ class OpenAIServing:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.tokenizer = engine.aligner.tokenizer
         self.context = context_length(engine.aligner.model) or 2048
-        self.card = ModelCard(id=settings.served_model_name, object="model", created=0, owned_by="inferaligner")
+        self.card = ModelCard(id=settings.served_model_name)
         self._tokenizing = threading.Lock()
 
     # --- models -------------------------------------------------------------------------------------------------
 
     def models(self) -> ModelList:
-        return ModelList(object="list", data=[self.card])
+        return ModelList(data=[self.card])
 
     def model(self, ident: str) -> ModelCard:
+        self._check_model(ident, kind="not_found_error")
+        return self.card
+
+    def _check_model(self, ident: str, kind: str = "invalid_request_error") -> None:
+        """404 unless `ident` is the model this server serves."""
         if ident != self.card.id:
             raise APIError(
                 404,
                 f"The model '{ident}' does not exist; this server serves '{self.card.id}'.",
-                kind="not_found_error",
+                kind=kind,
                 param="model",
                 code="model_not_found",
             )
-        return self.card
 
     # --- prompts (call off the event loop) ----------------------------------------------------------------------
 
@@ -170,13 +174,7 @@ class OpenAIServing:
 
     def _job(self, body: Request, prompt_ids: list[int], chat: bool) -> Job:
         """The request as a job, once it is within what this server and model allow."""
-        if body.model != self.card.id:
-            raise APIError(
-                404,
-                f"The model '{body.model}' does not exist; this server serves '{self.card.id}'.",
-                param="model",
-                code="model_not_found",
-            )
+        self._check_model(body.model)
         wanted, limit = body.requested_tokens(), self.settings.max_tokens_limit
         if wanted is not None and wanted > limit:
             raise APIError(
@@ -226,7 +224,7 @@ class OpenAIServing:
             raise
         self.metrics.finished(job)
         logprobs = logprobs_body(job.logprobs, chat) if job.top_logprobs is not None else None
-        content = {"message": Message(role="assistant", content=job.text)} if chat else {"text": job.text}
+        content = {"message": Message(content=job.text)} if chat else {"text": job.text}
         choice = Choice(index=0, finish_reason=_reason(job), logprobs=logprobs, **content)
         return self._completion(job, chat, False, [choice], usage=_usage(job), inferaligner=self._extension(job))
 
