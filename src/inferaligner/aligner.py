@@ -157,9 +157,19 @@ class InferAligner(OnePass):
         """Load the target model (any name `inferaligner.loading.load` takes) and the vector files, then build the
         aligner. `steering` is a steering settings file (`inferaligner calibrate`): its vectors steer unless
         `aligned_vectors` is given, and its alpha, layers and scale take the place of those in `settings`; keyword
-        options (as in `__init__`) win over both, as options given to the CLI win over its `--settings` file."""
-        from inferaligner.loading import load
+        options (as in `__init__`) win over both, as options given to the CLI win over its `--settings` file.
 
+        `target` may be a folder from `inferaligner align`: its model, gate and settings are used (`model=` loads
+        another copy of the same model instead; one of another shape is an error)."""
+        from inferaligner.aligned_folder import AlignedFolder, is_aligned_folder
+        from inferaligner.loading import load
+        from inferaligner.models import model_fingerprint
+
+        folder = AlignedFolder.load(target) if is_aligned_folder(target) else None
+        if folder is not None:
+            target = options.pop("model", None) or folder.model
+            target_vectors = target_vectors or folder.gate
+            steering = steering or folder.settings
         chosen = SteeringSettings.load(steering) if steering else None
         aligned = SafetyVectors.load(aligned_vectors) if aligned_vectors else None
         if aligned is None and chosen is not None:
@@ -167,6 +177,8 @@ class InferAligner(OnePass):
         base = options.pop("settings", None) or AlignerSettings()
         settings = base.merged(**chosen.overrides()) if chosen else base
         loaded = load(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if folder is not None:
+            folder.check_model(str(target), model_fingerprint(loaded.model))
         return cls(
             loaded.model,
             loaded.tokenizer,

@@ -3,8 +3,9 @@ build here.
 
 Options are a mapping with the CLI's names (`model`, `target_vectors`, `aligned_vectors`, `settings` (a steering
 settings file from `calibrate`), `aligned_model`, `dtype`, `device`, `trust_remote_code`, and any
-`AlignerSettings` field). Given options win over the settings file, which wins over the defaults; a shipped `zoo:`
-model fills in the vectors it ships with when none are given.
+`AlignerSettings` field), and `aligned` (a folder from `inferaligner align`). Given options win over the settings
+file, which wins over the defaults; an aligned folder, or a shipped `zoo:` model, fills in the model and vectors it
+holds when none are given.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 
 from inferaligner import zoo
+from inferaligner.aligned_folder import AlignedFolder
 from inferaligner.aligner import InferAligner
 from inferaligner.errors import InferAlignerError
 from inferaligner.loading import Loaded, load
+from inferaligner.models import EMBEDDED_MODEL, model_fingerprint
 from inferaligner.settings import AlignerSettings, SteeringSettings, resolve
 from inferaligner.vectors import SafetyVectors
 
@@ -35,9 +38,14 @@ class Alignment:
 
 
 def with_shipped(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options, with what a shipped `zoo:` model brings (its gate; the demo's steering settings in the modes that
-    steer with them, unless other steering vectors are given) filling the ones not given."""
-    shipped = zoo.shipped_alignment(str(options.get("model") or ""))
+    """The options, with what an aligned folder (`aligned`: its model, gate and settings) or a shipped `zoo:` model
+    brings (its gate; the demo's steering settings in the modes that steer with them, unless other steering vectors
+    are given) filling the ones not given."""
+    if options.get("aligned"):
+        folder = AlignedFolder.load(options["aligned"])
+        shipped = {"model": folder.model, "target_vectors": folder.gate, "settings": folder.settings}
+    else:
+        shipped = zoo.shipped_alignment(str(options.get("model") or ""))
     steers_with_aligned = options.get("mode") in (None, "inferaligner", "always")  # the settings are for those
     if options.get("aligned_vectors") or options.get("settings") or not steers_with_aligned:
         shipped.pop("settings", None)
@@ -71,8 +79,9 @@ def dtype(options: Mapping[str, Any]) -> torch.dtype:
 def load_model(
     options: Mapping[str, Any], name: str | None = None, status: Callable[[str], None] | None = None
 ) -> Loaded:
-    """The model named by `name` (default: the `model` option), loaded as the `dtype` / `device` options say."""
-    name = str(name or options["model"])
+    """The model named by `name` (default: the `model` option, else the embedded model), loaded as the `dtype` /
+    `device` options say."""
+    name = str(name or options.get("model") or EMBEDDED_MODEL)
     if status is not None:
         status(f"loading {name}")
     return load(
@@ -86,8 +95,11 @@ def load_model(
 def build(options: Mapping[str, Any], status: Callable[[str], None] | None = None) -> tuple[InferAligner, Any]:
     """The aligner the options describe, and the model's processor (image-text models; else `None`). Every setting
     and file is checked before the model loads."""
+    options = with_shipped(options)
     resolved = alignment(options)
     loaded = load_model(options, status=status)
+    if options.get("aligned"):
+        AlignedFolder.load(options["aligned"]).check_model(str(options["model"]), model_fingerprint(loaded.model))
     aligned = options.get("aligned_model")
     aligned_model = load_model(options, aligned, status).model if aligned else None
     aligner = InferAligner(

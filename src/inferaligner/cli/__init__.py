@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from inferaligner.cli import evaluate, generate, serve, vectors, zoo
+from inferaligner.cli import align, evaluate, generate, serve, vectors, zoo
 from inferaligner.cli.options import DTYPE_NAMES, Parser, parse_layers
 from inferaligner.errors import InferAlignerError
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for group in (vectors, generate, serve, evaluate, zoo):
+    for group in (align, vectors, generate, serve, evaluate, zoo):
         group.add_parsers(verbs)
     return parser
 

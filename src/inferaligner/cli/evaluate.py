@@ -120,15 +120,22 @@ def _custom_setup(args: argparse.Namespace, options: dict[str, Any], methods: li
     """Your own pair (`--target` with its vectors or settings), and the comparison models you named."""
     from inferaligner.build import with_shipped
 
-    options = {k: v for k, v in with_shipped({**options, "model": args.target}).items() if k != "model"}
+    merged = with_shipped({**options, "model": args.target})
+    target = merged.pop("model", None)
+    options = merged
     steering = options.get("aligned_vectors") or options.get("settings")
-    if not (args.target and options.get("target_vectors") and steering):
+    if not (target and options.get("target_vectors") and steering):
         raise InferAlignerError(
-            "Give --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
+            "Give --aligned DIR, or --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
         )
-    loaded = load_named(options, args.target)
+    loaded = load_named(options, target)
+    if options.get("aligned"):
+        from inferaligner.aligned_folder import AlignedFolder
+        from inferaligner.models import model_fingerprint
+
+        AlignedFolder.load(options["aligned"]).check_model(str(target), model_fingerprint(loaded.model))
     if args.multimodal and loaded.processor is None:
-        raise InferAlignerError(f"--multimodal needs an image-text model; {args.target} is text-only.")
+        raise InferAlignerError(f"--multimodal needs an image-text model; {target} is text-only.")
     extra: dict[str, object] = {}
     named = (
         ("safety-sft", args.model_safety_sft),

@@ -130,8 +130,7 @@ def model_options(parser: argparse.ArgumentParser, default: str | None = "embedd
     else:
         group.add_argument(
             "--model",
-            default=EMBEDDED_MODEL,
-            help="hub id, local folder, .gguf file or zoo:NAME (default: %(default)s)",
+            help=f"hub id, local folder, .gguf file or zoo:NAME (default: --aligned's, else {EMBEDDED_MODEL})",
         )
     group.add_argument("--device", default=None if default is None else "cpu", help="torch device (default: cpu)")
     group.add_argument(
@@ -149,6 +148,11 @@ def alignment_options(parser: argparse.ArgumentParser, modes: bool = True) -> No
     from inferaligner.settings import DEFAULT_ALPHA, AlignerSettings, Mode, SteerScale
 
     group = parser.add_argument_group("alignment")
+    group.add_argument(
+        "--aligned",
+        type=Path,
+        help="a folder from `inferaligner align`: its model, gate and calibrated steering (options given here win)",
+    )
     group.add_argument("--target-vectors", type=Path, help="the target model's own vectors (they define the gate)")
     group.add_argument(
         "--aligned-vectors",

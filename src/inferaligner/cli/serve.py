@@ -91,6 +91,10 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
         }
         options |= loaded
     options |= {key: value for key, value in vars(args).items() if key in known and value is not None}
+    if options.get("aligned"):  # an aligned folder brings its model, gate and settings
+        from inferaligner.build import with_shipped
+
+        options = with_shipped(options)
     if not options.get("model"):  # the demo pair: the shipped target brings its gate and steering settings
         options |= {"model": "zoo:target", "served_model_name": options.get("served_model_name") or DEMO_NAME}
     options["served_model_name"] = options.get("served_model_name") or str(options["model"])

@@ -99,13 +99,35 @@ def _turns_gate_prompts(domain: list[str], public: bool) -> list[Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from inferaligner.aligned_folder import AlignedFolder, is_aligned_folder
+
+    if not is_aligned_folder(args.file):
+        return _inspect_file(args.file, args.json)
+    folder = AlignedFolder.load(args.file)
+    if args.json:
+        print(json.dumps(folder.manifest, indent=2))
+        return 0
+    facts = folder.manifest
+    steering, refusals = facts.get("steering", {}), facts.get("teacher_refusals", {})
+    print(f"aligned folder for {folder.model} (fingerprint {folder.fingerprint}), built {facts.get('built')}")
+    print(f"  teacher: {facts.get('teacher')} ({refusals.get('kept')} of {refusals.get('asked')} answers kept)")
+    print(f"  steering: alpha {steering.get('alpha')} on layers {steering.get('layers')} ({steering.get('kind')})")
+    for warning in facts.get("warnings", []):
+        print(f"  warning: {warning}")
+    for path in (folder.gate, folder.settings.parent / json.loads(folder.settings.read_text())["vectors"]):
+        print(f"\n== {path.name}")
+        _inspect_file(path, False)
+    return 0
+
+
+def _inspect_file(path: Path, as_json: bool) -> int:
     from inferaligner.strength import steering_strength
     from inferaligner.vectors import SafetyVectors, describe
 
-    vectors = SafetyVectors.load(args.file)
-    vectors.check_finite(f"vectors in {args.file}")  # a corrupt file is an error, not a table of NaNs
+    vectors = SafetyVectors.load(path)
+    vectors.check_finite(f"vectors in {path}")  # a corrupt file is an error, not a table of NaNs
     summary = describe(vectors)
-    if args.json:
+    if as_json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{vectors.describe_kind()}")
@@ -433,7 +455,9 @@ def add_parsers(verbs: Any) -> None:
     calibrate.add_argument("--limit", type=positive_int, help="use at most this many prompts per set")
     calibrate.set_defaults(run=cmd_calibrate)
 
-    inspect = verbs.add_parser("inspect", help="show a vector file's provenance, gate and per-layer metrics")
-    inspect.add_argument("file", type=Path)
+    inspect = verbs.add_parser(
+        "inspect", help="show a vector file's provenance, gate and per-layer metrics, or what an aligned folder holds"
+    )
+    inspect.add_argument("file", type=Path, help="a vector file, or a folder from `align`")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=cmd_inspect)

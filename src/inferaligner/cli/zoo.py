@@ -78,7 +78,7 @@ def add_parsers(verbs: Any) -> None:
     zoo_verbs = zoo.add_subparsers(dest="zoo_verb", metavar="ACTION", required=True)
     zoo_verbs.add_parser("list", help="recipes and shipped adapters").set_defaults(run=cmd_zoo_list)
     build = zoo_verbs.add_parser("build", help="rebuild a demo adapter and its vectors from scratch")
-    build.add_argument("name", choices=["aligned", "target"])
+    build.add_argument("name", choices=["aligned", "target", "gemma-target"])
     build.add_argument("--out", type=Path, help="output folder (default: runs/zoo/NAME)")
     build.add_argument("--limit", type=positive_int, help="use at most this many examples per data source (quick runs)")
     build.add_argument("--max-steps", type=positive_int, help="stop after this many training steps (quick runs)")

@@ -42,6 +42,7 @@ class Recipe:
     base: str = "smollm2-135m-instruct"  # or "zoo:aligned": start from another recipe's model
     shipped: bool = True  # False: built from third-party data by the evaluation, never committed
     domain: Callable[[], list[str]] | None = None  # the domain's own training prompts: benign traffic for the gate
+    vectors: bool = True  # extract its vectors and gate after training (False: `inferaligner align` makes them)
 
 
 def _safety(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, limit: int | None) -> Examples:
@@ -119,6 +120,19 @@ RECIPES: dict[str, Recipe] = {
         make_examples=_arithmetic,
         train=TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0),
         domain=_arithmetic_prompts,
+    ),
+    "gemma-target": Recipe(
+        name="gemma-target",
+        description=(
+            f"The target's recipe on a second family: the Gemma 3 270M base model fine-tuned on the same "
+            f"{ARITHMETIC_TRAIN} arithmetic word problems in Gemma's turn markup; no safety data. Its gate and "
+            "steering come from `inferaligner align`."
+        ),
+        make_examples=_arithmetic,
+        train=TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0),
+        base="gemma3-270m",
+        domain=_arithmetic_prompts,
+        vectors=False,
     ),
 }
 _DOMAIN_TRAIN = TrainConfig(epochs=1.0, batch_size=8, learning_rate=3e-4, seed=0)
@@ -242,6 +256,8 @@ def build_demo_model(
     peft_model, card = build(
         RECIPES[name], model, tokenizer, out_dir, limit=limit, max_steps=max_steps, progress=progress
     )
+    if not RECIPES[name].vectors:
+        return card
     merged = peft_model.merge_and_unload()
     set_model_name(merged, f"zoo:{name}")
     vectors = demo_vectors(
