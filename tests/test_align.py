@@ -4,10 +4,7 @@ step by step; every teacher kind; bad inputs as one-line errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -217,24 +214,14 @@ def test_generate_eval_and_inspect_take_the_folder(aligned_run, capsys) -> None:
 
 
 def test_serve_takes_the_folder(aligned_run) -> None:
-    from test_serve import free_port
+    from test_serve import free_port, start_server
 
     port = free_port()
-    command = [sys.executable, "-m", "inferaligner.cli", "serve", "--aligned", str(aligned_run["folder"].path)]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ}
+    folder = str(aligned_run["folder"].path)
+    process = start_server(
+        [sys.executable, "-m", "inferaligner.cli", "serve", "--aligned", folder, "--port", str(port)], port
     )
     try:
-        deadline = time.time() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert [m["id"] for m in models["data"]] == [str(aligned_run["model"])]
         body = {"model": str(aligned_run["model"]), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}

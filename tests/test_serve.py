@@ -311,6 +311,23 @@ def test_disconnect_mid_stream_frees_the_slot() -> None:
         assert chat(running.client(), HARMLESS).choices[0].finish_reason in ("stop", "length")
 
 
+def start_server(command: list[str], port: int, seconds: float = 90) -> subprocess.Popen:
+    """`inferaligner serve` in a process of its own, once its /health answers."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    deadline = time.time() + seconds
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.ConnectError:
+            pass
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("the server did not start")
+        time.sleep(0.2)
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
     model_dir = tmp_path / "model"
     aligner = make_aligner()
@@ -340,18 +357,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
         "--max-tokens-limit",
         "200",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    process = start_server(command, port)
     try:
-        deadline = time.time() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
         body = {"model": MODEL, "messages": [{"role": "user", "content": HARMLESS}], "max_tokens": 150, "stream": True}
         pieces = []
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as response:

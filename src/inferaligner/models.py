@@ -166,7 +166,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -176,7 +177,7 @@ def _file_digest(path: Path) -> str:
 
 def converted_gguf(path: Path) -> Path:
     """Dequantise a GGUF file into a safetensors folder once; later calls return the cached folder."""
-    target = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    target = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)}"
     if (target / "config.json").is_file():
         return target
     log.warning("Converting %s to safetensors once (about 35 s); later loads take about a second.", path.name)

@@ -13,17 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from inferaligner.errors import InferAlignerError
+from inferaligner.models import file_digest
+
+__all__ = ["Steps", "file_digest", "key_of"]
 
 STATE = "steps.json"
-
-
-def file_digest(path: Path) -> str:
-    """A short hash of a file's bytes: what a later step's key holds of an earlier step's output."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def key_of(inputs: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         if processor is None:
             raise InferAlignerError(
-                f"{args.model} is a text-only model and cannot take images; use an image-text model."
+                f"{aligner.describe()['model']} is a text-only model and cannot take images; use an image-text model."
             )
         multimodal = MultimodalAligner(aligner, processor, args.prompt_template)
         completions = multimodal.complete(

@@ -2,6 +2,8 @@
 
 - `aligned`: safety fine-tuned (refuses harmful requests, saying why; answers harmless ones as the base does).
 - `target`: fine-tuned on generated arithmetic word problems, with no safety data (the "domain model").
+- `gemma-target`: the same recipe on the Gemma 3 270M base model (a second family), with the folder `inferaligner
+  align` made for it, the SmolLM2 `aligned` model teaching (`aligned/`).
 
 `load("target")` returns the base with the adapter merged; `inferaligner.loading.load("zoo:target")` does the same.
 """
@@ -22,12 +24,15 @@ from inferaligner.models import load_model, set_model_name
 from inferaligner.settings import SteeringSettings
 
 NAMES = ("aligned", "target")
+SECOND_FAMILY = ("gemma-target",)
+"""Shipped targets of another family, each with the folder `inferaligner align` made for it (`aligned/`)."""
 
 
 def artifact_dir(name: str) -> Path:
-    """Folder of a shipped adapter: adapter weights and config, `card.json`, `vectors.safetensors`."""
-    if name not in NAMES:
-        raise InferAlignerError(f"Unknown demo model '{name}': choose one of {', '.join(NAMES)}.")
+    """Folder of a shipped adapter: adapter weights and config, `card.json`, and `vectors.safetensors` (the demo
+    pair) or `aligned/` (a second-family target)."""
+    if name not in (*NAMES, *SECOND_FAMILY):
+        raise InferAlignerError(f"Unknown demo model '{name}': choose one of {', '.join((*NAMES, *SECOND_FAMILY))}.")
     folder = Path(str(resources.files("inferaligner.zoo").joinpath("artifacts", name)))
     if not (folder / "adapter_config.json").is_file():
         raise InferAlignerError(
@@ -81,9 +86,21 @@ def settings_path(name: str = "default") -> Path:
     return path
 
 
+def aligned_dir(name: str) -> Path:
+    """The folder `inferaligner align` made for a shipped second-family target."""
+    return artifact_dir(name) / "aligned"
+
+
 def shipped_alignment(model: str, steering: str = "default") -> dict[str, Path]:
     """What a shipped model brings when it is named with `zoo:NAME` and no vectors are given: the target its own
-    gate (`target_vectors`) and the demo pair's named steering settings (`settings`); other names bring nothing."""
+    gate (`target_vectors`) and the demo pair's named steering settings (`settings`); a second-family target its
+    aligned folder's gate and settings; other names bring nothing."""
+    name = model.removeprefix("zoo:")
+    if model == f"zoo:{name}" and name in SECOND_FAMILY:
+        return {
+            "target_vectors": aligned_dir(name) / "gate.safetensors",
+            "settings": aligned_dir(name) / "settings.json",
+        }
     if model != "zoo:target":
         return {}
     return {"target_vectors": vectors_path("target"), "settings": settings_path(steering)}
