@@ -9,6 +9,8 @@ card, the report and the manifest are written anew at the end of every run.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -138,7 +140,35 @@ class Run:
         return self.loaded
 
     def model_inputs(self) -> dict[str, Any]:
-        return {"model": self.options.model, "fingerprint": model_fingerprint(self.target().model)}
+        """What a step's result depends on of the target: its name, shape and a sample of its weights (a model
+        retrained in place gets new steps)."""
+        model = self.target().model
+        return {"model": self.options.model, "fingerprint": model_fingerprint(model), "weights": weights_sample(model)}
+
+    @functools.cached_property
+    def public(self) -> bool:
+        """Whether the gate also learns from the data folder's training-only sets (asked for, and the folder is
+        there; without it, a note)."""
+        if not self.options.public:
+            return False
+        from inferaligner.data import data_dir
+
+        try:
+            data_dir()
+        except PromptError as exc:
+            self.log(f"note: {exc} The gate learns from the built-in sets and the domain's prompts only.")
+            return False
+        return True
+
+
+def weights_sample(model: Any, per_tensor: int = 4096) -> str:
+    """A hash of the first `per_tensor` values of every weight tensor: cheap even for large models, and different
+    for any fine-tune."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().flatten()[:per_tensor].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def align(options: AlignOptions, log: Callable[[str], None] = print) -> AlignedFolder:
@@ -227,7 +257,7 @@ def _gate_step(run: Run, domain: Domain) -> None:
     inputs = {
         **run.model_inputs(),
         "domain": domain.gate,
-        "public": run.options.public,
+        "public": run.public,
         "per_part": DOMAIN_GATE_PROMPTS,
     }
 
@@ -239,27 +269,13 @@ def _gate_step(run: Run, domain: Domain) -> None:
             loaded.model,
             loaded.tokenizer,
             domain.gate,
-            public=_public(run),
+            public=run.public,
             per_part=DOMAIN_GATE_PROMPTS,
             progress=run.options.progress,
         )
         vectors.save(out)
 
     run.steps.run("gate", inputs, [out], work)
-
-
-def _public(run: Run) -> bool:
-    """Whether the gate also learns from the data folder's training-only sets (when asked and the folder exists)."""
-    if not run.options.public:
-        return False
-    from inferaligner.data import data_dir
-
-    try:
-        data_dir()
-    except PromptError as exc:
-        run.log(f"note: {exc} The gate learns from the built-in sets and the domain's prompts only.")
-        return False
-    return True
 
 
 def _teacher_step(run: Run) -> Taught:
@@ -412,7 +428,7 @@ def _manifest(run: Run, domain: Domain, taught: Taught, evaluation: dict[str, An
         "gate": {"layer": gate.layer, "direction": gate.direction, "pooling": gate.pooling} if gate else None,
         "steering": {"alpha": settings.alpha, "layers": list(settings.layers), "kind": settings.kind},
         "calibration": settings.table,
-        "public_data": _public(run),
+        "public_data": run.public,
         "step_seconds": run.steps.seconds(),
         "run_seconds": round(seconds, 1),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
