@@ -61,7 +61,8 @@ def render(summary: dict[str, Any], evaluation: dict[str, Any]) -> str:
         "",
         "Inference-time safety for this model, without changing its weights: a gate read from the model's own "
         "activations decides per request whether it is harmful; only then are the steering vectors added to its "
-        "residual stream, and the model writes its own refusal. Benign requests are answered exactly as before.",
+        "residual stream, and the model writes its own refusal. A request the gate passes is answered exactly as the "
+        "model alone would answer it.",
         "",
         "## Built from",
         "",

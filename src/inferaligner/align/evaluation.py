@@ -45,8 +45,9 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Per set: the outcome shares of the target and of the protected target, the gate's scores and fire rate,
-    samples side by side; on the domain, accuracy (where answers are given) and the share of unchanged answers."""
+    """Per set (`limit` prompts each): the outcome shares of the target and of the protected target, the gate's scores
+    and fire rate, samples side by side; on the domain, accuracy (where answers are given) and the share of unchanged
+    answers."""
     from inferaligner.eval.generation import gated_completions, generate_cached
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -55,14 +56,14 @@ def evaluate(
     sets = public_sets(limit)
     note = "" if sets else "No public evaluation sets: the data folder was not found (set INFERALIGNER_DATA)."
     if domain:
-        sets.append(("domain", "domain", list(domain), "held-out domain prompts"))
+        sets.append(("domain", "domain", list(domain[:limit]), "held-out domain prompts"))
     results: dict[str, Any] = {}
     for name, kind, prompts, source in sets:
         log(f"evaluate: {name} ({len(prompts)} prompts)")
         options = {"max_new_tokens": MAX_NEW_TOKENS, "progress": progress}
         before = generate_cached(plain, prompts, cache / f"{name}-target.jsonl", desc=f"target / {name}", **options)
         after = gated_completions(protected, prompts, before, cache / f"{name}-protected.jsonl", **options)
-        results[name] = _set_result(kind, source, before, after, answers if name == "domain" else None)
+        results[name] = _set_result(kind, source, before, after, answers[:limit] if name == "domain" else None)
     return {"sets": results, "speed": _speed(protected, plain, domain or ["What is 2 + 2?"]), "note": note}
 
 

@@ -139,6 +139,7 @@ class Run:
             set_model_name(self.loaded.model, self.options.model)
         return self.loaded
 
+    @functools.cached_property
     def model_inputs(self) -> dict[str, Any]:
         """What a step's result depends on of the target: its name, shape and a sample of its weights (a model
         retrained in place gets new steps)."""
@@ -216,7 +217,7 @@ def _check_step(run: Run, domain: Domain) -> None:
     direction of the built-in sets (the domain left out), at the target's most separating layer, midpoint bias."""
     out = run.work / "check.json"
     asked = _spread(domain.gate + domain.held_out, CHECK_PROMPTS)
-    inputs = {**run.model_inputs(), "domain": asked}
+    inputs = {**run.model_inputs, "domain": asked}
 
     def work() -> None:
         from dataclasses import replace
@@ -255,7 +256,7 @@ def _check_step(run: Run, domain: Domain) -> None:
 def _gate_step(run: Run, domain: Domain) -> None:
     out = run.out / GATE
     inputs = {
-        **run.model_inputs(),
+        **run.model_inputs,
         "domain": domain.gate,
         "public": run.public,
         "per_part": DOMAIN_GATE_PROMPTS,
@@ -316,7 +317,7 @@ def _teacher_step(run: Run) -> Taught:
 def _fit_step(run: Run) -> None:
     out = run.out / STEERING
     teacher_file = run.work / "teacher.jsonl"
-    inputs = {**run.model_inputs(), "teacher": file_digest(teacher_file), "steps": run.options.fit_steps}
+    inputs = {**run.model_inputs, "teacher": file_digest(teacher_file), "steps": run.options.fit_steps}
     inputs |= {"system": run.options.system, "answer_tokens": run.options.answer_tokens}
 
     def work() -> None:
@@ -344,7 +345,7 @@ def _fit_step(run: Run) -> None:
 
 def _calibrate_step(run: Run) -> None:
     out = run.out / SETTINGS
-    inputs = {**run.model_inputs(), "steering": file_digest(run.out / STEERING), "scales": run.options.scales}
+    inputs = {**run.model_inputs, "steering": file_digest(run.out / STEERING), "scales": run.options.scales}
     inputs |= {"limit": run.options.limit, "system": run.options.system}
 
     def work() -> None:
@@ -375,7 +376,7 @@ def _evaluate_step(run: Run, domain: Domain) -> dict[str, Any]:
 
     out = run.work / "evaluation.json"
     inputs = {
-        **run.model_inputs(),
+        **run.model_inputs,
         "gate": file_digest(run.out / GATE),
         "settings": file_digest(run.out / SETTINGS),
         "steering": file_digest(run.out / STEERING),
