@@ -45,6 +45,10 @@ class AlignedFolder:
         return self.path / GATE
 
     @property
+    def steering(self) -> Path:
+        return self.path / STEERING
+
+    @property
     def settings(self) -> Path:
         return self.path / SETTINGS
 

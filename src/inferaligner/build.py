@@ -80,16 +80,20 @@ def load_model(
     options: Mapping[str, Any], name: str | None = None, status: Callable[[str], None] | None = None
 ) -> Loaded:
     """The model named by `name` (default: the `model` option, else the embedded model), loaded as the `dtype` /
-    `device` options say."""
+    `device` options say. The target of an `aligned` folder must have the shape it was aligned for."""
+    target = name is None
     name = str(name or options.get("model") or EMBEDDED_MODEL)
     if status is not None:
         status(f"loading {name}")
-    return load(
+    loaded = load(
         name,
         dtype=dtype(options),
         device=options.get("device") or "cpu",
         trust_remote_code=bool(options.get("trust_remote_code")),
     )
+    if target and options.get("aligned"):
+        AlignedFolder.load(options["aligned"]).check_model(name, model_fingerprint(loaded.model))
+    return loaded
 
 
 def build(options: Mapping[str, Any], status: Callable[[str], None] | None = None) -> tuple[InferAligner, Any]:
@@ -98,8 +102,6 @@ def build(options: Mapping[str, Any], status: Callable[[str], None] | None = Non
     options = with_shipped(options)
     resolved = alignment(options)
     loaded = load_model(options, status=status)
-    if options.get("aligned"):
-        AlignedFolder.load(options["aligned"]).check_model(str(options["model"]), model_fingerprint(loaded.model))
     aligned = options.get("aligned_model")
     aligned_model = load_model(options, aligned, status).model if aligned else None
     aligner = InferAligner(

@@ -71,6 +71,11 @@ class Taught:
             {"prompt": p, "answer": a, "kept": k} for p, a, k in zip(self.prompts, self.answers, self.kept, strict=True)
         ]
 
+    @classmethod
+    def from_rows(cls, description: str, rows: Sequence[dict[str, Any]]) -> Taught:
+        """The answers `as_rows` wrote."""
+        return cls(description, [r["prompt"] for r in rows], [r["answer"] for r in rows], [r["kept"] for r in rows])
+
 
 def teach(
     teacher: Teacher,

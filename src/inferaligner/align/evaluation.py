@@ -68,17 +68,17 @@ def evaluate(
 
 
 def protected_aligner(loaded: Loaded, folder: Path, system: str | None = None) -> InferAligner:
-    """The target of `loaded`, protected by the gate and calibrated steering in `folder`."""
-    from inferaligner.settings import AlignerSettings, SteeringSettings
-    from inferaligner.vectors import SafetyVectors
+    """The target of `loaded`, protected by the gate and calibrated steering in `folder` (resolved by the one
+    builder, `build.alignment`)."""
+    from inferaligner.build import alignment
 
-    steering = SteeringSettings.load(folder / SETTINGS)
+    resolved = alignment({"target_vectors": folder / GATE, "settings": folder / SETTINGS, "system": system})
     return InferAligner(
         loaded.model,
         loaded.tokenizer,
-        target_vectors=SafetyVectors.load(folder / GATE),
-        aligned_vectors=steering.load_vectors(),
-        settings=AlignerSettings(system=system).merged(**steering.overrides()),
+        target_vectors=resolved.target_vectors,
+        aligned_vectors=resolved.aligned_vectors,
+        settings=resolved.settings,
     )
 
 

@@ -186,7 +186,7 @@ def align(options: AlignOptions, log: Callable[[str], None] = print) -> AlignedF
     _check_step(run, domain)
     _gate_step(run, domain)
     taught = _teacher_step(run)
-    _fit_step(run)
+    _fit_step(run, taught)
     _calibrate_step(run)
     evaluation = _evaluate_step(run, domain)
     summary = _manifest(run, domain, taught, evaluation, time.perf_counter() - started)
@@ -304,28 +304,20 @@ def _teacher_step(run: Run) -> Taught:
 
     run.steps.run("teacher", inputs, [out], work)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    taught = Taught(
-        run.options.teacher.description,
-        [r["prompt"] for r in rows],
-        [r["answer"] for r in rows],
-        [r["kept"] for r in rows],
-    )
+    taught = Taught.from_rows(run.options.teacher.description, rows)
     run.log(f"teacher: {sum(taught.kept)} of {len(rows)} answers are coherent refusals (kept)")
     return taught
 
 
-def _fit_step(run: Run) -> None:
+def _fit_step(run: Run, taught: Taught) -> None:
     out = run.out / STEERING
-    teacher_file = run.work / "teacher.jsonl"
-    inputs = {**run.model_inputs, "teacher": file_digest(teacher_file), "steps": run.options.fit_steps}
+    inputs = {**run.model_inputs, "teacher": file_digest(run.work / "teacher.jsonl"), "steps": run.options.fit_steps}
     inputs |= {"system": run.options.system, "answer_tokens": run.options.answer_tokens}
 
     def work() -> None:
         from inferaligner.fit import FitSettings, TeacherExample, fit_steering_vectors, refusals_only, with_roleplay
 
-        rows = [json.loads(line) for line in teacher_file.read_text(encoding="utf-8").splitlines()]
-        examples = [TeacherExample(r["prompt"], r["answer"]) for r in rows if r["kept"]]
-        examples = with_roleplay(refusals_only(examples))
+        examples = with_roleplay(refusals_only([TeacherExample(p, a) for p, a in taught.refusals]))
         loaded = run.target()
         settings = FitSettings(steps=run.options.fit_steps, max_answer_tokens=run.options.answer_tokens)
         result = fit_steering_vectors(
@@ -349,14 +341,14 @@ def _calibrate_step(run: Run) -> None:
     inputs |= {"limit": run.options.limit, "system": run.options.system}
 
     def work() -> None:
-        from inferaligner.calibrate import calibrate, candidate, plot
+        from inferaligner.calibrate import calibrate, candidate
         from inferaligner.prompts import load_prompt_sources
 
         harmful = load_prompt_sources(list(CALIBRATION_HARMFUL), None, run.options.limit)
         benign = load_prompt_sources(list(CALIBRATION_BENIGN), None, run.options.limit)
         fitted = candidate("teacher-fitted", run.out / STEERING, run.options.scales, kind="teacher-fitted")
         loaded = run.target()
-        settings, rows = calibrate(
+        settings, _ = calibrate(
             loaded.model,
             loaded.tokenizer,
             [fitted],
@@ -366,7 +358,6 @@ def _calibrate_step(run: Run) -> None:
             progress=run.options.progress,
         )
         settings.save(out)
-        plot(rows, run.work / "calibration.png")
 
     run.steps.run("calibrate", inputs, [out], work)
 
@@ -422,7 +413,7 @@ def _manifest(run: Run, domain: Domain, taught: Taught, evaluation: dict[str, An
         warnings.append(evaluation["note"])
     summary = {
         "model": run.options.model,
-        "model_fingerprint": model_fingerprint(run.target().model),
+        "model_fingerprint": run.model_inputs["fingerprint"],
         "teacher": taught.description,
         "teacher_refusals": {"asked": len(taught.prompts), "kept": sum(taught.kept)},
         "domain": {"file": str(run.options.domain), "gate": len(domain.gate), "held_out": len(domain.held_out)},

@@ -120,20 +120,14 @@ def _custom_setup(args: argparse.Namespace, options: dict[str, Any], methods: li
     """Your own pair (`--target` with its vectors or settings), and the comparison models you named."""
     from inferaligner.build import with_shipped
 
-    merged = with_shipped({**options, "model": args.target})
-    target = merged.pop("model", None)
-    options = merged
+    options = with_shipped({**options, "model": args.target})
+    target = options.pop("model", None)
     steering = options.get("aligned_vectors") or options.get("settings")
     if not (target and options.get("target_vectors") and steering):
         raise InferAlignerError(
             "Give --aligned DIR, or --target, --target-vectors and --aligned-vectors or --settings (or --demo DOMAIN)."
         )
-    loaded = load_named(options, target)
-    if options.get("aligned"):
-        from inferaligner.aligned_folder import AlignedFolder
-        from inferaligner.models import model_fingerprint
-
-        AlignedFolder.load(options["aligned"]).check_model(str(target), model_fingerprint(loaded.model))
+    loaded = load_named({**options, "model": target})
     if args.multimodal and loaded.processor is None:
         raise InferAlignerError(f"--multimodal needs an image-text model; {target} is text-only.")
     extra: dict[str, object] = {}

@@ -114,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  steering: alpha {steering.get('alpha')} on layers {steering.get('layers')} ({steering.get('kind')})")
     for warning in facts.get("warnings", []):
         print(f"  warning: {warning}")
-    for path in (folder.gate, folder.settings.parent / json.loads(folder.settings.read_text())["vectors"]):
+    for path in (folder.gate, folder.steering):
         print(f"\n== {path.name}")
         _inspect_file(path, False)
     return 0
