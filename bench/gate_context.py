@@ -13,7 +13,8 @@ prompts and 300 Alpaca instructions bare, then:
 
 Every request goes through the aligner's own gate path (`InferAligner.gate_decisions`, what `generate` and the
 server read), with what the gate reads found in the token ids (`inferaligner.turns`). `--vectors` measures another
-gate file the same way (for instance the gate before this issue, which read the whole prompt where it stood). For
+gate file the same way (for instance the gate before this issue, which read the whole prompt where it stood), and
+`--aligned DIR` the model and gate of a folder from `inferaligner align` (zoo:gemma-target's, say). For
 each condition and set it reports the fire rate, its difference from the bare rate (the issue's bar: within 2
 points, both ways), and the mean shift of the gate score. Writes `bench/results/gate_context.json` (or `--out`) and
 a plot (`--plot`).
@@ -182,6 +183,7 @@ def gate_scores(aligner, prompts: list[list[int]], chat: bool, batch_size: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", help="a gate vector file to measure instead of the shipped demo gate")
+    parser.add_argument("--aligned", help="a folder from `inferaligner align` (its model and gate) instead of the demo")
     parser.add_argument("--limit", type=int, help="requests per set (a quick run)")
     parser.add_argument("--max-turns", type=int, default=max(TURN_COUNTS))
     parser.add_argument("--out", default="bench/results/gate_context.json")
@@ -189,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    aligner = demo_aligner()
+    aligner = InferAligner.from_pretrained(args.aligned) if args.aligned else demo_aligner()
     if args.vectors:
         aligner = InferAligner(
             aligner.model,
@@ -214,8 +216,9 @@ def main() -> None:
             shift[condition][name] = round(float((scores - bare[name]).mean()), 4)
     differences = {c: {n: round(fired[c][n] - fired["bare"][n], 2) for n in sets} for c in found}
     worst = {n: max(abs(differences[c][n]) for c in found if c != "earlier-turn") for n in sets}
+    given = [f"--{name} {getattr(args, name)}" for name in ("aligned", "vectors", "limit") if getattr(args, name)]
     result = {
-        "command": "python bench/gate_context.py" + (f" --vectors {args.vectors}" if args.vectors else ""),
+        "command": " ".join(["python bench/gate_context.py", *given]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "seconds": round(time.perf_counter() - started, 1),
         "gate": aligner.describe()["gate"],

@@ -65,7 +65,7 @@ def align_inputs(root: Path) -> dict:
     return {"model": model, "teacher": teacher, "domain": domain}
 
 
-QUICK = {"public": False, "limit": 8, "fit_steps": 3, "scales": (1.0,), "eval_limit": 4, "min_refusals": 4}
+QUICK = {"public": False, "limit": 8, "fit_steps": 3, "scales": (1.0,), "widen": 1, "eval_limit": 4, "min_refusals": 4}
 """`align` options that make a tiny run take seconds."""
 
 

@@ -16,10 +16,13 @@ from test_teachers import Endpoint, completion
 from inferaligner import InferAligner
 from inferaligner.align import AlignOptions, align
 from inferaligner.align.evaluation import is_correct
+from inferaligner.align.recipe import wider_scales
 from inferaligner.align.steps import Steps
 from inferaligner.aligned_folder import AlignedFolder
+from inferaligner.calibrate import choose
 from inferaligner.cli import main
 from inferaligner.errors import InferAlignerError, PromptError
+from inferaligner.settings import SteeringSettings
 from inferaligner.teachers import EndpointTeacher, FileTeacher, ModelTeacher, TeacherError
 
 FILES = ("aligned.json", "gate.safetensors", "steering.safetensors", "settings.json", "README.md", "report.html")
@@ -119,6 +122,8 @@ def test_an_endpoint_teacher_aligns_through_the_command_line(aligned_run, tmp_pa
                 "3",
                 "--scales",
                 "1",
+                "--widen",
+                "0",
                 "--eval-limit",
                 "2",
                 "--min-refusals",
@@ -131,6 +136,34 @@ def test_an_endpoint_teacher_aligns_through_the_command_line(aligned_run, tmp_pa
     assert len(endpoint.requests) == 16
     log = (tmp_path / "out" / "align.log").read_text()
     assert "estimate: about" in log and "teacher: finished" in log
+    assert [r["strength"] for r in facts["calibration"]] == [1.0]  # --widen 0: the strengths asked for only
+
+
+def row(strength: float, refusal: float, kept: float = 0.9) -> dict:
+    return {
+        "strength": strength,
+        "harmful_refusal": refusal,
+        "harmful_degenerate": 0.0,
+        "benign_kept": kept,
+        "benign_degenerate": 0.0,
+    }
+
+
+def test_calibration_widens_only_while_the_strongest_is_chosen_and_refuses_too_little() -> None:
+    gemma = [row(0.75, 0.16), row(1.0, 0.47), row(1.25, 0.76)]  # zoo:gemma-target's first calibration
+    assert wider_scales(gemma) == (1.667, 2.083)
+    assert wider_scales([*gemma, row(1.667, 0.93), row(2.083, 0.99, kept=0.5)]) == ()  # 1.667 chosen: enough
+    assert wider_scales([row(1.0, 0.5), row(1.5, 0.5, kept=0.4)]) == ()  # a weaker strength is chosen
+    assert wider_scales([row(1.0, 0.95)]) == ()  # the goal is met
+
+
+def test_the_calibration_table_holds_each_widening_round(aligned_run) -> None:
+    settings = SteeringSettings.load(aligned_run["folder"].settings)
+    strengths = [r["strength"] for r in settings.table]
+    assert strengths[0] == 1.0 and tuple(strengths[1:]) == wider_scales(settings.table[:1])  # QUICK: one round
+    assert settings.alpha == choose(settings.table)["strength"]
+    if len(strengths) > 1:
+        assert any("refuses too little; trying" in line for line in aligned_run["log"])
 
 
 def test_a_teacher_that_never_refuses_stops_the_run_with_one_line(aligned_run, tmp_path) -> None:

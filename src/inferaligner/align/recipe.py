@@ -39,6 +39,8 @@ MIN_DOMAIN_PROMPTS = 4
 MAX_HARMFUL_DOMAIN = 0.5  # a domain file more harmful than this (as the target reads it) is refused
 CHECK_PROMPTS = 96  # per side, and of the domain's, for that check
 WEAK_REFUSAL = 0.8  # below this share of coherent refusals at the chosen strength, the card warns
+REFUSAL_GOAL = 0.9  # the calibration tries stronger settings while the strongest is chosen and refuses less
+WIDEN_FACTORS = (4 / 3, 5 / 3)  # each widening round tries these multiples of the strongest strength so far
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class AlignOptions:
     answer_tokens: int = 64
     fit_steps: int = 80
     scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
+    widen: int = 2  # calibration rounds above `scales` while the strongest is chosen and under `REFUSAL_GOAL`
     limit: int | None = None  # prompts per built-in set (teacher and calibration); None: all
     eval_limit: int = 50
     min_refusals: int = 16
@@ -338,28 +341,51 @@ def _fit_step(run: Run, taught: Taught) -> None:
 def _calibrate_step(run: Run) -> None:
     out = run.out / SETTINGS
     inputs = {**run.model_inputs, "steering": file_digest(run.out / STEERING), "scales": run.options.scales}
-    inputs |= {"limit": run.options.limit, "system": run.options.system}
+    inputs |= {"limit": run.options.limit, "system": run.options.system, "widen": run.options.widen}
 
     def work() -> None:
-        from inferaligner.calibrate import calibrate, candidate
+        from dataclasses import replace
+
+        from inferaligner.calibrate import calibrate, candidate, choose
         from inferaligner.prompts import load_prompt_sources
 
         harmful = load_prompt_sources(list(CALIBRATION_HARMFUL), None, run.options.limit)
         benign = load_prompt_sources(list(CALIBRATION_BENIGN), None, run.options.limit)
-        fitted = candidate("teacher-fitted", run.out / STEERING, run.options.scales, kind="teacher-fitted")
         loaded = run.target()
-        settings, _ = calibrate(
-            loaded.model,
-            loaded.tokenizer,
-            [fitted],
-            harmful,
-            benign,
-            system=run.options.system,
-            progress=run.options.progress,
-        )
-        settings.save(out)
+        scales, rows, rounds = run.options.scales, [], 0
+        while True:
+            fitted = candidate("teacher-fitted", run.out / STEERING, scales, kind="teacher-fitted")
+            settings, new_rows = calibrate(
+                loaded.model,
+                loaded.tokenizer,
+                [fitted],
+                harmful,
+                benign,
+                system=run.options.system,
+                progress=run.options.progress,
+            )
+            rows += new_rows
+            scales = wider_scales(rows)
+            if not scales or rounds == run.options.widen:
+                break
+            rounds += 1
+            run.log(f"calibrate: the strongest strength is chosen and refuses too little; trying {list(scales)}")
+        replace(settings, alpha=float(choose(rows)["strength"]), table=rows).save(out)
 
     run.steps.run("calibrate", inputs, [out], work)
+
+
+def wider_scales(rows: Sequence[dict[str, Any]]) -> tuple[float, ...]:
+    """Stronger strengths to try next: when the calibration's choice is the strongest strength tried and it refuses
+    less than `REFUSAL_GOAL` of the held-out harmful prompts coherently (the vectors want more strength, as a
+    teacher of another family may); else none."""
+    from inferaligner.calibrate import choose
+
+    chosen = choose(rows)
+    top = max(r["strength"] for r in rows)
+    if chosen["strength"] < top or chosen["harmful_refusal"] >= REFUSAL_GOAL:
+        return ()
+    return tuple(round(top * factor, 3) for factor in WIDEN_FACTORS)
 
 
 def _evaluate_step(run: Run, domain: Domain) -> dict[str, Any]:

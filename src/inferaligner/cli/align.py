@@ -89,6 +89,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         answer_tokens=args.answer_tokens,
         fit_steps=args.fit_steps,
         scales=tuple(args.scales) if args.scales else AlignOptions.scales,
+        widen=args.widen,
         limit=args.limit,
         eval_limit=args.eval_limit,
         min_refusals=args.min_refusals,
@@ -121,7 +122,7 @@ def _estimate_line(run: Any) -> str:
 
 def add_parsers(verbs: Any) -> None:
     """Register `align`."""
-    from inferaligner.align.recipe import STEP_NAMES
+    from inferaligner.align.recipe import STEP_NAMES, AlignOptions
 
     parser = verbs.add_parser(
         "align",
@@ -144,6 +145,14 @@ def add_parsers(verbs: Any) -> None:
     parser.add_argument("--answer-tokens", type=positive_int, default=64, help="teacher answer length, in tokens")
     parser.add_argument("--fit-steps", type=positive_int, default=80)
     parser.add_argument("--scales", type=floats, help="strengths to calibrate (default 0.75,1,1.25,1.5)")
+    parser.add_argument(
+        "--widen",
+        type=int,
+        choices=range(0, 6),
+        default=AlignOptions.widen,
+        metavar="N",
+        help="rounds of stronger strengths when the strongest is chosen and refuses under 90%% (default 2; 0: off)",
+    )
     parser.add_argument("--limit", type=positive_int, help="at most this many prompts per built-in set (quick runs)")
     parser.add_argument("--eval-limit", type=positive_int, default=50, help="prompts per evaluation set (default 50)")
     parser.add_argument("--min-refusals", type=positive_int, default=16, help="coherent teacher refusals needed")
