@@ -18,8 +18,8 @@ model's tokenizer, so both servers are counted the same way. Each server is star
 order rotated between repeats, warmed with two requests first.
 
 Reports per server and load: tokens/s, time to first token p50/p95 and latency p50/p95, the mean over repeats with
-a 95% t-interval, and each as a ratio to `transformers serve` (the better of its two modes at that load, and each
-mode), the ratio taken per repeat. Also how many answers of `inferaligner serve --mode off` are token-identical to
+a 95% t-interval and the range, and each as a ratio to `transformers serve` (the better of its two modes at that
+load, and each mode), the ratio taken per repeat. Also how many answers of `inferaligner serve --mode off` are token-identical to
 `transformers serve`'s.
 
     bash bench/hf_serve/setup_env.sh
@@ -245,13 +245,11 @@ def measure(answers: Sequence[Answer], seconds: float, tokenizer: Any) -> dict[s
 
 
 def interval(values: Sequence[float]) -> dict[str, float]:
-    """Mean and the half-width of a 95% t-interval (0 for one value)."""
+    """Mean, the half-width of a 95% t-interval (0 for one value), and the range."""
     t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
     mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": round(mean, 3), "pm": 0.0}
-    half = t95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": round(mean, 3), "pm": round(half, 3)}
+    half = t95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0
+    return {"mean": round(mean, 3), "pm": round(half, 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
 METRICS = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s")
