@@ -19,8 +19,8 @@ order rotated between repeats, warmed with two requests first.
 
 Reports per server and load: tokens/s, time to first token p50/p95 and latency p50/p95, the mean over repeats with
 a 95% t-interval and the range, and each as a ratio to `transformers serve` (the better of its two modes at that
-load, and each mode), the ratio taken per repeat. Also how many answers of `inferaligner serve --mode off` are token-identical to
-`transformers serve`'s.
+load, and each mode), the ratio taken per repeat. Also how many answers of `inferaligner serve --mode off` are
+token-identical to `transformers serve`'s.
 
     bash bench/hf_serve/setup_env.sh
     python bench/hf_serve/export_model.py runs/hf_serve/smollm2
