@@ -4,6 +4,7 @@ step by step; every teacher kind; bad inputs as one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from conftest import QUICK, REFUSAL
 from test_teachers import Endpoint, completion
 
-from inferaligner import InferAligner
+from inferaligner import InferAligner, SafetyVectors
 from inferaligner.align import AlignOptions, align
 from inferaligner.align.evaluation import is_correct
 from inferaligner.align.recipe import wider_scales
@@ -75,6 +76,19 @@ def test_a_second_run_skips_every_step_and_force_redoes_one(aligned_run) -> None
     align(replace(aligned_run["options"], force=frozenset({"fit"})), lines.append)
     ran = [line.split(":")[0] for line in lines if line.endswith(": running")]
     assert ran == ["fit", "calibrate", "evaluate"], lines  # new vectors: the steps that read them run again
+
+
+def test_a_new_gate_rate_rebuilds_the_gate_and_what_reads_it_only(aligned_run, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(aligned_run["folder"].path, copy)
+    lines: list[str] = []
+    align(replace(aligned_run["options"], out=copy, gate_tpr=0.99), lines.append)
+    ran = [line.split(":")[0] for line in lines if line.endswith(": running")]
+    assert ran == ["gate", "evaluate"], lines  # the fit and the calibration do not read the gate
+    assert SafetyVectors.load(copy / "gate.safetensors").gate.target_tpr == 0.99
+    assert "set to fire on 99% of held-out harmful training prompts" in (copy / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["align", "--teacher", "x.jsonl", "--domain-prompts", "d", "--out", str(tmp_path), "--gate-tpr", "0"])
 
 
 def test_an_interrupted_step_runs_again_and_finished_ones_do_not(tmp_path) -> None:

@@ -25,6 +25,7 @@ token-identical to `transformers serve`'s.
     bash bench/hf_serve/setup_env.sh
     python bench/hf_serve/export_model.py runs/hf_serve/smollm2
     python bench/hf_serve/side_by_side.py [--repeats 3] [--servers hf,hf-cb,off,gated] [--loads c1,c8,c32,...]
+    python bench/hf_serve/side_by_side.py --table bench/results/serve_side_by_side.json   # the table again
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, A
         best_hf = max(hf_modes, key=lambda k: statistics.fmean(r["tokens_per_s"] for r in by_server[k]), default=None)
         for server, repeats in by_server.items():
             row: dict[str, Any] = {m: interval([r[m] for r in repeats]) for m in METRICS}
-            for name, base in (("vs_best_hf", best_hf), ("vs_hf", "hf"), ("vs_hf_cb", "hf-cb")):
+            for name, base in (("vs_best_hf", best_hf), ("vs_hf", "hf"), ("vs_hf_cb", "hf-cb"), ("vs_off", "off")):
                 if base in by_server and base != server:
                     row[name] = {
                         m: interval([r[m] / b[m] for r, b in zip(repeats, by_server[base], strict=False)])
@@ -273,6 +274,44 @@ def summarise(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, A
             summary[load][server] = row
         summary[load]["best_hf"] = best_hf
     return summary
+
+
+def table(result: dict[str, Any]) -> str:
+    """The summary as a markdown table: per load and server, each figure's mean [range] and its ratio to the better
+    `transformers serve` mode at that load."""
+    lines = [
+        "| load | server | tokens/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | vs best transformers serve: "
+        "tokens/s, TTFT p50, latency p95 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(figure: dict[str, float], digits: int) -> str:
+        return f"{figure['mean']:.{digits}f} [{figure['min']:.{digits}f}-{figure['max']:.{digits}f}]"
+
+    for load, by_server in result["summary"].items():
+        for server, row in by_server.items():
+            if server == "best_hf":
+                continue
+            ratio = row.get("vs_best_hf")
+            versus = (
+                " / ".join(f"{ratio[m]['mean']:.2f}x" for m in ("tokens_per_s", "ttft_p50_s", "latency_p95_s"))
+                if ratio
+                else "(best)"
+                if server == by_server["best_hf"]
+                else ""
+            )
+            lines.append(
+                f"| {result['loads'][load]['name']} | {result['servers'][server]} | {cell(row['tokens_per_s'], 1)} | "
+                f"{row['ttft_p50_s']['mean']:.2f} / {row['ttft_p95_s']['mean']:.2f} | "
+                f"{row['latency_p50_s']['mean']:.2f} / {row['latency_p95_s']['mean']:.2f} | {versus} |"
+            )
+    gated = [
+        f"{result['loads'][load]['name']}: "
+        + ", ".join(f"{m} {by['gated']['vs_off'][m]['mean']:.3f}x" for m in ("tokens_per_s", "latency_p95_s"))
+        for load, by in result["summary"].items()
+        if "vs_off" in by.get("gated", {})
+    ]
+    return "\n".join(lines + (["", "gated / off: " + "; ".join(gated)] if gated else []))
 
 
 def main() -> None:
@@ -284,7 +323,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="the fixed max_tokens of the fixed-length loads")
     parser.add_argument("--cb-num-blocks", type=int, default=96, help="transformers serve's KV blocks (256 tokens)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_side_by_side.json")
+    parser.add_argument("--table", type=Path, help="print the markdown table of a result file, run nothing")
     args = parser.parse_args()
+    if args.table:
+        result = json.loads(args.table.read_text())
+        print(table(result | {"summary": summarise(result["runs"])}))
+        return
     from transformers import AutoTokenizer
 
     servers = args.servers.split(",")
@@ -331,7 +375,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
+    print(table(result))
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def render(summary: dict[str, Any], evaluation: dict[str, Any]) -> str:
         f"- Target: `{summary['model']}` (shape fingerprint `{summary['model_fingerprint']}`).",
         f"- Teacher: {summary['teacher']}; {refusals['kept']} of {refusals['asked']} of its answers to harmful "
         "prompts were coherent refusals and were kept to fit on.",
-        f"- Gate: layer {gate.get('layer')}, {gate.get('direction')} on each turn read alone ({gate.get('pooling')}); "
-        f"{summary['domain']['gate']} of your domain prompts taught it what is benign, "
+        f"- Gate: layer {gate.get('layer')}, {gate.get('direction')} on each turn read alone ({gate.get('pooling')})"
+        + (f", set to fire on {100 * gate['tpr']:.0f}% of held-out harmful training prompts" if gate.get("tpr") else "")
+        + f"; {summary['domain']['gate']} of your domain prompts taught it what is benign, "
         f"{summary['domain']['held_out']} were held out"
         + ("; the data folder's training-only sets too." if summary["public_data"] else "."),
         f"- Steering: {steering['kind']} vectors on layers {steering['layers']}, strength {steering['alpha']:g} "

@@ -21,6 +21,7 @@ from typing import Any
 from inferaligner.align.steps import Steps, file_digest
 from inferaligner.aligned_folder import GATE, SETTINGS, STEERING, AlignedFolder, write_manifest
 from inferaligner.errors import InferAlignerError, PromptError
+from inferaligner.gate import DEFAULT_GATE_TPR
 from inferaligner.loading import Loaded
 from inferaligner.models import model_fingerprint, set_model_name
 from inferaligner.teachers import Taught, Teacher, teach
@@ -58,6 +59,7 @@ class AlignOptions:
     fit_steps: int = 80
     scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
     widen: int = 2  # calibration rounds above `scales` while the strongest is chosen and under `REFUSAL_GOAL`
+    gate_tpr: float = DEFAULT_GATE_TPR  # the gate fires on this share of the held-out harmful training prompts
     limit: int | None = None  # prompts per built-in set (teacher and calibration); None: all
     eval_limit: int = 50
     min_refusals: int = 16
@@ -263,6 +265,7 @@ def _gate_step(run: Run, domain: Domain) -> None:
         "domain": domain.gate,
         "public": run.public,
         "per_part": DOMAIN_GATE_PROMPTS,
+        "tpr": run.options.gate_tpr,
     }
 
     def work() -> None:
@@ -274,6 +277,7 @@ def _gate_step(run: Run, domain: Domain) -> None:
             loaded.tokenizer,
             domain.gate,
             public=run.public,
+            gate_tpr=run.options.gate_tpr,
             per_part=DOMAIN_GATE_PROMPTS,
             progress=run.options.progress,
         )
@@ -443,7 +447,9 @@ def _manifest(run: Run, domain: Domain, taught: Taught, evaluation: dict[str, An
         "teacher": taught.description,
         "teacher_refusals": {"asked": len(taught.prompts), "kept": sum(taught.kept)},
         "domain": {"file": str(run.options.domain), "gate": len(domain.gate), "held_out": len(domain.held_out)},
-        "gate": {"layer": gate.layer, "direction": gate.direction, "pooling": gate.pooling} if gate else None,
+        "gate": {"layer": gate.layer, "direction": gate.direction, "pooling": gate.pooling, "tpr": gate.target_tpr}
+        if gate
+        else None,
         "steering": {"alpha": settings.alpha, "layers": list(settings.layers), "kind": settings.kind},
         "calibration": settings.table,
         "public_data": run.public,

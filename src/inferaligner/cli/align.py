@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferaligner.cli.options import DTYPE_NAMES, floats, positive_int, status
+from inferaligner.cli.options import DTYPE_NAMES, floats, fraction, positive_int, status
 from inferaligner.errors import InferAlignerError
 
 STEP_SECONDS = {"check": 40, "gate": 330, "teacher": 120, "fit": 280, "calibrate_per_scale": 110, "evaluate": 600}
@@ -90,6 +90,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         fit_steps=args.fit_steps,
         scales=tuple(args.scales) if args.scales else AlignOptions.scales,
         widen=args.widen,
+        gate_tpr=args.gate_tpr,
         limit=args.limit,
         eval_limit=args.eval_limit,
         min_refusals=args.min_refusals,
@@ -118,6 +119,14 @@ def _estimate_line(run: Any) -> str:
         f"estimate: about {minutes:.0f} min for the steps left ({parameters / 1e6:.0f}M parameters; scaled from the "
         "demo target's times on 2 CPU cores; Ctrl-C keeps every finished step)"
     )
+
+
+def rate(text: str) -> float:
+    """A share in (0, 1]."""
+    value = fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("the gate's true-positive rate must be above 0")
+    return value
 
 
 def add_parsers(verbs: Any) -> None:
@@ -152,6 +161,13 @@ def add_parsers(verbs: Any) -> None:
         default=AlignOptions.widen,
         metavar="N",
         help="rounds of stronger strengths when the strongest is chosen and refuses under 90%% (default 2; 0: off)",
+    )
+    parser.add_argument(
+        "--gate-tpr",
+        type=rate,
+        default=AlignOptions.gate_tpr,
+        help="the gate fires on this share of held-out harmful training prompts (default %(default)s): higher "
+        "catches more harmful requests and refuses more benign ones (the report's ROC shows the trade)",
     )
     parser.add_argument("--limit", type=positive_int, help="at most this many prompts per built-in set (quick runs)")
     parser.add_argument("--eval-limit", type=positive_int, default=50, help="prompts per evaluation set (default 50)")
