@@ -85,26 +85,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServerProcess:
-    def __init__(self, *options: str, source: Path | None = None) -> None:
-        """`inferaligner serve` with `options`; `source`: another checkout whose `src` is served instead."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "inferaligner.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--api-key",
-            KEY,
-            *options,
-        ]
-        env = {**os.environ, "PYTHONPATH": str(source.resolve() / "src")} if source is not None else None
+class Launched:
+    """A server process listening on loopback `port`: healthy (`GET /health`) on entry, stopped on exit."""
+
+    def __init__(self, port: int, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Launched:
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -123,6 +112,15 @@ class ServerProcess:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+class ServerProcess(Launched):
+    def __init__(self, *options: str, source: Path | None = None) -> None:
+        """`inferaligner serve` with `options`; `source`: another checkout whose `src` is served instead."""
+        port = free_port()
+        command = [sys.executable, "-m", "inferaligner.cli", "serve", "--port", str(port), "--api-key", KEY, *options]
+        env = {**os.environ, "PYTHONPATH": str(source.resolve() / "src")} if source is not None else None
+        super().__init__(port, command, env)
 
 
 def body(prompt: str, max_tokens: int, stream: bool = False) -> dict[str, Any]:

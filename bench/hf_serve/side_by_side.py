@@ -38,9 +38,7 @@ import math
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +50,9 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))  # bench/: the load test's server launcher
+from serve_load import Launched, free_port  # noqa: E402
+
 HF_SERVE = HERE / ".venv" / "bin" / "transformers"
 DEADLINE_S = 1800
 SYSTEMS = (
@@ -106,12 +107,6 @@ def conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return made
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(kind: str, folder: Path, port: int, cb_blocks: int) -> list[str]:
     """The command line that starts server `kind` on `port`."""
     if kind in ("hf", "hf-cb"):
@@ -136,39 +131,11 @@ SERVERS = {
 }
 
 
-class Server:
-    """A server process on a free loopback port, healthy on entry, stopped on exit."""
-
-    def __init__(self, kind: str, folder: Path, cb_blocks: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(
-            server_command(kind, folder, self.port, cb_blocks),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-
-    def __enter__(self) -> Server:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.process.stderr.read().decode()[-2000:] if self.process.stderr else "died")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not start in 300 s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def start(kind: str, folder: Path, cb_blocks: int) -> Launched:
+    """Server `kind` on a free loopback port (healthy once entered)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return Launched(port, server_command(kind, folder, port, cb_blocks), env)
 
 
 @dataclass
@@ -346,7 +313,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         order = servers[repeat % len(servers) :] + servers[: repeat % len(servers)]
         for server in order:
-            with Server(server, args.folder, args.cb_num_blocks) as running:
+            with start(server, args.folder, args.cb_num_blocks) as running:
                 warm = conversations(2, seed=99)
                 asyncio.run(run_load(running.url, model, Load("warm", 2, clients=2), warm, 8))
                 for name, load in loads.items():
