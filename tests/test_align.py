@@ -87,8 +87,10 @@ def test_a_new_gate_rate_rebuilds_the_gate_and_what_reads_it_only(aligned_run, t
     assert ran == ["gate", "evaluate"], lines  # the fit and the calibration do not read the gate
     assert SafetyVectors.load(copy / "gate.safetensors").gate.target_tpr == 0.99
     assert "set to fire on 99% of held-out harmful training prompts" in (copy / "README.md").read_text()
-    with pytest.raises(SystemExit):
-        main(["align", "--teacher", "x.jsonl", "--domain-prompts", "d", "--out", str(tmp_path), "--gate-tpr", "0"])
+    for bad in (["--gate-tpr", "0"], ["--gate-tpr", "nan"], ["--gate-tpr", "1.5"], ["--widen", "9"], ["--widen", "-1"]):
+        with pytest.raises(SystemExit):  # argparse: one line naming the option, nothing run
+            main(["align", "--teacher", "x.jsonl", "--domain-prompts", "d", "--out", str(tmp_path / "x"), *bad])
+        assert not (tmp_path / "x").exists()
 
 
 def test_an_interrupted_step_runs_again_and_finished_ones_do_not(tmp_path) -> None:
