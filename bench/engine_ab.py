@@ -25,7 +25,7 @@ from inferaligner.serve.engine import Done, Job
 
 SCHEDULERS = {
     "continuous": lambda aligner, **limits: ContinuousEngine(aligner, **limits),
-    "no-prefix-cache": lambda aligner, **limits: ContinuousEngine(aligner, prefix_cache=False, **limits),
+    "no-prefix-cache": lambda aligner, **limits: ContinuousEngine(aligner, prefix_cache_mb=0, **limits),
     "batch": lambda aligner, **limits: BatchEngine(aligner, **limits),
 }
 

@@ -11,6 +11,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.cli import main, parse_layers
 from inferaligner.errors import InferAlignerError
+from inferaligner.serve.settings import ServeSettings
 from inferaligner.vectors import SafetyVectors
 
 
@@ -314,11 +315,14 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     config.write_text(json.dumps({"alpha": "nan"}))
     with pytest.raises(InferAlignerError, match="'alpha' must be a number, not 'nan'"):
         _alignment(options("--config", str(config)))
-    assert options()["prefix_cache"] is True and options("--no-prefix-cache")["prefix_cache"] is False
-    config.write_text(json.dumps({"prefix_cache": False}))
-    assert options("--config", str(config))["prefix_cache"] is False
-    config.write_text(json.dumps({"prefix_cache": "no"}))
-    with pytest.raises(InferAlignerError, match="'prefix_cache' must be true or false"):
+    assert options()["prefix_cache_mb"] == 256 and options("--no-prefix-cache")["prefix_cache_mb"] == 0
+    assert options("--prefix-cache-mb", "64")["prefix_cache_mb"] == 64
+    config.write_text(json.dumps({"prefix_cache_mb": 0}))
+    assert options("--config", str(config))["prefix_cache_mb"] == 0
+    with pytest.raises(InferAlignerError, match="--prefix-cache-mb must be 0"):
+        ServeSettings(prefix_cache_mb=-1.0)
+    config.write_text(json.dumps({"prefix_cache_mb": "no"}))
+    with pytest.raises(InferAlignerError, match="'prefix_cache_mb' must be a number"):
         options("--config", str(config))
 
 

@@ -21,7 +21,13 @@ OTHER = "Tell me about the moon, in a few words."
 
 def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
     """The tokens `generate` gives this prompt on its own, under its own plan (greedy), and their log-probabilities."""
-    batch = aligner.encode([prompt])
+    return alone_ids(aligner, aligner.encode([prompt])["input_ids"][0].tolist(), max_tokens)
+
+
+def alone_ids(aligner: InferAligner, ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """`alone` for a prompt given as token ids."""
+    tensor = torch.tensor([ids], device=aligner.device)
+    batch = {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
     out = aligner.generate(
         **batch,
         plan=aligner.decide(**batch),
@@ -30,7 +36,7 @@ def alone(aligner: InferAligner, prompt: str, max_tokens: int) -> tuple[list[int
         output_scores=True,
         return_dict_in_generate=True,
     )
-    new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()[: len(out.scores)]  # alone: its steps only
+    new = out.sequences[0, len(ids) :].tolist()[: len(out.scores)]  # alone: its steps only
     if new and new[-1] == aligner.tokenizer.eos_token_id:
         new = new[:-1]
     logprobs = [float(torch.log_softmax(step[0], -1)[token]) for step, token in zip(out.scores, new, strict=False)]
@@ -210,7 +216,7 @@ def test_the_gate_is_read_inside_the_prefill(options, replay, passes, prefix_cac
     try:
         for prompt, expected in zip((HARMFUL, HARMLESS), passes, strict=True):
             before = len(prompts)
-            engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0, prefix_cache=prefix_cache)
+            engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0, prefix_cache_mb=64 if prefix_cache else 0)
             jobs, _ = asyncio.run(run_jobs(engine, aligner, (prompt, 4), []))
             assert len(prompts) - before == expected + (2 if prefix_cache else 0)
             assert jobs[0].intervened == (prompt == HARMFUL)

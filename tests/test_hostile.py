@@ -610,7 +610,8 @@ def test_serve_config_values_of_the_wrong_type_are_errors(tmp_path, capsys) -> N
         ({"target_vectors": 5, **free}, "'target_vectors' must be a file path (text), not 5"),
         ({"alpha": "big", **free}, "'alpha' must be a number"),
         ({"mode": "turbo", **free}, "'mode' must be one of"),
-        ({"prefix_cache": "no", **free}, "'prefix_cache' must be true or false"),
+        ({"prefix_cache_mb": "no", **free}, "'prefix_cache_mb' must be a number"),
+        ({"prefix_cache_mb": -5, **free}, "--prefix-cache-mb must be 0 (no prefix cache) or more"),
         ({"ray": 1, **free}, "'ray' must be true or false"),
         (
             {"max_replicas": 0, "default_max_tokens": 0, "port": busy.getsockname()[1]},

@@ -1,11 +1,14 @@
-"""The prefix cache: chat requests prefill only what follows the chat template's opening, and answer the same."""
+"""The prefix cache: a request prefills only what follows the longest prefix the server ran before (the chat
+template's opening, system messages, earlier turns and their answers), and answers the same."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
-from test_continuous import OTHER, assert_as_if_alone, run_jobs, slow_model  # noqa: F401 (a fixture)
+import torch
+from test_continuous import OTHER, alone_ids, assert_as_if_alone, run_jobs, slow_model  # noqa: F401 (a fixture)
 from test_serve import HARMFUL, HARMLESS, make_aligner
 from tiny import tiny_model, tiny_tokenizer
 
@@ -13,7 +16,7 @@ from inferaligner.aligner import InferAligner
 from inferaligner.prompts import chat_token_ids
 from inferaligner.serve import ContinuousEngine, continuous
 from inferaligner.serve.engine import Done, Failed, Job
-from inferaligner.serve.prefix import SharedPrefix
+from inferaligner.serve.prefix import PrefixTree, batch_cache
 from inferaligner.turns import chat_opening
 
 
@@ -111,31 +114,50 @@ def test_prompts_without_the_opening_are_prefilled_whole_beside_those_with_it() 
     chat = aligner.encode([HARMFUL])["input_ids"][0].tolist()
     engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
     (with_system, harmful), sizes = submitted_together(engine, [own, chat])
-    assert sizes == [2]  # admitted together: one group over the opening's cache, one prompt prefilled whole
+    assert sizes == [2]  # admitted together: one row over the opening's cache, one prompt prefilled whole
     assert_as_if_alone(with_system, system, HARMLESS)
     assert_as_if_alone(harmful, aligner, HARMFUL)
 
 
+def test_a_long_prompt_is_prefilled_apart_from_short_ones_admitted_with_it() -> None:
+    aligner = make_aligner()
+    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
+    widths = prefill_widths(aligner)
+    texts = [HARMLESS, OTHER, "Count with me: " + " ".join(str(i) for i in range(60))]
+    prompts = [aligner.encode([text])["input_ids"][0].tolist() for text in texts]
+    jobs, sizes = submitted_together(engine, prompts)
+    assert sizes == [3]  # admitted together, joined together
+    opening = len(chat_opening(aligner.tokenizer))
+    # After the opening's two runs: the two short prompts in one pass (padded to the longer), then the long one.
+    assert widths[2:] == [max(map(len, prompts[:2])) - opening, len(prompts[2]) - opening]
+    for job, text in zip(jobs, texts, strict=True):
+        assert_as_if_alone(job, aligner, text)
+
+
 @pytest.mark.parametrize("texts", [(HARMFUL, HARMLESS), (HARMLESS,)])
-def test_requests_that_fail_over_the_cached_opening_are_retried_whole(texts, monkeypatch) -> None:
+def test_requests_that_fail_over_a_cached_prefix_are_retried_whole(texts, monkeypatch) -> None:
     aligner = make_aligner()
 
-    def failing(*_args, **_kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError("out of memory")
+    def failing(hits):  # type: ignore[no-untyped-def]
+        if any(hit.length for hit in hits):
+            raise RuntimeError("out of memory")  # every prefill over a cached prefix fails
+        return batch_cache(hits)
 
-    monkeypatch.setattr(SharedPrefix, "cache", failing)  # every prefill over the opening fails
+    monkeypatch.setattr(continuous, "batch_cache", failing)
     engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5)
     widths = prefill_widths(aligner)
     prompts = [aligner.encode([text])["input_ids"][0].tolist() for text in texts]
     jobs, sizes = submitted_together(engine, prompts)
     assert sizes[: len(texts)] == list(range(1, len(texts) + 1))  # one request at a time after the failure
-    assert engine.prefix_cache and widths[-len(texts) :] == [len(ids) for ids in prompts]  # each prefilled whole
+    assert engine.tree is not None and sorted(widths[-len(texts) :]) == sorted(map(len, prompts))  # each whole
     for job, prompt in zip(jobs, texts, strict=True):
         assert_as_if_alone(job, aligner, prompt)
 
 
 @pytest.mark.parametrize("failing", ["rendered", "run"])
-def test_an_opening_that_cannot_be_rendered_or_run_turns_the_prefix_cache_off(failing, monkeypatch) -> None:
+def test_an_opening_that_cannot_be_rendered_or_run_leaves_the_cache_to_learn_from_requests(
+    failing, monkeypatch
+) -> None:
     aligner = InferAligner(tiny_model("llama", sharp=True), tiny_tokenizer(), mode="off")
 
     def broken(*_args, **_kwargs):  # type: ignore[no-untyped-def]
@@ -144,10 +166,11 @@ def test_an_opening_that_cannot_be_rendered_or_run_turns_the_prefix_cache_off(fa
     if failing == "rendered":
         monkeypatch.setattr(continuous, "chat_opening", broken)
     else:
-        monkeypatch.setattr(SharedPrefix, "build", broken)
+        monkeypatch.setattr(ContinuousEngine, "_run_opening", broken)
     engine = ContinuousEngine(aligner, max_batch=2, batch_wait_s=0.0)
     jobs, _ = asyncio.run(run_jobs(engine, aligner, (HARMLESS, 6), [(OTHER, 6, 0.0)]))
-    assert not engine.prefix_cache
+    assert engine.tree is not None and engine.tree.stats.lookups == 2
+    assert jobs[1].cached_tokens == len(chat_opening(aligner.tokenizer))  # learnt from the first request
     for job, prompt in zip(jobs, (HARMLESS, OTHER), strict=True):
         assert_as_if_alone(job, aligner, prompt)
 
@@ -182,3 +205,157 @@ def test_a_lone_request_that_failed_whole_is_not_tried_again(monkeypatch) -> Non
         engine.stop()
         loop.close()
     assert any(isinstance(event, Failed) for event in seen) and tried == [1]  # not a chat prompt: prefilled once
+
+
+def kv_of(ids: list[int]) -> torch.Tensor:
+    """Stand-in keys and values that say which token each position holds: [layers 2, 2, heads 1, tokens, dim 1]."""
+    return torch.tensor(ids, dtype=torch.float32).view(1, 1, 1, -1, 1).expand(2, 2, 1, -1, 1).clone()
+
+
+def insert(tree: PrefixTree, ids: list[int], **options) -> None:  # type: ignore[no-untyped-def]
+    tree.insert(ids, lambda start: kv_of(ids[start:]), **options)
+
+
+def test_the_tree_finds_the_longest_held_prefix_and_keeps_shared_starts_once() -> None:
+    tree = PrefixTree(1 << 20)
+    insert(tree, [1, 2, 3, 4, 5])
+    insert(tree, [1, 2, 3, 9])  # shares [1, 2, 3]: the first node is split there
+    assert tree.nodes == 3 and tree.nbytes == kv_of([1, 2, 3, 4, 5, 9]).numel() * 4
+    for ids, length in (([1, 2, 3, 4, 5, 6], 5), ([1, 2, 3, 4, 7], 4), ([1, 2, 3, 9, 8], 4), ([2, 1], 0)):
+        hit = tree.match(ids)
+        assert hit.length == length
+        if length:
+            assert hit.kv()[0, 0, 0, :, 0].tolist() == ids[:length]  # the keys of exactly those tokens
+    assert tree.match([1, 2, 3, 4, 5]).length == 4  # never the last token: a prefill needs one
+    assert tree.match([1, 2, 3, 4, 5, 6], limit=2).length == 2
+    assert tree.match([1, 2, 3, 4, 5, 6], steered=True).length == 0  # the steered tree is another tree
+    insert(tree, [1, 2, 3, 4, 5, 6, 7])  # only what is new is asked for
+    assert tree.nodes == 4 and tree.match([1, 2, 3, 4, 5, 6, 7, 8]).length == 7
+
+
+def test_gate_outputs_are_kept_where_a_prefill_read_them_and_filled_in_later() -> None:
+    tree = PrefixTree(1 << 20)
+    insert(tree, [1, 2, 3, 4])  # an answer: no gate-layer outputs
+    assert tree.match([1, 2, 3, 4, 5], hidden=True).length == 0
+    insert(tree, [1, 2, 3, 4, 5, 6], hidden=torch.arange(6.0)[:, None])
+    hit = tree.match([1, 2, 3, 4, 5, 6, 7], hidden=True)
+    assert hit.length == 6 and hit.hidden()[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_least_recently_used_leaves_go_first_when_over_budget() -> None:
+    one = kv_of([0]).numel() * 4  # bytes per token here
+    tree = PrefixTree(6 * one)
+    insert(tree, [1, 2, 3, 4])
+    insert(tree, [1, 2, 8, 9])  # split: [1, 2] -> [3, 4], [8, 9]: six tokens, at the budget
+    tree.match([1, 2, 3, 4, 5])  # [3, 4] used last
+    insert(tree, [7, 7])  # over: the oldest leaf, [8, 9], goes
+    assert tree.match([1, 2, 8, 9, 1]).length == 2 and tree.match([1, 2, 3, 4, 5]).length == 4
+    assert tree.nbytes == 6 * one and tree.stats.evicted == 1 and tree.nodes == 3  # [1, 2], [3, 4], [7, 7] left
+    with pytest.raises(ValueError, match="budget"):
+        PrefixTree(0)
+
+
+def conversation_ids(aligner: InferAligner, messages: list[dict[str, str]]) -> list[int]:
+    return chat_token_ids(aligner.tokenizer, messages)
+
+
+@pytest.mark.parametrize(
+    ("options", "replay"),
+    [
+        ({}, True),  # the gate read inside the prefill at its last token; blocks 1-2 run again for a fired row
+        ({"pooling": "mean"}, True),  # it pools over the cached prefix too (its gate-layer outputs are kept)
+        ({}, False),  # blocks cannot run again: a fired row is prefilled again under its plan
+        ({"pooling": "turns"}, True),  # each turn read alone first, then one pass under the plan
+    ],
+)
+def test_conversations_over_the_tree_answer_token_for_token_as_uncached(options, replay, monkeypatch) -> None:
+    """Two turns of four conversations (system messages, harmful and harmless requests, steered and unsteered rows
+    in one batch): the second turn reuses the first turn's prompt and answer, and every answer is the one
+    `generate` gives the whole prompt alone."""
+    aligner = make_aligner(**options)
+    if options.get("pooling") == "turns":
+        aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=1e6)  # the request's own read decides
+    if not replay:
+        monkeypatch.setattr(aligner, "_replay_from", lambda _kwargs: None)
+    engine = ContinuousEngine(aligner, max_batch=8, batch_wait_s=0.5)
+    turn_one, turn_two, first_ids, seconds = two_turns(engine)
+    steered = [job.intervened for job in turn_one + turn_two]
+    assert any(steered) and not all(steered)
+    for job, ids in zip(turn_one + turn_two, first_ids + seconds, strict=True):
+        tokens, logprobs = alone_ids(aligner, ids, 10)
+        assert job.tokens == tokens  # and the same numbers, so that a change too small to flip a token shows
+        assert [entry.logprob for entry in job.logprobs] == pytest.approx(logprobs, abs=1e-4)
+    planned_first = options.get("pooling") == "turns"
+    reused = 0
+    for job, before, ids in zip(turn_two, turn_one, first_ids, strict=True):
+        # The same kind of cache as the first turn: its prompt reused, and the answer tokens fed too, unless the gate
+        # pools over every position (answers' gate-layer outputs are not kept). A gate read inside the prefill starts
+        # every row on the unsteered tree: a fired row takes its steered prefix only as far as that tree holds it.
+        if job.intervened == before.intervened and (planned_first or not job.intervened):
+            answer = 0 if options.get("pooling") == "mean" else len(before.tokens) - 1
+            assert job.cached_tokens >= len(ids) + answer
+            reused += 1
+        else:  # the chat template's opening at least
+            assert job.cached_tokens > 0
+    assert reused
+    assert engine.tree is not None and engine.tree.stats.hits >= 6
+
+
+def two_turns(engine: ContinuousEngine) -> tuple[list[Job], list[Job], list[list[int]], list[list[int]]]:
+    """Two turns of five conversations through `engine` (system messages; harmful and harmless requests, submitted
+    together): the jobs of each turn and their prompts. The second turn continues the very tokens of the first,
+    answer included. Also run on a GPU by `bench/gpu_serving.py`."""
+    aligner = engine.aligner
+    systems = [None, "Be brief.", "Be brief.", "You are a helpful assistant.", None]
+    requests = [HARMFUL, HARMLESS, HARMFUL, OTHER, OTHER]
+    firsts = [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        for system, text in zip(systems, requests, strict=True)
+    ]
+    first_ids = [conversation_ids(aligner, messages) for messages in firsts]
+    follow_ups = [HARMLESS, HARMFUL, OTHER, HARMFUL, HARMLESS]
+
+    def next_turn(ids: list[int], job: Job, follow_up: str) -> list[int]:
+        tail = aligner.tokenizer("<|im_end|>\n<|im_start|>user\n" + follow_up + "<|im_end|>\n<|im_start|>assistant\n")
+        return [*ids, *job.tokens, *tail["input_ids"]]
+
+    async def both_turns() -> tuple[list[Job], list[Job], list[list[int]]]:
+        loop = asyncio.get_running_loop()
+        engine.start()
+        try:
+            one = await together(engine, loop, first_ids)
+            seconds = [next_turn(*args) for args in zip(first_ids, one, follow_ups, strict=True)]
+            return one, await together(engine, loop, seconds), seconds
+        finally:
+            engine.stop()
+
+    turn_one, turn_two, seconds = asyncio.run(both_turns())
+    return turn_one, turn_two, first_ids, seconds
+
+
+async def together(engine: ContinuousEngine, loop: asyncio.AbstractEventLoop, prompts: list[list[int]]) -> list[Job]:
+    """Submit these prompts at once (greedy, 10 tokens) to a running engine; the jobs once all are done."""
+    jobs = [Job(ids, 10, 0.0, 1.0, [], True, loop, top_logprobs=1) for ids in prompts]
+    for job in jobs:
+        engine.submit(job)
+    for job in jobs:
+        while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), Done):
+            assert not isinstance(event, Failed), event.message
+    return jobs
+
+
+def test_the_gpu_script_runs_every_step_small_on_the_cpu(tmp_path) -> None:
+    """`bench/gpu_serving.py` is run only where a GPU is lent: its steps run here, small, so that it still runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_serving.py"
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(script), "--tiny", "--device", "cpu", "--repeats", "1", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["exactness"]["answers equal to generate alone"] == "10 of 10"
+    assert [row["prefix_cache_mb"] for row in result["multi_turn"]] == [0.0, 4096.0]
+    assert result["multi_turn"][1]["cached_share"] > 0.5 and len(result["fired_path"]) == 8

@@ -269,7 +269,7 @@ class InferAligner(OnePass):
 
     def gate_decisions(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         *,
         turns: Sequence[Sequence[Sequence[int]]] | None = None,
@@ -277,16 +277,22 @@ class InferAligner(OnePass):
     ) -> list[GateDecision] | None:
         """The gate for each row, read at its last real prompt token, pooled over the prompt, or (a `"turns"` gate)
         turn by turn, each read as a lone request (`inferaligner.reader`; `turns` as `prompt_turns` gives them,
-        else the ids are read as chats); `None` when there is no gate.
+        else the ids are read as chats, which may then be `None`); `None` when there is no gate.
 
         Runs the unsteered model only up to the gate layer.
         """
         if self.gate is None:
             return None
         if self.reader is not None:
+            if turns is None:
+                if input_ids is None:
+                    raise InferAlignerError("A turns gate reads either the prompts' ids or their turns: give one.")
+                turns = self.prompt_turns(input_ids, attention_mask)
             with self._lock:
-                read = self.reader.read(turns if turns is not None else self.prompt_turns(input_ids, attention_mask))
+                read = self.reader.read(turns)
             return self.gate.decide_turns(read)
+        if input_ids is None:
+            raise InferAlignerError("This gate reads the prompts' ids: give them.")
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         model_inputs.pop("position_ids", None)
         gate = self.gate

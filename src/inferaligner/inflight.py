@@ -174,9 +174,10 @@ class InFlightGate:
     `on_plan(plan)` is called as soon as the pass goes on with the plan.
 
     A pass that continues a cached prefix (the prompt's first tokens already in the cache) gives that prefix's
-    gate-layer outputs as `prefix_hidden` [prefix, hidden], so the gate pools over the whole prompt; `mask` then
-    covers the prefix too. `before_steering(plan)` is called once a plan that steers is known and before any block
-    runs steered, so the caller can hand the steered rows a steered prefix.
+    gate-layer outputs as `prefix_hidden` ([prefix, hidden], or [rows, prefix, hidden] for prefixes of each row's
+    own, left-padded), so the gate pools over the whole prompt; `mask` then covers the prefix too.
+    `before_steering(plan)` is called once a plan that steers is known and before any block runs steered, so the
+    caller can hand the steered rows a steered prefix (or raise `Replan(plan)` when it has none).
     """
 
     def __init__(
@@ -223,7 +224,9 @@ class InFlightGate:
         rows = len(self.mask)
         if self.prefix_hidden is not None:
             prefix = self.prefix_hidden.to(device=hidden.device, dtype=hidden.dtype)
-            hidden = torch.cat([prefix.expand(hidden.shape[0], -1, -1), hidden], dim=1)
+            if prefix.ndim == 2:  # one prefix shared by every row
+                prefix = prefix.expand(hidden.shape[0], -1, -1)
+            hidden = torch.cat([prefix, hidden], dim=1)
         if hidden.shape[1] != self.mask.shape[1] or hidden.shape[0] % rows:
             raise Replan(None)
         hidden = hidden[:: hidden.shape[0] // rows]  # sequences expanded per prompt (beams, samples) are alike

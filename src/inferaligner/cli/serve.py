@@ -80,7 +80,10 @@ def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
         unknown = set(loaded) - known - {"layers"}
         if unknown:
             raise InferAlignerError(f"Unknown keys in {args.config}: {', '.join(sorted(unknown))}.")
-        actions = {action.dest: action for action in args.config_parser._actions}
+        actions: dict[str, argparse.Action] = {}
+        for action in args.config_parser._actions:  # an option that takes a value reads the key, not its flag
+            if action.dest not in actions or action.nargs != 0:  # (--no-prefix-cache beside --prefix-cache-mb)
+                actions[action.dest] = action
         # A null value means the default: it is left out.
         loaded = {
             actions[key if key != "layers" else "steer_layers"].dest: _config_value(
@@ -135,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
-    engine = make_engine(aligner, settings.scheduler, prefix_cache=settings.prefix_cache, **settings.limits())
+    engine = make_engine(aligner, settings.scheduler, prefix_cache_mb=settings.prefix_cache_mb, **settings.limits())
     status(
         f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
         f"http://{settings.host}:{settings.port}, {engine.scheduler} batching"
@@ -186,12 +189,19 @@ def add_parsers(verbs: Any) -> None:
         f"to its end (default {DEFAULTS.scheduler})",
     )
     serve.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        metavar="MB",
+        help="memory for the continuous scheduler's prefix cache: keys and values of system messages, earlier turns "
+        "and answers it ran before, so a request prefills only what follows them; least recently used dropped "
+        f"first (default {DEFAULTS.prefix_cache_mb:g}; 0: none)",
+    )
+    serve.add_argument(
         "--no-prefix-cache",
-        dest="prefix_cache",
+        dest="prefix_cache_mb",
         action="store_const",
-        const=False,
-        help="prefill every chat request whole (by default the continuous scheduler runs the chat "
-        "template's opening once and prefills only what follows it)",
+        const=0.0,
+        help="prefill every request whole (--prefix-cache-mb 0)",
     )
     serve.add_argument("--max-batch", type=positive_int, help=f"rows decoded together (default {DEFAULTS.max_batch})")
     serve.add_argument(

@@ -4,8 +4,9 @@ The worker runs one decoding step at a time for every running row. Between steps
 `max_batch` rows in all): they are prefilled together, each row's gate read on its own prompt inside that pass
 (`InferAligner.prefill`; a plan that steers at or below the gate layer runs those blocks again in it, or, where it
 cannot, prefills its rows again under the plan), and their key/value caches are joined to the running batch's
-(`RunningBatch`). Requests that open with the chat template's opening are prefilled as one group from its cached
-keys and values (`serve.prefix`), the others whole, as a second group. Each row keeps its gate for its whole
+(`RunningBatch`). Each row prefills only what follows the longest prefix of its prompt that the prefix cache holds
+for its plan (`serve.prefix`: the chat template's opening, system messages, earlier turns and their answers); its
+prompt, and at its end its answer, go into that cache. Each row keeps its gate for its whole
 answer: every step runs under the plan of the rows running then, so a steered row is steered at every position and
 an unsteered row is not touched (its tokens are the ones `generate` gives it alone; its numbers differ from those
 only by the rounding of a wider, padded batch). Rows leave at their end (EOS, stop string, token limit, the loop
@@ -24,7 +25,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
+from inferaligner.inflight import Replan
 from inferaligner.loopstop import repeats
-from inferaligner.models import has_sliding_window
+from inferaligner.models import block_hidden, has_sliding_window
 from inferaligner.plan import Action, Plan, RowPlan
 from inferaligner.prompts import pad_rows, position_ids
 from inferaligner.serve.engine import (
@@ -47,8 +50,8 @@ from inferaligner.serve.engine import (
     read_token,
     report_plan,
 )
-from inferaligner.serve.prefix import SharedPrefix
-from inferaligner.serve.settings import SCHEDULERS
+from inferaligner.serve.prefix import MISS, Hit, PrefixTree, batch_cache, batch_hidden, row_kv, write_rows
+from inferaligner.serve.settings import DEFAULTS, SCHEDULERS
 from inferaligner.turns import chat_opening
 
 log = logging.getLogger("inferaligner.serve")
@@ -88,6 +91,33 @@ def continuous_unsupported(aligner: InferAligner) -> str | None:
     if getattr(aligner.model.config, "is_encoder_decoder", False):
         return "the model is an encoder-decoder"
     return None
+
+
+PASS_COST_TOKENS = 64
+"""A forward pass's fixed cost in prompt tokens: what splitting a prefill into groups pays per group. Measured on the
+2-core CPU for the embedded SmolLM2 (a 1-token pass 83 ms, each further token about 1.6 ms: about 50 tokens); reading
+the weights sets it, so it is of this order or larger on other machines (a GPU's is larger)."""
+
+
+def shortest_first_groups(lengths: Sequence[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` (uncached tokens per request) in prefill groups, shortest first, that minimise the mean
+    wait for a first token: a group costs `pass_cost` plus its rows times its longest length (left padding), and
+    delays its own rows and every later group's."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    rows = len(order)
+    best: list[float] = [0.0] * (rows + 1)  # best[i]: the least total wait of rows i.. given they start at i
+    cut = [rows] * (rows + 1)
+    for start in range(rows - 1, -1, -1):
+        best[start] = float("inf")
+        for end in range(start, rows):  # the group start..end, padded to lengths[order[end]]
+            cost = (pass_cost + (end - start + 1) * lengths[order[end]]) * (rows - start) + best[end + 1]
+            if cost < best[start]:
+                best[start], cut[start] = cost, end + 1
+    groups, start = [], 0
+    while start < rows:
+        groups.append(order[start : cut[start]])
+        start = cut[start]
+    return groups
 
 
 @dataclass
@@ -142,9 +172,21 @@ def _opening(aligner: InferAligner) -> list[int]:
         return []
 
 
-def _fresh_cache(prefix: SharedPrefix | None, rows: int, gates: torch.Tensor | None = None) -> DynamicCache:
-    """A cache for a prefill: empty, or holding the prefix (steered where `gates` is 1)."""
-    return prefix.cache(rows, gates) if prefix is not None else DynamicCache()
+@dataclass
+class PrefillInputs:
+    """A prefill's new tokens (left-padded) and positions, with a cache of the rows' cached prefixes (left-padded
+    to `width`) and a mask over both."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    width: int
+
+
+def _row_kv(cache: DynamicCache, row: int, columns: torch.Tensor, start: int) -> torch.Tensor:
+    """A row's keys and values from its `start`-th real column on (`PrefixTree.insert`'s `kv_from`)."""
+    return row_kv(cache, row, columns[start:])
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
@@ -181,19 +223,25 @@ class ContinuousEngine(Engine):
 
     scheduler = "continuous"
 
-    def __init__(self, aligner: InferAligner, *, prefix_cache: bool = True, **limits: object) -> None:
+    def __init__(
+        self, aligner: InferAligner, *, prefix_cache_mb: float = DEFAULTS.prefix_cache_mb, **limits: object
+    ) -> None:
         reason = continuous_unsupported(aligner)
         if reason is not None:
             raise ValueError(f"Continuous batching cannot serve this aligner: {reason}.")
         super().__init__(aligner, **limits)  # type: ignore[arg-type]
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
-        self.prefix_cache = prefix_cache
-        # The opening's tokens now, before the server's threads share the tokenizer; its keys and values are computed
-        # by the worker before its first prefill.
-        self._opening = _opening(aligner) if prefix_cache else []
-        self._prefix: SharedPrefix | None = None
+        self.tree = PrefixTree(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        # The opening's tokens now, before the server's threads share the tokenizer; the worker runs them into the
+        # tree before its first prefill.
+        self._opening = _opening(aligner) if self.tree is not None else []
         self._eos = eos_ids(aligner)
+        self._can_steer = aligner.steer_directions is not None and bool(aligner.steer_layers)
+        # A gate read inside the prefill that pools over every position needs a cached prefix's gate-layer outputs.
+        gate = aligner.gate
+        self._in_flight = gate is not None and aligner.reader is None
+        self._needs_hidden = self._in_flight and gate is not None and gate.pooling != "last"
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
@@ -220,24 +268,43 @@ class ContinuousEngine(Engine):
                 job.finish_reason = "cancelled"
                 finish([job])
         try:
-            if live:
-                self._prefill(live, whole)
-        except Exception as exc:
-            log.exception("prefill of %d requests failed", len(live))
+            groups = self._groups(live, whole) if live else []
+        except Exception as exc:  # the plan could not be made (a "turns" gate's read failed)
+            log.exception("planning %d requests failed", len(live))
+            groups = []
             self._recover(live, whole, exc)
+        for group, plan in groups:
+            try:
+                self._prefill(group, plan, whole)
+            except Exception as exc:
+                log.exception("prefill of %d requests failed", len(group))
+                self._recover(group, whole, exc)
         with self._condition:
             self._running = len(self.rows)
         if live and self.rows:
             for observe in self.on_batch:
                 observe(len(self.rows))
 
+    def _groups(self, jobs: list[Job], whole: bool) -> list[tuple[list[Job], Plan | None]]:
+        """The requests in prefill groups (`shortest_first_groups` of their uncached lengths), each with its plan where
+        it is known before the prefill (`_plan_first`): each group is one left-padded prefill, so a long prompt (or
+        one the prefix cache lacks for its plan) does not make the short ones beside it pay its length."""
+        tree = None if whole else self._seeded_tree()
+        plan = self._plan_first(jobs, [job.aligned for job in jobs])
+        steers = [self._steers(row) for row in plan] if plan is not None else [False] * len(jobs)
+        uncached = [
+            len(job.prompt_ids) - self._match(tree, job, steered=steered).length
+            for job, steered in zip(jobs, steers, strict=True)
+        ]
+        groups = shortest_first_groups(uncached)
+        return [([jobs[i] for i in group], plan.select(group) if plan is not None else None) for group in groups]
+
     def _recover(self, live: list[Job], whole: bool, exc: Exception) -> None:
         """After a failed prefill: try again, alone and whole, each request that has no answer yet and is not
         running; tell every other one that failed."""
         running = {id(row.job) for row in self.rows}
         retry = [job for job in live if job.finish_reason is None and not job.tokens and id(job) not in running]
-        cached = not whole and self._prefix is not None and self._prefix.fits(live[0].prompt_ids)
-        if len(live) == 1 and not cached:
+        if len(live) == 1 and (whole or not live[0].cached_tokens):
             retry = []  # tried alone, whole: the failure is this request's
         for job in retry:
             self._admit([job], whole=True)
@@ -246,76 +313,196 @@ class ContinuousEngine(Engine):
                 job.emit(Failed(f"generation failed: {exc}"))
                 finish([job])
 
-    def _prefill(self, jobs: list[Job], whole: bool = False) -> None:
-        """Prefill new requests: those that start with the shared prefix as one group, the others (all of them, when
-        `whole`) as another."""
-        prefix = None if whole else self._shared_prefix()
-        fits = [prefix is not None and prefix.fits(job.prompt_ids) for job in jobs]
-        for group, used in (
-            ([j for j, f in zip(jobs, fits, strict=True) if f], prefix),
-            ([j for j, f in zip(jobs, fits, strict=True) if not f], None),
-        ):
-            if group:
-                self._prefill_group(group, used)
+    def _prefill(self, jobs: list[Job], plan: Plan | None, whole: bool = False) -> None:
+        """Gate, plan and prefill new requests as one group, each over the longest prefix of its prompt that the
+        prefix cache holds for its plan (none when `whole`), then join them to the running batch.
 
-    def _shared_prefix(self) -> SharedPrefix | None:
-        """The chat template's opening, run once (`serve.prefix`); `None` when prefix caching is off or fails."""
-        if self.prefix_cache and self._prefix is None:
-            try:
-                if self._opening:
-                    self._prefix = SharedPrefix.build(self.aligner, self._opening, self._run_prefix)
-                    log.info("prefix cache: %d tokens of the chat template's opening", len(self._opening))
-            except Exception as exc:
-                log.warning("prefix cache off: the chat template's opening could not be run (%s)", exc)
-            self.prefix_cache = self._prefix is not None
-        return self._prefix
-
-    def _run_prefix(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> None:
-        kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
-        self.aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
-
-    def _prefill_group(self, jobs: list[Job], prefix: SharedPrefix | None) -> None:
+        A gate read inside the prefill (`InferAligner.prefill`) decides while the rows run over their unsteered
+        prefixes; a row the plan steers then takes its steered prefix of the same length, and where the cache lacks
+        one the rows the plan generates are prefilled again under it. Under a `"turns"` gate, or none, `plan` is
+        known before (`_plan_first`)."""
         aligner = self.aligner
-        skip = len(prefix) if prefix is not None else 0
-        for job in jobs:
-            job.cached_tokens = skip
-        inputs = pad_rows(aligner.tokenizer, [job.prompt_ids[skip:] for job in jobs], aligner.device)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        mask = torch.cat([mask.new_ones(len(jobs), skip), mask], dim=1)  # the mask covers the cached prefix too
-        positions = position_ids(mask)[:, skip:]
-        cache = _fresh_cache(prefix, len(jobs))
-        # The gate is read inside this prefill (a "turns" gate: just before it, each turn alone); a plan that needs
-        # more (steering at or below the gate layer, fixed answers) stops it at the gate layer, and the rows the plan
-        # generates are prefilled again under it.
-        kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
-        kwargs["turns"] = gate_turns(aligner, jobs)
-        if prefix is not None:
-            kwargs.update(prefix_hidden=prefix.gate_hidden, before_steering=functools.partial(prefix.steer, cache))
-        output, plan = aligner.prefill(ids, mask, allowed=[job.aligned for job in jobs], **kwargs)
+        tree = None if whole else self._seeded_tree()
+        output, read, first = None, [], None
+        if plan is None:
+            allowed = [job.aligned for job in jobs]
+            hits = [self._match(tree, job, steered=False) for job in jobs]
+            first = self._inputs(jobs, hits)
+            kwargs = self._forward_kwargs(first.mask, first.positions, first.cache, prefill=True)
+            kwargs.update(
+                prefix_hidden=self._prefix_hidden(hits, first.width),
+                before_steering=functools.partial(self._steer_prefixes, tree, jobs, hits, first),
+            )
+            with self._reading_gate(read if tree is not None and self._needs_hidden else None):
+                output, plan = aligner.prefill(first.ids, first.mask, allowed=allowed, **kwargs)
         report_plan(jobs, plan)
         generated = [i for i, row in enumerate(plan) if row.answer is None]
         finish([job for i, job in enumerate(jobs) if i not in generated])
         if not generated:
             return
+        rows = first
         if output is None:
             jobs, plan = [jobs[i] for i in generated], plan.select(generated)
-            ids, mask, positions = ids[generated], mask[generated], positions[generated]
-            cache = _fresh_cache(prefix, len(jobs), plan.steer_gates())
-            kwargs = self._forward_kwargs(mask, positions, cache, prefill=True)
+            hits = [self._match(tree, job, steered=self._steers(row)) for job, row in zip(jobs, plan, strict=True)]
+            rows = self._inputs(jobs, hits)
+            kwargs = self._forward_kwargs(rows.mask, rows.positions, rows.cache, prefill=True)
             with aligner.steered(plan):
-                output = aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
+                output = aligner.model(input_ids=rows.ids, attention_mask=rows.mask, **kwargs)
+        assert rows is not None
+        if tree is not None:
+            self._remember_prompts(tree, jobs, plan, rows, first, read, generated)
         logits = output.logits[:, -1]
         tokens = choose_tokens(logits, jobs, self.aligner.model.generation_config.top_k)
         # Nothing joins the running batch until here, so a failure above leaves it as it was.
-        joined = RunningBatch(cache, mask)
+        joined = RunningBatch(rows.cache, rows.mask)
         if self.batch is None or not self.rows:
             self.batch = joined
         else:
             self.batch.join(joined)
-        lengths = mask.sum(1).tolist()
+        lengths = rows.mask.sum(1).tolist()
         new_rows = [Row(job, row, -1, int(length)) for job, row, length in zip(jobs, plan, lengths, strict=True)]
         self.rows.extend(new_rows)
         self._take(new_rows, tokens, logits)
+
+    def _plan_first(self, jobs: list[Job], allowed: list[bool]) -> Plan | None:
+        """The plan before the prefill where the gate does not read inside it: a `"turns"` gate reads each turn alone
+        (its own short pass), and without a gate the mode plans alone; `None` for a gate read inside the prefill."""
+        aligner = self.aligner
+        if self._in_flight:
+            return None
+        decisions = aligner.gate_decisions(None, turns=gate_turns(aligner, jobs)) if aligner.gate else None
+        return aligner.plan(decisions, len(jobs), allowed)
+
+    def _steers(self, row: RowPlan) -> bool:
+        """Whether this row's cache is a steered one."""
+        return row.action is Action.STEER and self._can_steer
+
+    def _match(self, tree: PrefixTree | None, job: Job, *, steered: bool) -> Hit:
+        if tree is None:
+            return MISS
+        return tree.match(job.prompt_ids, steered=steered, hidden=self._needs_hidden and not steered)
+
+    def _inputs(self, jobs: list[Job], hits: list[Hit]) -> PrefillInputs:
+        """The rows' uncached tokens, left-padded, after a cache of their cached prefixes (left-padded too)."""
+        for job, hit in zip(jobs, hits, strict=True):
+            job.cached_tokens = hit.length  # first: a failure below retries the request whole (`_recover`)
+        cache, width = batch_cache(hits)
+        inputs = pad_rows(
+            self.aligner.tokenizer,
+            [j.prompt_ids[h.length :] for j, h in zip(jobs, hits, strict=True)],
+            self.aligner.device,
+        )
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        cached = torch.tensor([[0] * (width - h.length) + [1] * h.length for h in hits], dtype=mask.dtype)
+        mask = torch.cat([cached.to(mask.device), mask], dim=1)  # the mask covers the cached prefixes too
+        return PrefillInputs(ids, mask, position_ids(mask)[:, width:], cache, width)
+
+    def _prefix_hidden(self, hits: list[Hit], width: int) -> torch.Tensor | None:
+        """What the in-prefill gate reads of the cached prefixes: their gate-layer outputs where it pools over them,
+        else zeros (a gate that reads the last token never looks at them)."""
+        if width == 0:
+            return None
+        if self._needs_hidden:
+            return batch_hidden(hits, width)
+        hidden = int(self.aligner.model.config.get_text_config().hidden_size)
+        return torch.zeros(1, 1, hidden, device=self.aligner.device).expand(len(hits), width, hidden)
+
+    def _steer_prefixes(
+        self, tree: PrefixTree | None, jobs: list[Job], hits: list[Hit], rows: PrefillInputs, plan: Plan
+    ) -> None:
+        """Once an in-prefill gate has planned, before anything runs steered: give each steered row its steered
+        prefix; `Replan` when the cache lacks one (the rows are then prefilled again under the plan)."""
+        steered = [i for i, row in enumerate(plan) if self._steers(row) and hits[i].length]
+        if tree is None or not steered:
+            return
+        found = [tree.match(jobs[i].prompt_ids, steered=True, limit=hits[i].length) for i in steered]
+        if any(hit.length < hits[i].length for hit, i in zip(found, steered, strict=True)):
+            raise Replan(plan)
+        write_rows(rows.cache, steered, [hit.kv() for hit in found], rows.width)  # type: ignore[misc]
+
+    @contextmanager
+    def _reading_gate(self, read: list[torch.Tensor] | None) -> Iterator[None]:
+        """Keep the gate layer's outputs of the next pass's first run in `read` (nothing when `read` is None)."""
+        if read is None or self.aligner.gate is None:
+            yield
+            return
+
+        def keep(_module: object, _args: object, output: object) -> None:
+            if not read:
+                read.append(block_hidden(output).detach().clone())
+
+        handle = self.aligner.layers[self.aligner.gate.layer].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _remember_prompts(
+        self,
+        tree: PrefixTree,
+        jobs: list[Job],
+        plan: Plan,
+        rows: PrefillInputs,
+        first: PrefillInputs | None,
+        read: list[torch.Tensor],
+        generated: list[int],
+    ) -> None:
+        """Keep each prefilled prompt's keys and values (and, for an unsteered row the in-prefill gate read, its
+        gate-layer outputs) in the tree."""
+        for i, (job, row) in enumerate(zip(jobs, plan, strict=True)):
+            steered = self._steers(row)
+            hidden = None
+            if read and first is not None and not steered:
+                j = generated[i]  # the row in the first pass
+                new = read[0][j][first.mask[j, first.width :].bool()]
+                cached = first.mask[j, : first.width].sum()
+                known = self._match(tree, job, steered=False).hidden() if cached else None
+                hidden = torch.cat([known[:cached], new]) if known is not None else new
+                if len(hidden) != len(job.prompt_ids):
+                    hidden = None
+            columns = rows.mask[i].nonzero().flatten()
+            tree.insert(
+                job.prompt_ids, functools.partial(_row_kv, rows.cache, i, columns), steered=steered, hidden=hidden
+            )
+            tree.stats.lookups += 1
+            tree.stats.hits += bool(job.cached_tokens)
+            tree.stats.prompt_tokens += len(job.prompt_ids)
+            tree.stats.cached_tokens += job.cached_tokens
+
+    def _seeded_tree(self) -> PrefixTree | None:
+        """The prefix tree, holding the chat template's opening from the first call on (run unsteered and, when the
+        aligner steers, steered); `None` when prefix caching is off."""
+        if self.tree is not None and self._opening:
+            opening, self._opening = self._opening, []
+            try:
+                self._run_opening(opening)
+                log.info(
+                    "prefix cache: %d MiB; the chat template's opening (%d tokens) run into it",
+                    self.tree.budget_bytes >> 20,
+                    len(opening),
+                )
+            except Exception as exc:
+                log.warning("prefix cache: the chat template's opening could not be run (%s)", exc)
+        return self.tree
+
+    def _run_opening(self, opening: list[int]) -> None:
+        assert self.tree is not None
+        ids = torch.tensor([opening], device=self.aligner.device)
+        mask = torch.ones_like(ids)
+        kinds = (False, True) if self._can_steer else (False,)
+        for steered in kinds:
+            cache, read = DynamicCache(), []
+            kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
+            plan = Plan((RowPlan(Action.STEER if steered else Action.PASS, None),))
+            with self.aligner.steered(plan), self._reading_gate(None if steered or not self._needs_hidden else read):
+                self.aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
+            columns = torch.arange(len(opening), device=ids.device)
+            self.tree.insert(
+                opening,
+                functools.partial(_row_kv, cache, 0, columns),
+                steered=steered,
+                hidden=read[0][0] if read else None,
+            )
 
     def _step_safely(self) -> None:
         try:
@@ -373,12 +560,26 @@ class ContinuousEngine(Engine):
             if row.job.finish_reason is None and row.plan.action is Action.STEER and repeats(row.job.tokens, span):
                 row.job.finish_reason = "stop"
 
+    def _remember_answers(self, leaving: list[int]) -> None:
+        """Keep each leaving row's keys and values (its prompt and the answer tokens it was fed) in the tree: the
+        next turn of its conversation starts with them."""
+        assert self.tree is not None and self.batch is not None
+        for i in leaving:
+            row = self.rows[i]
+            columns = self.batch.mask[i].nonzero().flatten()
+            ids = [*row.job.prompt_ids, *row.job.tokens][: len(columns)]
+            if len(ids) == len(columns) and len(ids) > len(row.job.prompt_ids):
+                kv_from = functools.partial(_row_kv, self.batch.cache, i, columns)
+                self.tree.insert(ids, kv_from, steered=self._steers(row.plan))
+
     def _leave(self) -> None:
         """Finished rows leave the batch and get their last event."""
         staying = [i for i, row in enumerate(self.rows) if row.job.finish_reason is None]
         if len(staying) == len(self.rows):
             return
         if self.batch is not None:
+            if self.tree is not None:
+                self._remember_answers([i for i, row in enumerate(self.rows) if row.job.finish_reason is not None])
             self.batch.keep(staying)
         leaving = [row.job for row in self.rows if row.job.finish_reason is not None]
         self.rows = [self.rows[i] for i in staying]
@@ -388,16 +589,20 @@ class ContinuousEngine(Engine):
 
 
 def make_engine(
-    aligner: InferAligner, scheduler: str = "continuous", *, prefix_cache: bool = True, **limits: object
+    aligner: InferAligner,
+    scheduler: str = "continuous",
+    *,
+    prefix_cache_mb: float = DEFAULTS.prefix_cache_mb,
+    **limits: object,
 ) -> Engine:
     """The serving engine for `scheduler`; "continuous" falls back to "batch" (with a warning) for an aligner it
-    cannot serve (`continuous_unsupported`). `prefix_cache`: the continuous scheduler prefills the chat template's
-    opening once (`serve.prefix`)."""
+    cannot serve (`continuous_unsupported`). `prefix_cache_mb`: the continuous scheduler's prefix cache
+    (`serve.prefix`; 0: none)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
     if scheduler == "continuous":
         reason = continuous_unsupported(aligner)
         if reason is None:
-            return ContinuousEngine(aligner, prefix_cache=prefix_cache, **limits)
+            return ContinuousEngine(aligner, prefix_cache_mb=prefix_cache_mb, **limits)
         log.warning("continuous batching is off: %s; serving whole batches instead", reason)
     return BatchEngine(aligner, **limits)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """The server's Prometheus series: requests, latency, time to first token, inter-token latency, tokens, gate
-decisions, queue depth, running rows and batch sizes; one registry per server instance."""
+decisions, queue depth, running rows, batch sizes and the prefix cache; one registry per server instance."""
 
 from __future__ import annotations
 
@@ -54,6 +54,22 @@ class Metrics:
         running = Gauge("inferaligner_running_rows", "Requests being generated now", registry=self.registry)
         running.set_function(lambda: engine.running_rows)
         engine.on_batch.append(self.batch.observe)
+        tree = getattr(engine, "tree", None)
+        if tree is not None:  # the continuous scheduler's prefix cache (`serve.prefix`)
+            for name, help_text, read in (
+                ("bytes", "Memory the prefix cache holds", lambda: tree.nbytes),
+                ("budget_bytes", "The prefix cache's memory budget", lambda: tree.budget_bytes),
+                ("nodes", "Prefixes (tree nodes) the prefix cache holds", lambda: tree.nodes),
+                (
+                    "hit_rate",
+                    "Share of prefilled prompt tokens taken from the prefix cache",
+                    lambda: tree.stats.hit_rate,
+                ),
+                ("hit_requests", "Prefilled requests that took a cached prefix", lambda: tree.stats.hits),
+                ("requests", "Requests prefilled with the prefix cache on", lambda: tree.stats.lookups),
+                ("evicted_nodes", "Prefixes dropped for the memory budget", lambda: tree.stats.evicted),
+            ):
+                Gauge(f"inferaligner_prefix_cache_{name}", help_text, registry=self.registry).set_function(read)
 
     def render(self) -> bytes:
         """The series in Prometheus' text format (reading changes nothing)."""

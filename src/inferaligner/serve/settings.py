@@ -25,7 +25,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     scheduler: str = "continuous"  # continuous batching; "batch": each batch runs to its end
-    prefix_cache: bool = True  # the continuous scheduler runs the chat template's opening once
+    prefix_cache_mb: float = 256.0  # the continuous scheduler's prefix cache (`serve.prefix`); 0: none
     max_batch: int = 8
     batch_wait_ms: float = 10.0  # how long an idle server waits for company for its first request
     max_queue: int = 64
@@ -55,6 +55,10 @@ class ServeSettings:
             raise InferAlignerError(
                 f"The server needs --max-batch >= 1 (got {self.max_batch}), --max-queue >= 1 (got {self.max_queue}) "
                 f"and a batch wait of 0 ms or more (got {self.batch_wait_ms:g})."
+            )
+        if not 0 <= self.prefix_cache_mb < math.inf:
+            raise InferAlignerError(
+                f"--prefix-cache-mb must be 0 (no prefix cache) or more, not {self.prefix_cache_mb:g}."
             )
         if self.max_tokens_limit < 1 or not 0 <= self.default_max_tokens <= self.max_tokens_limit:
             raise InferAlignerError(
