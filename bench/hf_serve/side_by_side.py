@@ -85,14 +85,18 @@ LOADS = {
 }
 
 
-def conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
-    """`count` chat requests: a system message, 40% with 2 or 4 earlier turns, every eighth request harmful."""
+def prompt_pools() -> tuple[list[str], list[str], list[str]]:
+    """The load's benign requests, harmful requests and system messages (each as many times as its weight)."""
     from inferaligner.prompts import builtin_prompts
 
-    draw = random.Random(seed)
     benign = builtin_prompts("everyday", "all") + builtin_prompts("harmless", "all")
-    harmful = builtin_prompts("harmful", "all")
-    systems = [text for text, weight in SYSTEMS for _ in range(weight)]
+    return benign, builtin_prompts("harmful", "all"), [text for text, weight in SYSTEMS for _ in range(weight)]
+
+
+def conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`count` chat requests: a system message, 40% with 2 or 4 earlier turns, every eighth request harmful."""
+    draw = random.Random(seed)
+    benign, harmful, systems = prompt_pools()
     made = []
     for i in range(count):
         messages = [{"role": "system", "content": draw.choice(systems)}]
