@@ -1,8 +1,8 @@
 """Reading decoder blocks' outputs during a forward pass, and stopping the pass once the last block wanted has run.
 
 `capture_layers` is the one way the library reads a layer: extraction (`activations`), the gate's own pass
-(`aligner`), turns read alone (`reader`), the cached prefix of the server (`serve.prefix`) and the blocks below the
-fitted layers (`fit`).
+(`aligner`), turns read alone (`reader`), the gate-layer outputs the server's prefix cache keeps
+(`serve.continuous`) and the blocks below the fitted layers (`fit`).
 """
 
 from __future__ import annotations

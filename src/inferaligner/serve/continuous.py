@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
+from inferaligner.capture import capture_layers
 from inferaligner.inflight import Replan
 from inferaligner.loopstop import repeats
 from inferaligner.models import block_hidden, has_sliding_window
@@ -174,19 +175,25 @@ def _opening(aligner: InferAligner) -> list[int]:
 
 @dataclass
 class PrefillInputs:
-    """A prefill's new tokens (left-padded) and positions, with a cache of the rows' cached prefixes (left-padded
-    to `width`) and a mask over both."""
+    """A prefill's new tokens (left-padded) and positions, with a cache of the rows' cached prefixes (`hits`,
+    left-padded to `width`) and a mask over both."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     cache: DynamicCache
     width: int
+    hits: list[Hit]
 
 
 def _row_kv(cache: DynamicCache, row: int, columns: torch.Tensor, start: int) -> torch.Tensor:
     """A row's keys and values from its `start`-th real column on (`PrefixTree.insert`'s `kv_from`)."""
     return row_kv(cache, row, columns[start:])
+
+
+def _copied_hidden(_layer: int, output: object) -> torch.Tensor:
+    """A block's hidden states, copied: a steering hook on the same block adds to them in place afterwards."""
+    return block_hidden(output).detach().clone()
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
@@ -323,18 +330,18 @@ class ContinuousEngine(Engine):
         known before (`_plan_first`)."""
         aligner = self.aligner
         tree = None if whole else self._seeded_tree()
-        output, read, first = None, [], None
+        output, read, first = None, None, None
         if plan is None:
             allowed = [job.aligned for job in jobs]
-            hits = [self._match(tree, job, steered=False) for job in jobs]
-            first = self._inputs(jobs, hits)
+            first = self._inputs(jobs, [self._match(tree, job, steered=False) for job in jobs])
             kwargs = self._forward_kwargs(first.mask, first.positions, first.cache, prefill=True)
             kwargs.update(
-                prefix_hidden=self._prefix_hidden(hits, first.width),
-                before_steering=functools.partial(self._steer_prefixes, tree, jobs, hits, first),
+                prefix_hidden=self._prefix_hidden(first),
+                before_steering=functools.partial(self._steer_prefixes, tree, jobs, first),
             )
-            with self._reading_gate(read if tree is not None and self._needs_hidden else None):
+            with self._reading_gate(tree is not None and self._needs_hidden) as reading:
                 output, plan = aligner.prefill(first.ids, first.mask, allowed=allowed, **kwargs)
+            read = reading.get(aligner.gate.layer) if aligner.gate is not None else None
         report_plan(jobs, plan)
         generated = [i for i, row in enumerate(plan) if row.answer is None]
         finish([job for i, job in enumerate(jobs) if i not in generated])
@@ -395,23 +402,22 @@ class ContinuousEngine(Engine):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         cached = torch.tensor([[0] * (width - h.length) + [1] * h.length for h in hits], dtype=mask.dtype)
         mask = torch.cat([cached.to(mask.device), mask], dim=1)  # the mask covers the cached prefixes too
-        return PrefillInputs(ids, mask, position_ids(mask)[:, width:], cache, width)
+        return PrefillInputs(ids, mask, position_ids(mask)[:, width:], cache, width, hits)
 
-    def _prefix_hidden(self, hits: list[Hit], width: int) -> torch.Tensor | None:
+    def _prefix_hidden(self, rows: PrefillInputs) -> torch.Tensor | None:
         """What the in-prefill gate reads of the cached prefixes: their gate-layer outputs where it pools over them,
         else zeros (a gate that reads the last token never looks at them)."""
-        if width == 0:
+        if rows.width == 0:
             return None
         if self._needs_hidden:
-            return batch_hidden(hits, width)
+            return batch_hidden(rows.hits, rows.width)
         hidden = int(self.aligner.model.config.get_text_config().hidden_size)
-        return torch.zeros(1, 1, hidden, device=self.aligner.device).expand(len(hits), width, hidden)
+        return torch.zeros(1, 1, hidden, device=self.aligner.device).expand(len(rows.hits), rows.width, hidden)
 
-    def _steer_prefixes(
-        self, tree: PrefixTree | None, jobs: list[Job], hits: list[Hit], rows: PrefillInputs, plan: Plan
-    ) -> None:
+    def _steer_prefixes(self, tree: PrefixTree | None, jobs: list[Job], rows: PrefillInputs, plan: Plan) -> None:
         """Once an in-prefill gate has planned, before anything runs steered: give each steered row its steered
         prefix; `Replan` when the cache lacks one (the rows are then prefilled again under the plan)."""
+        hits = rows.hits
         steered = [i for i, row in enumerate(plan) if self._steers(row) and hits[i].length]
         if tree is None or not steered:
             return
@@ -420,22 +426,12 @@ class ContinuousEngine(Engine):
             raise Replan(plan)
         write_rows(rows.cache, steered, [hit.kv() for hit in found], rows.width)  # type: ignore[misc]
 
-    @contextmanager
-    def _reading_gate(self, read: list[torch.Tensor] | None) -> Iterator[None]:
-        """Keep the gate layer's outputs of the next pass's first run in `read` (nothing when `read` is None)."""
-        if read is None or self.aligner.gate is None:
-            yield
-            return
-
-        def keep(_module: object, _args: object, output: object) -> None:
-            if not read:
-                read.append(block_hidden(output).detach().clone())
-
-        handle = self.aligner.layers[self.aligner.gate.layer].register_forward_hook(keep)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def _reading_gate(self, wanted: bool) -> AbstractContextManager[dict[int, torch.Tensor]]:
+        """The gate layer's outputs of the next pass, copied (`capture_layers`), where `wanted`; else nothing."""
+        gate = self.aligner.gate
+        if not wanted or gate is None:
+            return nullcontext({})
+        return capture_layers(self.aligner.layers, [gate.layer], _copied_hidden)
 
     def _remember_prompts(
         self,
@@ -444,30 +440,24 @@ class ContinuousEngine(Engine):
         plan: Plan,
         rows: PrefillInputs,
         first: PrefillInputs | None,
-        read: list[torch.Tensor],
+        read: torch.Tensor | None,
         generated: list[int],
     ) -> None:
         """Keep each prefilled prompt's keys and values (and, for an unsteered row the in-prefill gate read, its
-        gate-layer outputs) in the tree."""
+        gate-layer outputs: its cached prefix's, then the first pass's over the rest) in the tree."""
         for i, (job, row) in enumerate(zip(jobs, plan, strict=True)):
             steered = self._steers(row)
             hidden = None
-            if read and first is not None and not steered:
+            if read is not None and first is not None and not steered:
                 j = generated[i]  # the row in the first pass
-                new = read[0][j][first.mask[j, first.width :].bool()]
-                cached = first.mask[j, : first.width].sum()
-                known = self._match(tree, job, steered=False).hidden() if cached else None
-                hidden = torch.cat([known[:cached], new]) if known is not None else new
-                if len(hidden) != len(job.prompt_ids):
-                    hidden = None
+                new = read[j][first.mask[j, first.width :].bool()]
+                known = first.hits[j].hidden()
+                hidden = torch.cat([known, new]) if known is not None else new
             columns = rows.mask[i].nonzero().flatten()
             tree.insert(
                 job.prompt_ids, functools.partial(_row_kv, rows.cache, i, columns), steered=steered, hidden=hidden
             )
-            tree.stats.lookups += 1
-            tree.stats.hits += bool(job.cached_tokens)
-            tree.stats.prompt_tokens += len(job.prompt_ids)
-            tree.stats.cached_tokens += job.cached_tokens
+            tree.stats.count(len(job.prompt_ids), job.cached_tokens)
 
     def _seeded_tree(self) -> PrefixTree | None:
         """The prefix tree, holding the chat template's opening from the first call on (run unsteered and, when the
@@ -491,18 +481,15 @@ class ContinuousEngine(Engine):
         mask = torch.ones_like(ids)
         kinds = (False, True) if self._can_steer else (False,)
         for steered in kinds:
-            cache, read = DynamicCache(), []
+            cache = DynamicCache()
             kwargs = self._forward_kwargs(mask, position_ids(mask), cache, prefill=True)
             plan = Plan((RowPlan(Action.STEER if steered else Action.PASS, None),))
-            with self.aligner.steered(plan), self._reading_gate(None if steered or not self._needs_hidden else read):
+            with self.aligner.steered(plan), self._reading_gate(not steered and self._needs_hidden) as read:
                 self.aligner.model(input_ids=ids, attention_mask=mask, **kwargs)
             columns = torch.arange(len(opening), device=ids.device)
-            self.tree.insert(
-                opening,
-                functools.partial(_row_kv, cache, 0, columns),
-                steered=steered,
-                hidden=read[0][0] if read else None,
-            )
+            gate = self.aligner.gate
+            hidden = read[gate.layer][0] if gate is not None and read else None
+            self.tree.insert(opening, functools.partial(_row_kv, cache, 0, columns), steered=steered, hidden=hidden)
 
     def _step_safely(self) -> None:
         try:

@@ -79,6 +79,13 @@ class TreeStats:
     cached_tokens: int = 0
     evicted: int = 0  # nodes dropped for the budget
 
+    def count(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """Count one prefilled row: its prompt's length and how much of it came from the tree."""
+        self.lookups += 1
+        self.hits += bool(cached_tokens)
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+
     @property
     def hit_rate(self) -> float:
         """The share of prompt tokens taken from the tree instead of being prefilled."""
