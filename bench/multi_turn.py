@@ -34,7 +34,7 @@ import httpx
 from serve_load import AUTH, ServerProcess  # bench/, this script's folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hf_serve"))
-from side_by_side import prompt_pools  # the side-by-side load's requests and system messages
+from side_by_side import prompt_pools, send  # the side-by-side load's requests, system messages and client
 
 TURNS = 5
 DEADLINE_S = 3600
@@ -54,35 +54,15 @@ def conversations(count: int, seed: int = 0) -> list[tuple[str, list[str]]]:
 
 
 async def turn(http: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    """One streamed, greedy chat turn: its text, time to first content, latency and cached prompt tokens."""
-    body = {
-        "model": "inferaligner-demo",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started, first, parts, usage = time.perf_counter(), None, [], {}
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH) as reply:
-        if reply.status_code != 200:
-            raise RuntimeError(f"{reply.status_code}: {(await reply.aread())[:300]!r}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    first = first if first is not None else time.perf_counter() - started
-                    parts.append(piece)
-    details = usage.get("prompt_tokens_details") or {}
+    """One streamed, greedy chat turn (`side_by_side.send`): its text, time to first content, latency and cached
+    prompt tokens."""
+    answer = await send(http, url, "inferaligner-demo", messages, max_tokens, headers=AUTH, usage=True)
+    details = answer.usage.get("prompt_tokens_details") or {}
     return {
-        "text": "".join(parts),
-        "first": first,
-        "latency": time.perf_counter() - started,
-        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "text": answer.text,
+        "first": answer.first,
+        "latency": answer.latency,
+        "prompt_tokens": answer.usage.get("prompt_tokens", 0),
         "cached_tokens": details.get("cached_tokens", 0),
     }
 

@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +147,34 @@ class Answer:
     text: str
     latency: float
     first: float | None
+    usage: dict[str, Any] = field(default_factory=dict)  # the server's last `usage`, when asked for
 
 
-async def send(http: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, str]], tokens: int) -> Answer:
-    """One streamed, greedy chat request; its text, latency and time to first content."""
+async def send(
+    http: httpx.AsyncClient,
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    tokens: int,
+    *,
+    headers: dict[str, str] | None = None,
+    usage: bool = False,
+) -> Answer:
+    """One streamed, greedy chat request; its text, latency and time to first content (and, with `usage`, the
+    usage the server streams at the end: `stream_options.include_usage`)."""
     started = time.perf_counter()
-    body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    if usage:
+        body["stream_options"] = {"include_usage": True}
     parts: list[str] = []
-    first = None
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+    first, counted = None, {}
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as reply:
         if reply.status_code != 200:
             raise RuntimeError(f"{reply.status_code}: {(await reply.aread())[:300]!r}")
         async for line in reply.aiter_lines():
@@ -164,12 +183,13 @@ async def send(http: httpx.AsyncClient, url: str, model: str, messages: list[dic
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(str(chunk["error"])[:300])
+            counted = chunk.get("usage") or counted
             for choice in chunk.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
                     first = first if first is not None else time.perf_counter() - started
                     parts.append(piece)
-    return Answer("".join(parts), time.perf_counter() - started, first)
+    return Answer("".join(parts), time.perf_counter() - started, first, counted)
 
 
 async def run_load(url: str, model: str, load: Load, asked: Sequence[list[dict[str, str]]], fixed: int) -> list[Answer]:
