@@ -15,6 +15,7 @@ When the tree is over its budget the least recently used leaves are dropped firs
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -178,17 +179,23 @@ class PrefixTree:
         return upper
 
     def _evict(self) -> None:
-        while self.nbytes > self.budget_bytes:
-            leaves = [n for steered in (False, True) for n in self._walk(self.roots[steered]) if not n.children]
-            leaves = [n for n in leaves if n.parent is not None]
-            if not leaves:
-                return
-            oldest = min(leaves, key=lambda n: n.used)
-            assert oldest.parent is not None
-            del oldest.parent.children[oldest.tokens[0]]
+        """Drop least recently used leaves (a parent left without children becomes one) until within the budget."""
+        if self.nbytes <= self.budget_bytes:
+            return
+        walked = [n for root in self.roots.values() for n in self._walk(root)]
+        order = {id(n): i for i, n in enumerate(walked)}  # ties in `used` go in walk order
+        leaves = [(n.used, order[id(n)], n) for n in walked if not n.children and n.parent is not None]
+        heapq.heapify(leaves)
+        while self.nbytes > self.budget_bytes and leaves:
+            _, _, oldest = heapq.heappop(leaves)
+            parent = oldest.parent
+            assert parent is not None
+            del parent.children[oldest.tokens[0]]
             self.nbytes -= oldest.nbytes
             self.nodes -= 1
             self.stats.evicted += 1
+            if not parent.children and parent.parent is not None:
+                heapq.heappush(leaves, (parent.used, order[id(parent)], parent))
 
     def _walk(self, node: _Node) -> Iterator[_Node]:
         yield node
@@ -212,11 +219,10 @@ def batch_cache(hits: Sequence[Hit]) -> tuple[DynamicCache, int]:
     cache = DynamicCache()
     if width == 0:
         return cache, 0
-    reference = next(hit.kv() for hit in hits if hit.length)
-    assert reference is not None
+    kvs = [hit.kv() for hit in hits]
+    reference = next(kv for kv in kvs if kv is not None)
     rows = []
-    for hit in hits:
-        kv = hit.kv()
+    for kv in kvs:
         if kv is None:
             kv = reference.new_zeros(*reference.shape[:3], 0, reference.shape[4])
         rows.append(F.pad(kv, (0, 0, width - kv.shape[3], 0)))
@@ -230,11 +236,10 @@ def batch_hidden(hits: Sequence[Hit], width: int) -> torch.Tensor | None:
     """Each row's cached gate-layer outputs, left-padded to `width` [rows, width, hidden]; `None` when `width` is 0."""
     if width == 0:
         return None
-    reference = next(hit.hidden() for hit in hits if hit.length)
-    assert reference is not None
+    hiddens = [hit.hidden() for hit in hits]
+    reference = next(hidden for hidden in hiddens if hidden is not None)
     rows = []
-    for hit in hits:
-        hidden = hit.hidden()
+    for hidden in hiddens:
         hidden = hidden if hidden is not None else reference[:0]
         rows.append(F.pad(hidden, (0, 0, width - len(hidden), 0)))
     return torch.stack(rows)
