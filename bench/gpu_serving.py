@@ -95,7 +95,7 @@ def conversations(aligner: InferAligner, count: int) -> list[tuple[list[int], li
     texts = builtin_prompts("everyday", "all") + builtin_prompts("harmless", "all")
     made = []
     for i in range(count):
-        system = chat_token_ids(aligner.tokenizer, [{"role": "system", "content": SYSTEMS[i % 2]}])
+        system = aligner.tokenizer(f"<|im_start|>system\n{SYSTEMS[i % 2]}<|im_end|>\n")["input_ids"]
         made.append((system, [texts[(7 * i + t) % len(texts)] for t in range(5)]))
     return made
 
