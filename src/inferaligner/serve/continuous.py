@@ -95,9 +95,9 @@ def continuous_unsupported(aligner: InferAligner) -> str | None:
 
 
 PASS_COST_TOKENS = 64
-"""A forward pass's fixed cost in prompt tokens: what splitting a prefill into groups pays per group. Measured on the
-2-core CPU for the embedded SmolLM2 (a 1-token pass 83 ms, each further token about 1.6 ms: about 50 tokens); reading
-the weights sets it, so it is of this order or larger on other machines (a GPU's is larger)."""
+"""A forward pass's fixed cost in prompt tokens: what splitting a prefill into groups pays per group. On the 2-core CPU
+for the embedded SmolLM2 it is 40-50 tokens (`bench/engine_time.py`: a 1-token pass 76 ms, a 240-token one 569 ms);
+reading the weights sets it, so it is of this order or larger on other machines (a GPU's is larger)."""
 
 
 def shortest_first_groups(lengths: Sequence[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:

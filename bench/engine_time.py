@@ -1,0 +1,133 @@
+"""Where the continuous engine's time goes: a forward pass's fixed cost, and a loaded engine with and without a gate.
+
+1. One forward pass of the embedded SmolLM2 (`logits_to_keep=1`, median of 5) at a few widths: rows x new tokens.
+   The fixed part (a 1-token pass) against the per-token part is what `continuous.PASS_COST_TOKENS` stands for.
+2. The side-by-side load (`bench/hf_serve/side_by_side.py`: 64 chat requests with system messages, some after
+   earlier turns, one in eight harmful; 48 tokens, greedy), 32 at once, through the continuous engine in process
+   with its prefix cache: the model with no gate, then the demo aligner (gated). Wall time, and the worker's time in
+   the gate's reads (`_plan_first`), prefills (`_prefill`) and decoding steps (`_step`), timed by wrapping them.
+
+    python bench/engine_time.py [--out bench/results/engine_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hf_serve"))
+from side_by_side import conversations  # the side-by-side load
+
+from inferaligner.aligner import InferAligner
+from inferaligner.demo import demo_aligner
+from inferaligner.prompts import chat_token_ids
+from inferaligner.serve import ContinuousEngine
+from inferaligner.serve.engine import Done, Job
+
+WIDTHS = ((1, 1), (1, 30), (8, 30), (1, 240))
+TIMED = ("_plan_first", "_prefill", "_step")
+
+
+def forward_ms(model: Any, rows: int, tokens: int, repeats: int = 5) -> float:
+    ids = torch.randint(100, 1000, (rows, tokens))
+    times = []
+    with torch.inference_mode():
+        model(input_ids=ids, logits_to_keep=1)  # warm-up
+        for _ in range(repeats):
+            began = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            times.append(time.perf_counter() - began)
+    return round(statistics.median(times) * 1000, 1)
+
+
+def loaded(aligner: InferAligner, requests: int, clients: int) -> dict[str, Any]:
+    """The load through a fresh engine; wall time, tokens and the worker's time per timed method."""
+    engine = ContinuousEngine(aligner, max_batch=32, batch_wait_s=0.0)
+    spent: dict[str, float] = collections.defaultdict(float)
+    for name in TIMED:
+        method = getattr(engine, name)
+
+        def timed(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[_name] += time.perf_counter() - began
+
+        setattr(engine, name, functools.wraps(method)(timed))
+    asked = conversations(requests)
+
+    async def run() -> tuple[float, list[Job]]:
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = []
+        queue = iter(asked)
+
+        async def client() -> None:
+            for messages in queue:
+                job = Job(chat_token_ids(aligner.tokenizer, messages), 48, 0.0, 1.0, [], True, loop)
+                engine.submit(job)
+                while not isinstance(await job.events.get(), Done):
+                    pass
+                jobs.append(job)
+
+        engine.start()
+        try:
+            began = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return time.perf_counter() - began, jobs
+        finally:
+            engine.stop()
+
+    wall, jobs = asyncio.run(run())
+    return {
+        "gating": aligner.gating,
+        "wall_s": round(wall, 2),
+        "tokens": sum(len(job.tokens) for job in jobs),
+        "fired": sum(job.intervened for job in jobs),
+        "cached_prompt_share": round(sum(j.cached_tokens for j in jobs) / sum(len(j.prompt_ids) for j in jobs), 3),
+        "worker_s": {name.strip("_"): round(spent[name], 2) for name in TIMED},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/engine_time.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    gated = demo_aligner()
+    plain = InferAligner(gated.model, gated.tokenizer, mode="off")
+    passes = {f"{rows} x {tokens}": forward_ms(gated.model, rows, tokens) for rows, tokens in WIDTHS}
+    print("forward pass, ms:", passes, flush=True)
+    runs = {}
+    for name, aligner in (("no gate", plain), ("gated (demo)", gated)):
+        runs[name] = loaded(aligner, args.requests, args.clients)
+        print(name, json.dumps(runs[name]), flush=True)
+    result = {
+        "command": "python bench/engine_time.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "forward_pass_ms": passes,
+        "load": {"requests": args.requests, "clients": args.clients, "runs": runs},
+        "gated_over_no_gate_wall": round(runs["gated (demo)"]["wall_s"] / runs["no gate"]["wall_s"], 3),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out} in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
