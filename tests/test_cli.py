@@ -319,8 +319,9 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     assert options("--prefix-cache-mb", "64")["prefix_cache_mb"] == 64
     config.write_text(json.dumps({"prefix_cache_mb": 0}))
     assert options("--config", str(config))["prefix_cache_mb"] == 0
-    with pytest.raises(InferAlignerError, match="--prefix-cache-mb must be 0"):
-        ServeSettings(prefix_cache_mb=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InferAlignerError, match="--prefix-cache-mb must be 0"):
+            ServeSettings(prefix_cache_mb=bad)
     config.write_text(json.dumps({"prefix_cache_mb": "no"}))
     with pytest.raises(InferAlignerError, match="'prefix_cache_mb' must be a number"):
         options("--config", str(config))

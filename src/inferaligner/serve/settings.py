@@ -58,7 +58,7 @@ class ServeSettings:
             )
         if not 0 <= self.prefix_cache_mb < math.inf:
             raise InferAlignerError(
-                f"--prefix-cache-mb must be 0 (no prefix cache) or more, not {self.prefix_cache_mb:g}."
+                f"--prefix-cache-mb must be 0 (no prefix cache) or more, and finite, not {self.prefix_cache_mb:g}."
             )
         if self.max_tokens_limit < 1 or not 0 <= self.default_max_tokens <= self.max_tokens_limit:
             raise InferAlignerError(
