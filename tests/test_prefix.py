@@ -13,10 +13,12 @@ from test_serve import HARMFUL, HARMLESS, make_aligner
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
+from inferaligner.inflight import TurnRows
 from inferaligner.prompts import chat_token_ids
+from inferaligner.reader import RequestReader
 from inferaligner.serve import ContinuousEngine, continuous
 from inferaligner.serve.engine import Done, Failed, Job
-from inferaligner.serve.prefix import PrefixTree, batch_cache
+from inferaligner.serve.prefix import MISS, PrefixTree, batch_cache
 from inferaligner.turns import chat_opening
 
 
@@ -265,7 +267,7 @@ def conversation_ids(aligner: InferAligner, messages: list[dict[str, str]]) -> l
         ({}, True),  # the gate read inside the prefill at its last token; blocks 1-2 run again for a fired row
         ({"pooling": "mean"}, True),  # it pools over the cached prefix too (its gate-layer outputs are kept)
         ({}, False),  # blocks cannot run again: a fired row is prefilled again under its plan
-        ({"pooling": "turns"}, True),  # each turn read alone first, then one pass under the plan
+        ({"pooling": "turns"}, True),  # new turns read alone as extra rows of the prefill; blocks 1-2 again if fired
     ],
 )
 def test_conversations_over_the_tree_answer_token_for_token_as_uncached(options, replay, monkeypatch) -> None:
@@ -277,21 +279,24 @@ def test_conversations_over_the_tree_answer_token_for_token_as_uncached(options,
         aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=1e6)  # the request's own read decides
     if not replay:
         monkeypatch.setattr(aligner, "_replay_from", lambda _kwargs: None)
-    engine = ContinuousEngine(aligner, max_batch=8, batch_wait_s=0.5)
-    turn_one, turn_two, first_ids, seconds = two_turns(engine)
+    # A pass that costs this much is never worth running apart: a turns gate reads every new turn inside the prefill.
+    engine = ContinuousEngine(aligner, max_batch=8, batch_wait_s=0.5, pass_cost_tokens=10**6)
+    turn_one, turn_two, first_ids, seconds = two_turns(engine, forget_turns=True)
+    assert engine._turns_in_prefill  # a turns gate's reads stayed inside the prefill
     steered = [job.intervened for job in turn_one + turn_two]
     assert any(steered) and not all(steered)
     for job, ids in zip(turn_one + turn_two, first_ids + seconds, strict=True):
         tokens, logprobs = alone_ids(aligner, ids, 10)
         assert job.tokens == tokens  # and the same numbers, so that a change too small to flip a token shows
         assert [entry.logprob for entry in job.logprobs] == pytest.approx(logprobs, abs=1e-4)
-    planned_first = options.get("pooling") == "turns"
+    either_tree = options.get("pooling") == "turns"
     reused = 0
     for job, before, ids in zip(turn_two, turn_one, first_ids, strict=True):
         # The same kind of cache as the first turn: its prompt reused, and the answer tokens fed too, unless the gate
-        # pools over every position (answers' gate-layer outputs are not kept). A gate read inside the prefill starts
-        # every row on the unsteered tree: a fired row takes its steered prefix only as far as that tree holds it.
-        if job.intervened == before.intervened and (planned_first or not job.intervened):
+        # pools over every position (answers' gate-layer outputs are not kept). A gate that reads the prompt's own
+        # rows starts every row on the unsteered tree: a fired row takes its steered prefix only as far as that tree
+        # holds it. A turns gate reads other rows, so a row starts on whichever tree holds more of it.
+        if job.intervened == before.intervened and (either_tree or not job.intervened):
             answer = 0 if options.get("pooling") == "mean" else len(before.tokens) - 1
             assert job.cached_tokens >= len(ids) + answer
             reused += 1
@@ -301,10 +306,13 @@ def test_conversations_over_the_tree_answer_token_for_token_as_uncached(options,
     assert engine.tree is not None and engine.tree.stats.hits >= 6
 
 
-def two_turns(engine: ContinuousEngine) -> tuple[list[Job], list[Job], list[list[int]], list[list[int]]]:
+def two_turns(
+    engine: ContinuousEngine, *, forget_turns: bool = False
+) -> tuple[list[Job], list[Job], list[list[int]], list[list[int]]]:
     """Two turns of five conversations through `engine` (system messages; harmful and harmless requests, submitted
     together): the jobs of each turn and their prompts. The second turn continues the very tokens of the first,
-    answer included. Also run on a GPU by `bench/gpu_serving.py`."""
+    answer included. `forget_turns`: a turns gate forgets the turns it read before the second turn, so it reads them
+    again there as it reads new ones. Also run on a GPU by `bench/gpu_serving.py`."""
     aligner = engine.aligner
     systems = [None, "Be brief.", "Be brief.", "You are a helpful assistant.", None]
     requests = [HARMFUL, HARMLESS, HARMFUL, OTHER, OTHER]
@@ -325,6 +333,8 @@ def two_turns(engine: ContinuousEngine) -> tuple[list[Job], list[Job], list[list
         try:
             one = await together(engine, loop, first_ids)
             seconds = [next_turn(*args) for args in zip(first_ids, one, follow_ups, strict=True)]
+            if forget_turns and aligner.reader is not None:
+                aligner.reader._known.clear()
             return one, await together(engine, loop, seconds), seconds
         finally:
             engine.stop()
@@ -359,3 +369,50 @@ def test_the_gpu_script_runs_every_step_small_on_the_cpu(tmp_path) -> None:
     assert result["exactness"]["answers equal to generate alone"] == "10 of 10"
     assert [row["prefix_cache_mb"] for row in result["multi_turn"]] == [0.0, 4096.0]
     assert result["multi_turn"][1]["cached_share"] > 0.5 and len(result["fired_path"]) == 8
+
+
+def test_turns_read_inside_the_prefill_are_the_reads_of_a_pass_of_their_own(monkeypatch) -> None:
+    """A turns gate reads each new turn as an extra row of the prefill: no pass of its own runs, and each turn's
+    features are the ones the reader's own pass gives (to rounding)."""
+    aligner = make_aligner(pooling="turns")
+    passes = []
+    run = RequestReader._run
+    monkeypatch.setattr(RequestReader, "_run", lambda self, turns: passes.append(len(turns)) or run(self, turns))
+    engine = ContinuousEngine(aligner, max_batch=8, batch_wait_s=0.5, pass_cost_tokens=10**6)
+    turn_one, turn_two, _, _ = two_turns(engine, forget_turns=True)
+    assert engine._turns_in_prefill and passes == []
+    inside = dict(aligner.reader._known)
+    assert len(inside) == 5  # two system messages, three requests (the follow-ups ask them again)
+    own = RequestReader(aligner.model, aligner.tokenizer, aligner.layers, aligner.gate.layer)
+    for turn, features in zip(inside, own.read([[turn] for turn in inside]), strict=True):
+        assert torch.allclose(inside[turn], features[0], atol=1e-4)
+    decisions = aligner.gate_decisions(None, turns=[job.turns for job in turn_one + turn_two])
+    assert [job.gate.score for job in turn_one + turn_two] == pytest.approx([d.score for d in decisions], abs=1e-3)
+
+
+def test_a_model_whose_pass_cannot_take_the_turn_rows_reads_them_in_a_pass_of_their_own(monkeypatch) -> None:
+    """Where dropping the extra rows fails, the engine reads turns in their own pass from then on: answers as alone."""
+    aligner = make_aligner(pooling="turns")
+    aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=1e6)
+
+    def fails(*_args: object) -> None:
+        raise RuntimeError("this model's blocks take no fewer rows")
+
+    monkeypatch.setattr(TurnRows, "drop", fails)
+    engine = ContinuousEngine(aligner, max_batch=8, batch_wait_s=0.5, pass_cost_tokens=10**6)
+    turn_one, turn_two, first_ids, seconds = two_turns(engine, forget_turns=True)
+    assert not engine._turns_in_prefill
+    for job, ids in zip(turn_one + turn_two, first_ids + seconds, strict=True):
+        assert job.tokens == alone_ids(aligner, ids, 10)[0]
+
+
+def test_turns_that_would_widen_the_prefill_more_than_a_pass_costs_are_read_apart() -> None:
+    """Extra rows are as wide as the widest new prompt: short turns beside a long uncached prompt are read in a pass
+    of their own, a new turn about as long as what the prompt adds to its cached conversation inside the prefill."""
+    engine = ContinuousEngine(make_aligner(pooling="turns"), pass_cost_tokens=64)
+    long_prompt = Job(list(range(3, 203)), 4, 0.0, 1.0, [], True, None)  # type: ignore[arg-type]
+    assert not engine._reads_inside([long_prompt], [MISS], [(5,) * 10, (6,) * 12])  # 2 x 200 > 64 + 22
+    assert engine._reads_inside([long_prompt], [MISS], [(5,) * 150])  # 200 <= 64 + 150
+    short_prompt = Job(list(range(3, 23)), 4, 0.0, 1.0, [], True, None)  # type: ignore[arg-type]
+    assert engine._reads_inside([short_prompt], [MISS], [(5,) * 15])  # 20 <= 64 + 15
+    assert not engine._reads_inside([short_prompt, long_prompt], [MISS, MISS], [(5,) * 15])  # the long one: 200

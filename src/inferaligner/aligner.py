@@ -267,6 +267,16 @@ class InferAligner(OnePass):
         rows = [ids[keep].tolist() for ids, keep in zip(input_ids.cpu(), mask.cpu().bool(), strict=True)]
         return [prompt_turns(self.tokenizer, row, chat=chat) for row in rows]
 
+    def split_turns(
+        self, turns: Sequence[Sequence[Sequence[int]]]
+    ) -> tuple[dict[tuple[int, ...], torch.Tensor], list[tuple[int, ...]]]:
+        """For a `"turns"` gate: the features it has read of these prompts' turns, and the turns it has not read
+        yet (`RequestReader.split`)."""
+        if self.reader is None:
+            raise InferAlignerError("Only a turns gate reads turns.")
+        with self._lock:
+            return self.reader.split(turns)
+
     def gate_decisions(
         self,
         input_ids: torch.Tensor | None,

@@ -13,6 +13,10 @@ the gate and makes the plan before any later block runs. What happens next depen
   it), such a plan stops the pass there (`Replan`) and the caller generates again with the plan. A plan that
   steers nothing carries on, in one pass.
 
+A `"turns"` gate reads each turn alone: where the caller adds the turns not read yet as extra rows below the prompts
+(`TurnRows`: each turn after the chat template's opening, as `reader.RequestReader` reads it), their features come
+from the gate layer of the same pass, and the extra rows are dropped there: the blocks above it see the prompts only.
+
 Plans that refuse or delegate rows also stop the pass (their rows are answered some other way). Stopping costs a
 `generate` call's set-up and the prompt's forward pass up to the gate layer. `generate` callers pass no cache of
 their own (`InferAligner` keeps prefix caches, chunked prefill and assisted decoding on the separate gate pass);
@@ -21,7 +25,8 @@ the serving engine's prefills may continue a cached prompt opening (`prefix_hidd
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,9 +34,11 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
-from inferaligner.gate import Gate, pool
-from inferaligner.models import block_hidden
+from inferaligner.errors import InferAlignerError
+from inferaligner.gate import Gate, GateDecision, pool
+from inferaligner.models import block_hidden, with_block_hidden
 from inferaligner.plan import Plan
+from inferaligner.reader import RequestReader, own_means
 from inferaligner.steer import SteeringHandle
 
 
@@ -164,6 +171,70 @@ def _plain_dynamic_layer(cache: Cache, index: int) -> bool:
     return layers is not None and index < len(layers) and type(layers[index]) is DynamicLayer
 
 
+@dataclass
+class TurnRows:
+    """Turns read alone as extra rows of a pass: the batch holds `rows` prompts, then one row per turn in `turns`
+    (the chat template's opening, cached or not, then the turn's tokens, which `own` [turns, new positions] marks).
+    `prompts` gives each prompt's turns; `known` the features of those read before; `cache` is the pass's cache."""
+
+    rows: int
+    turns: list[tuple[int, ...]]
+    own: torch.Tensor
+    prompts: Sequence[Sequence[Sequence[int]]]
+    known: dict[tuple[int, ...], torch.Tensor]
+    reader: RequestReader
+    cache: Cache | None = None
+    _cut: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.rows + len(self.turns)
+
+    def decide(self, gate: Gate, hidden: torch.Tensor) -> list[GateDecision]:
+        """The prompts' decisions from the gate layer's output [total, positions, hidden]: the extra rows' features
+        (kept by the reader) with those known before."""
+        if hidden.shape[0] != self.total or hidden.shape[1] != self.own.shape[1]:
+            raise InferAlignerError("The gate cannot read turns whose length the model changes.")
+        features = dict(self.known)
+        for turn, read in zip(self.turns, own_means(hidden[self.rows :], self.own), strict=True):
+            features[turn] = read
+            self.reader.remember(turn, read)
+        size = (0, hidden.shape[-1])
+        return gate.decide_turns(
+            [
+                torch.stack([features[tuple(t)] for t in turns if t]) if any(turns) else torch.zeros(size)
+                for turns in self.prompts
+            ]
+        )
+
+    def drop(self, layers: nn.ModuleList, after: int, output: Any) -> Any:
+        """Block `after`'s output without the extra rows, the cache's higher layers cut to the prompts' rows too,
+        and hooks that cut every later block's per-row arguments (mask, positions) the same way."""
+        for index, layer in enumerate(getattr(self.cache, "layers", ())):
+            if index > after and getattr(layer, "keys", None) is not None and layer.keys.shape[0] == self.total:
+                layer.keys, layer.values = layer.keys[: self.rows], layer.values[: self.rows]
+        for index in range(after + 1, len(layers)):
+            self._cut.append(layers[index].register_forward_pre_hook(self._cut_arguments, with_kwargs=True))
+        return with_block_hidden(output, block_hidden(output)[: self.rows])
+
+    def _cut_arguments(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return tuple(self._first_rows(a) for a in args), {k: self._first_rows(v) for k, v in kwargs.items()}
+
+    def _first_rows(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[: self.rows] if value.ndim >= 2 and value.shape[0] == self.total else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._first_rows(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._first_rows(v) for k, v in value.items()}
+        return value
+
+    def remove(self) -> None:
+        for handle in self._cut:
+            handle.remove()
+        self._cut.clear()
+
+
 class InFlightGate:
     """Hooks that read the gate in the prefill of the next forward pass and act on the plan in the same pass.
 
@@ -176,8 +247,9 @@ class InFlightGate:
     A pass that continues a cached prefix (the prompt's first tokens already in the cache) gives that prefix's
     gate-layer outputs as `prefix_hidden` ([prefix, hidden], or [rows, prefix, hidden] for prefixes of each row's
     own, left-padded), so the gate pools over the whole prompt; `mask` then covers the prefix too.
-    `before_steering(plan)` is called once a plan that steers is known and before any block runs steered, so the
-    caller can hand the steered rows a steered prefix (or raise `Replan(plan)` when it has none).
+    `before_steering(plan)` is called once the plan is known, before the pass goes on and any block runs steered, so
+    the caller can hand each row the prefix of its plan's kind (or raise `Replan(plan)` when it has none).
+    A `"turns"` gate reads `turn_rows` (extra rows below the prompts, dropped at the gate layer) instead of pooling.
     """
 
     def __init__(
@@ -192,8 +264,10 @@ class InFlightGate:
         replay_from: int | None = None,
         prefix_hidden: torch.Tensor | None = None,
         before_steering: Callable[[Plan], None] | None = None,
+        turn_rows: TurnRows | None = None,
     ) -> None:
-        self.gate, self.mask, self.make_plan = gate, mask, make_plan
+        self.gate, self.mask, self.make_plan, self.turn_rows = gate, mask, make_plan, turn_rows
+        self.layers = layers
         self.steering, self.on_plan, self.streamer = steering, on_plan, streamer
         self.prefix_hidden, self.before_steering = prefix_hidden, before_steering
         self.plan: Plan | None = None
@@ -205,13 +279,23 @@ class InFlightGate:
         replay, self._replay = self._replay, None
         if replay is not None:
             replay.remove()
-        plan = self.make_plan(self.gate.decide(self._pooled(block_hidden(output))))
+        hidden = block_hidden(output)
+        if self.turn_rows is not None:
+            plan = self.make_plan(self.turn_rows.decide(self.gate, hidden))
+        else:
+            plan = self.make_plan(self.gate.decide(self._pooled(hidden)))
         self.plan = plan
         # Steered rows need the steering hooks, and the blocks at or below the gate (if any are steered) run again.
         cannot_steer = self.steering is None or (replay is not None and not replay.replayable)
         if plan.refuses or plan.delegates or (plan.steers and cannot_steer):
             raise Replan(plan)
+        if self.before_steering is not None:
+            self.before_steering(plan)
         replayed = self._steer(plan, replay) if self.steering is not None else None
+        if self.turn_rows is not None:
+            replayed = self.turn_rows.drop(self.layers, self.gate.layer, output if replayed is None else replayed)
+            if self.steering is not None and plan.steers:
+                self.steering.row_gates = plan.steer_gates()
         if self.on_plan is not None:
             self.on_plan(plan)
         if self.streamer is not None:
@@ -238,9 +322,10 @@ class InFlightGate:
         if not plan.steers:
             self.steering.remove()
             return None
-        self.steering.row_gates = plan.steer_gates()
-        if self.before_steering is not None:
-            self.before_steering(plan)
+        gates = plan.steer_gates()
+        if self.turn_rows is not None:  # the extra rows run unsteered up to the gate layer, where they are dropped
+            gates = torch.cat([gates, gates.new_zeros(len(self.turn_rows.turns))])
+        self.steering.row_gates = gates
         return replay.run_again() if replay is not None else None
 
     def remove(self) -> None:
@@ -248,6 +333,8 @@ class InFlightGate:
         self._handle.remove()
         if self._replay is not None:
             self._replay.remove()
+        if self.turn_rows is not None:
+            self.turn_rows.remove()
 
     def __enter__(self) -> InFlightGate:
         return self

@@ -18,7 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from inferaligner.errors import InferAlignerError
 from inferaligner.gate import Gate, GateDecision
-from inferaligner.inflight import HeldStreamer, InFlightGate, Replan
+from inferaligner.inflight import HeldStreamer, InFlightGate, Replan, TurnRows
 from inferaligner.loopstop import with_loop_stop
 from inferaligner.models import has_sliding_window
 from inferaligner.plan import Plan
@@ -163,6 +163,7 @@ class OnePass:
         prefix_hidden: torch.Tensor | None = None,
         before_steering: Callable[[Plan], None] | None = None,
         turns: Sequence[Sequence[Sequence[int]]] | None = None,
+        turn_rows: TurnRows | None = None,
         **forward_kwargs: Any,
     ) -> tuple[Any, Plan]:
         """One forward pass of the model over these prompts with the gate read inside it, as `try_one_pass` reads
@@ -171,12 +172,15 @@ class OnePass:
         cache when one was passed: for a cached prefix, one whose steered rows hold the steered prefix).
 
         A pass that continues a cached prefix passes that prefix's gate-layer outputs as `prefix_hidden` and an
-        `attention_mask` that covers the prefix as well; `before_steering(plan)` runs before anything is steered,
-        when the plan steers, for the caller to steer what its cache holds (`inflight.InFlightGate`).
+        `attention_mask` that covers the prefix as well; `before_steering(plan)` runs once the plan is known, before
+        anything is steered, for the caller to give each row the cached prefix of its plan's kind
+        (`inflight.InFlightGate`).
 
         A `"turns"` gate reads `turns` (`prompt_turns` of the whole prompts, which a pass that continues a cached
-        prefix must give) in a pass of its own first; this pass then runs as the plan says."""
-        if self.reader is not None:
+        prefix must give) in a pass of its own first; this pass then runs as the plan says. Or the pass reads them
+        itself: `turn_rows` says which extra rows below the prompts hold the turns not read yet (`inflight.TurnRows`);
+        the output then has the prompts' rows only."""
+        if self.reader is not None and turn_rows is None:
             if turns is None and prefix_hidden is not None:
                 raise InferAlignerError("A pass that continues a cached prefix must give the prompts' turns.")
             plan = self.decide(input_ids, attention_mask, allowed=allowed, turns=turns)
@@ -184,19 +188,20 @@ class OnePass:
                 return None, plan
         elif self.gate is None:
             plan = self.plan(None, len(input_ids), allowed)
-        if self.gate is None or self.reader is not None:
-            if plan.steers and before_steering is not None:
+        if self.gate is None or (self.reader is not None and turn_rows is None):
+            if before_steering is not None:
                 before_steering(plan)
             with self.steered(plan), torch.inference_mode():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), plan
         try:
             in_flight = self._gate_in_flight(
-                len(input_ids),
+                turn_rows.rows if turn_rows is not None else len(input_ids),
                 attention_mask,
                 allowed,
                 forward_kwargs=forward_kwargs,
                 prefix_hidden=prefix_hidden,
                 before_steering=before_steering,
+                turn_rows=turn_rows,
             )
             with in_flight as (reading, _), torch.inference_mode():
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
@@ -218,6 +223,7 @@ class OnePass:
         forward_kwargs: dict[str, Any] | None = None,
         prefix_hidden: torch.Tensor | None = None,
         before_steering: Callable[[Plan], None] | None = None,
+        turn_rows: TurnRows | None = None,
     ) -> Iterator[tuple[InFlightGate, SteeringHandle | None]]:
         """The hooks that read the gate inside the next forward pass (`inflight.InFlightGate`), with steering hooks
         that take the plan's row gates when every steered layer lies above the gate, or when the blocks from the
@@ -232,7 +238,8 @@ class OnePass:
             if not can_steer:
                 replay_from = None  # nothing could steer the blocks run again
             if can_steer and (self._steers_after_gate() or replay_from is not None):
-                zero = torch.zeros(rows)  # each row's gate, set once the plan is known
+                # each row's gate (the extra rows' too), set once the plan is known
+                zero = torch.zeros(turn_rows.total if turn_rows is not None else rows)
                 steering = hooks.enter_context(
                     add_steering(self.layers, self._directions, self.steer_layers, self.alpha, zero)
                 )
@@ -248,6 +255,7 @@ class OnePass:
                 replay_from,
                 prefix_hidden,
                 before_steering,
+                turn_rows,
             )
             reading = hooks.enter_context(gate_reader)
             yield reading, steering

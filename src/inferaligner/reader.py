@@ -7,7 +7,9 @@ and the gate would judge the wrapping as much as the request. `RequestReader` re
 the gate layer, and returns the mean block output over those tokens. The opening's keys and values are computed once
 and reused, and each turn's features are kept by their token ids (a bounded cache), so a conversation's earlier
 turns are read once. This read is a short pass of its own (the turns' tokens, blocks 0 to the gate layer) before
-generation; generation then runs with the plan known, steered from its first token where the gate fired.
+generation; generation then runs with the plan known, steered from its first token where the gate fired. The server
+reads new turns inside its prefill instead, as extra rows of that pass (`inflight.TurnRows`), keeping their features
+here (`remember`).
 """
 
 from __future__ import annotations
@@ -61,11 +63,8 @@ class RequestReader:
     def read(self, prompts: Sequence[Sequence[Sequence[int]]]) -> list[torch.Tensor]:
         """For each prompt (its turns' token ids, in order) the features of its turns: [turns, hidden], float32 on
         the CPU, or [turns, layers, hidden] when several layers are read (no rows for a prompt without turns)."""
-        wanted = list(dict.fromkeys(tuple(turn) for turns in prompts for turn in turns if turn))
-        found = {turn: self._known[turn] for turn in wanted if turn in self._known}
-        for turn in found:
-            self._known.move_to_end(turn)
-        for batch in self._batches([turn for turn in wanted if turn not in found]):
+        found, unread = self.split(prompts)
+        for batch in self._batches(unread):
             for turn, features in zip(batch, self._run(batch), strict=True):
                 found[turn] = features
                 self._remember(turn, features)
@@ -76,6 +75,20 @@ class RequestReader:
             torch.stack([found[tuple(t)] for t in turns if t]) if any(turns) else torch.zeros(shape)
             for turns in prompts
         ]
+
+    def split(
+        self, prompts: Sequence[Sequence[Sequence[int]]]
+    ) -> tuple[dict[tuple[int, ...], torch.Tensor], list[tuple[int, ...]]]:
+        """The features already known of these prompts' turns, and the turns not read yet (each once, in order)."""
+        wanted = list(dict.fromkeys(tuple(turn) for turns in prompts for turn in turns if turn))
+        known = {turn: self._known[turn] for turn in wanted if turn in self._known}
+        for turn in known:
+            self._known.move_to_end(turn)
+        return known, [turn for turn in wanted if turn not in known]
+
+    def remember(self, turn: Sequence[int], features: torch.Tensor) -> None:
+        """Keep a turn's features (read elsewhere, as `read` reads them), the oldest dropped beyond `cache_size`."""
+        self._remember(tuple(turn), features.float().cpu())
 
     def _remember(self, turn: tuple[int, ...], features: torch.Tensor) -> None:
         self._known[turn] = features
@@ -107,12 +120,9 @@ class RequestReader:
             mask = torch.cat([mask.new_ones(len(rows), skip), mask], dim=1)
             kwargs[self._cache_name] = self._opening_for(len(rows))
         positions = position_ids(mask)[:, skip:]
-        weights = own[:, :, None]
 
         def read(_layer: int, output: object) -> torch.Tensor:
-            hidden = block_hidden(output).float()
-            own_tokens = weights.to(hidden.dtype)
-            return ((hidden * own_tokens).sum(1) / own_tokens.sum(1)).cpu()
+            return own_means(block_hidden(output), own)
 
         with torch.inference_mode(), capture_layers(self.layers, self.read_layers, read, stop=True) as captured:
             self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
@@ -138,6 +148,13 @@ class RequestReader:
         for index, (keys, values) in enumerate(self._opening_cache):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
         return cache
+
+
+def own_means(hidden: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Each row's mean block output [rows, hidden] over the positions `own` [rows, positions] marks, in float32, on
+    the CPU: a turn's features."""
+    weights = own.to(device=hidden.device, dtype=torch.float32)[:, :, None]
+    return ((hidden.float() * weights).sum(1) / weights.sum(1)).cpu()
 
 
 def _nothing(_layer: int, _output: object) -> None:

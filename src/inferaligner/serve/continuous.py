@@ -4,13 +4,14 @@ The worker runs one decoding step at a time for every running row. Between steps
 `max_batch` rows in all): they are prefilled together, each row's gate read on its own prompt inside that pass
 (`InferAligner.prefill`; a plan that steers at or below the gate layer runs those blocks again in it, or, where it
 cannot, prefills its rows again under the plan), and their key/value caches are joined to the running batch's
-(`RunningBatch`). Each row prefills only what follows the longest prefix of its prompt that the prefix cache holds
-for its plan (`serve.prefix`: the chat template's opening, system messages, earlier turns and their answers); its
-prompt, and at its end its answer, go into that cache. Each row keeps its gate for its whole
-answer: every step runs under the plan of the rows running then, so a steered row is steered at every position and
-an unsteered row is not touched (its tokens are the ones `generate` gives it alone; its numbers differ from those
-only by the rounding of a wider, padded batch). Rows leave at their end (EOS, stop string, token limit, the loop
-stop, a client that left) and free their seat for the next step.
+(`RunningBatch`). A `"turns"` gate reads each new turn alone in the same pass, as an extra row that stops at the
+gate layer (`inflight.TurnRows`), so gating costs no pass of its own. Each row prefills only what follows the longest
+prefix of its prompt that the prefix cache holds for its plan (`serve.prefix`: the chat template's opening, system
+messages, earlier turns and their answers); its prompt, and at its end its answer, go into that cache. Each row
+keeps its gate for its whole answer: every step runs under the plan of the rows running then, so a steered row is
+steered at every position and an unsteered row is not touched (its tokens are the ones `generate` gives it alone;
+its numbers differ from those only by the rounding of a wider, padded batch). Rows leave at their end (EOS, stop
+string, token limit, the loop stop, a client that left) and free their seat for the next step.
 
 Why not `transformers`' own continuous batching (`generate_batch`, its manager and paged attention): it packs every
 request's tokens into one sequence and keeps the token-to-request map inside its batch processor, so a per-row
@@ -27,7 +28,7 @@ import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from transformers import DynamicCache
 
 from inferaligner.aligner import InferAligner
 from inferaligner.capture import capture_layers
-from inferaligner.inflight import Replan
+from inferaligner.inflight import Replan, TurnRows
 from inferaligner.loopstop import repeats
 from inferaligner.models import block_hidden, has_sliding_window
 from inferaligner.plan import Action, Plan, RowPlan
@@ -184,6 +185,26 @@ class PrefillInputs:
     cache: DynamicCache
     width: int
     hits: list[Hit]
+    apart: list[int] = field(default_factory=list)  # rows set apart once planned, to be prefilled again
+
+    def select(self, rows: Sequence[int]) -> PrefillInputs:
+        """These rows after the pass (its extra rows, or rows set apart, dropped), less the leading columns of the
+        cached part that are padding in each of them; `apart` kept where every row is."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        start = min(int((mask.cumsum(1) == 0).sum(1).min()), self.width) if len(index) else 0
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        first_rows = list(rows) == list(range(len(index)))
+        return PrefillInputs(
+            self.ids[index],
+            mask[:, start:],
+            self.positions[index],
+            self.cache,
+            self.width - start,
+            [self.hits[i] for i in rows],
+            [i for i in self.apart if i < len(index)] if first_rows else [],
+        )
 
 
 def _row_kv(cache: DynamicCache, row: int, columns: torch.Tensor, start: int) -> torch.Tensor:
@@ -231,7 +252,12 @@ class ContinuousEngine(Engine):
     scheduler = "continuous"
 
     def __init__(
-        self, aligner: InferAligner, *, prefix_cache_mb: float = DEFAULTS.prefix_cache_mb, **limits: object
+        self,
+        aligner: InferAligner,
+        *,
+        prefix_cache_mb: float = DEFAULTS.prefix_cache_mb,
+        pass_cost_tokens: int = PASS_COST_TOKENS,
+        **limits: object,
     ) -> None:
         reason = continuous_unsupported(aligner)
         if reason is not None:
@@ -239,6 +265,7 @@ class ContinuousEngine(Engine):
         super().__init__(aligner, **limits)  # type: ignore[arg-type]
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
+        self.pass_cost_tokens = pass_cost_tokens  # a forward pass's fixed cost, in prompt tokens
         self.tree = PrefixTree(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         # The opening's tokens now, before the server's threads share the tokenizer; the worker runs them into the
         # tree before its first prefill.
@@ -248,6 +275,7 @@ class ContinuousEngine(Engine):
         # A gate read inside the prefill that pools over every position needs a cached prefix's gate-layer outputs.
         gate = aligner.gate
         self._in_flight = gate is not None and aligner.reader is None
+        self._turns_in_prefill = True  # a "turns" gate reads new turns inside the prefill (until that fails once)
         self._needs_hidden = self._in_flight and gate is not None and gate.pooling != "last"
         # transformers 5.x renames the forward's `past_key_values` to `cache`; pass whichever this version reads.
         parameters = inspect.signature(type(aligner.model).forward).parameters
@@ -295,15 +323,19 @@ class ContinuousEngine(Engine):
     def _groups(self, jobs: list[Job], whole: bool) -> list[tuple[list[Job], Plan | None]]:
         """The requests in prefill groups (`shortest_first_groups` of their uncached lengths), each with its plan where
         it is known before the prefill (`_plan_first`): each group is one left-padded prefill, so a long prompt (or
-        one the prefix cache lacks for its plan) does not make the short ones beside it pay its length."""
+        one the prefix cache lacks for its plan) does not make the short ones beside it pay its length. A turns gate
+        reads here, in one pass, the new turns of the groups whose prefill would not read them well (`_read_apart`).
+        """
         tree = None if whole else self._seeded_tree()
         plan = self._plan_first(jobs, [job.aligned for job in jobs])
-        steers = [self._steers(row) for row in plan] if plan is not None else [False] * len(jobs)
-        uncached = [
-            len(job.prompt_ids) - self._match(tree, job, steered=steered).length
-            for job, steered in zip(jobs, steers, strict=True)
-        ]
-        groups = shortest_first_groups(uncached)
+        if plan is None:
+            hits = [self._start(tree, job)[0] for job in jobs]
+        else:
+            hits = [self._match(tree, job, steered=self._steers(row)) for job, row in zip(jobs, plan, strict=True)]
+        uncached = [len(job.prompt_ids) - hit.length for job, hit in zip(jobs, hits, strict=True)]
+        groups = shortest_first_groups(uncached, self.pass_cost_tokens)
+        if plan is None and self.aligner.reader is not None:
+            self._read_apart([[jobs[i] for i in group] for group in groups], [[hits[i] for i in g] for g in groups])
         return [([jobs[i] for i in group], plan.select(group) if plan is not None else None) for group in groups]
 
     def _recover(self, live: list[Job], whole: bool, exc: Exception) -> None:
@@ -324,41 +356,62 @@ class ContinuousEngine(Engine):
         """Gate, plan and prefill new requests as one group, each over the longest prefix of its prompt that the
         prefix cache holds for its plan (none when `whole`), then join them to the running batch.
 
-        A gate read inside the prefill (`InferAligner.prefill`) decides while the rows run over their unsteered
-        prefixes; a row the plan steers then takes its steered prefix of the same length, and where the cache lacks
-        one the rows the plan generates are prefilled again under it. Under a `"turns"` gate, or none, `plan` is
-        known before (`_plan_first`)."""
-        aligner = self.aligner
+        Without a gate `plan` is known before, and under a `"turns"` gate where every turn has been read
+        (`_plan_first`). Else the gate is read inside the prefill (`_gated_prefill`), the rows running over their
+        unsteered prefixes (or steered ones: `_start`); a row the plan wants on the other kind of prefix takes it
+        from the tree, and one the tree lacks it for is set apart and prefilled again under the plan (all of the
+        group's rows, when the pass stopped)."""
         tree = None if whole else self._seeded_tree()
-        output, read, first = None, None, None
-        if plan is None:
-            allowed = [job.aligned for job in jobs]
-            first = self._inputs(jobs, [self._match(tree, job, steered=False) for job in jobs])
-            kwargs = self._forward_kwargs(first.mask, first.positions, first.cache, prefill=True)
-            kwargs.update(
-                prefix_hidden=self._prefix_hidden(first),
-                before_steering=functools.partial(self._steer_prefixes, tree, jobs, first),
-            )
-            with self._reading_gate(tree is not None and self._needs_hidden) as reading:
-                output, plan = aligner.prefill(first.ids, first.mask, allowed=allowed, **kwargs)
-            read = reading.get(aligner.gate.layer) if aligner.gate is not None else None
+        allowed = [job.aligned for job in jobs]
+        if plan is None and self.aligner.reader is not None:  # the group is known now: read its turns inside or apart
+            plan = self._plan_first(jobs, allowed, [self._start(tree, job)[0] for job in jobs])
+        if plan is not None:
+            self._planned_prefill(tree, jobs, plan)
+            return
+        logits, plan, first, read = self._gated_prefill(tree, jobs, allowed)
+        if logits is None:
+            self._planned_prefill(tree, jobs, plan, first, read)
+            return
+        report_plan(jobs, plan)
+        apart = first.apart
+        keep = [i for i in range(len(jobs)) if i not in apart]
+        if apart:
+            first, logits = first.select(keep), logits[keep]
+            read = read[keep] if read is not None else None
+        kept, kept_plan = [jobs[i] for i in keep], plan.select(keep)
+        if tree is not None:
+            self._remember_prompts(tree, kept, kept_plan, first, first, read, list(range(len(keep))))
+        self._join(kept, kept_plan, first, logits)
+        if apart:
+            self._planned_prefill(tree, [jobs[i] for i in apart], plan.select(apart))
+
+    def _planned_prefill(
+        self,
+        tree: PrefixTree | None,
+        jobs: list[Job],
+        plan: Plan,
+        first: PrefillInputs | None = None,
+        read: torch.Tensor | None = None,
+    ) -> None:
+        """Prefill the rows the plan generates, each over the cached prefix of its plan's kind, and join them; the
+        rows the plan answers itself finish here. `first`, `read`: a stopped pass's rows and gate-layer outputs."""
         report_plan(jobs, plan)
         generated = [i for i, row in enumerate(plan) if row.answer is None]
         finish([job for i, job in enumerate(jobs) if i not in generated])
         if not generated:
             return
-        rows = first
-        if output is None:
-            jobs, plan = [jobs[i] for i in generated], plan.select(generated)
-            hits = [self._match(tree, job, steered=self._steers(row)) for job, row in zip(jobs, plan, strict=True)]
-            rows = self._inputs(jobs, hits)
-            kwargs = self._forward_kwargs(rows.mask, rows.positions, rows.cache, prefill=True)
-            with aligner.steered(plan):
-                output = aligner.model(input_ids=rows.ids, attention_mask=rows.mask, **kwargs)
-        assert rows is not None
+        jobs, plan = [jobs[i] for i in generated], plan.select(generated)
+        hits = [self._match(tree, job, steered=self._steers(row)) for job, row in zip(jobs, plan, strict=True)]
+        rows = self._inputs(jobs, hits)
+        kwargs = self._forward_kwargs(rows.mask, rows.positions, rows.cache, prefill=True)
+        with self.aligner.steered(plan):
+            logits = self.aligner.model(input_ids=rows.ids, attention_mask=rows.mask, **kwargs).logits[:, -1]
         if tree is not None:
             self._remember_prompts(tree, jobs, plan, rows, first, read, generated)
-        logits = output.logits[:, -1]
+        self._join(jobs, plan, rows, logits)
+
+    def _join(self, jobs: list[Job], plan: Plan, rows: PrefillInputs, logits: torch.Tensor) -> None:
+        """Prefilled rows join the running batch with their first tokens."""
         tokens = choose_tokens(logits, jobs, self.aligner.model.generation_config.top_k)
         # Nothing joins the running batch until here, so a failure above leaves it as it was.
         joined = RunningBatch(rows.cache, rows.mask)
@@ -371,14 +424,99 @@ class ContinuousEngine(Engine):
         self.rows.extend(new_rows)
         self._take(new_rows, tokens, logits)
 
-    def _plan_first(self, jobs: list[Job], allowed: list[bool]) -> Plan | None:
-        """The plan before the prefill where the gate does not read inside it: a `"turns"` gate reads each turn alone
-        (its own short pass), and without a gate the mode plans alone; `None` for a gate read inside the prefill."""
+    def _gated_prefill(
+        self, tree: PrefixTree | None, jobs: list[Job], allowed: list[bool]
+    ) -> tuple[torch.Tensor | None, Plan, PrefillInputs, torch.Tensor | None]:
+        """The prefill with the gate read inside it, new turns read as extra rows: the last position's logits (`None`
+        when the pass stopped: its rows are to be prefilled again under the plan), the plan, the rows (`apart`: those
+        to prefill again) and what the gate layer gave (where the tree keeps it)."""
+        aligner = self.aligner
+        hits, starts = zip(*[self._start(tree, job) for job in jobs], strict=True)
+        turns = self._unread_turns(jobs)
+        first = self._inputs(jobs, list(hits), [self._turn_row(tree, turn) for turn in turns])
+        kwargs = self._forward_kwargs(first.mask, first.positions, first.cache, prefill=True)
+        kwargs["before_steering"] = functools.partial(self._steer_prefixes, tree, jobs, first, starts)
+        if turns:
+            kwargs["turn_rows"] = self._turn_rows(jobs, turns, first)
+        else:
+            kwargs["prefix_hidden"] = self._prefix_hidden(first)
+        try:
+            with self._reading_gate(tree is not None and self._needs_hidden) as reading:
+                output, plan = aligner.prefill(first.ids, first.mask, allowed=allowed, **kwargs)
+        except Exception as exc:
+            if not turns:
+                raise
+            # The turns could not be read as extra rows of this model's pass: read them in passes of their own.
+            log.warning("reading turns inside the prefill failed (%s); reading them in a pass of their own", exc)
+            self._turns_in_prefill = False
+            plan = self._plan_first(jobs, allowed)
+            assert plan is not None
+            return None, plan, first, None
+        if turns and output is not None:  # the extra rows were dropped at the gate layer: drop them below it too
+            first = first.select(range(len(jobs)))
+        read = reading.get(aligner.gate.layer) if aligner.gate is not None else None
+        return output.logits[:, -1] if output is not None else None, plan, first, read
+
+    def _plan_first(self, jobs: list[Job], allowed: list[bool], starts: Sequence[Hit] | None = None) -> Plan | None:
+        """The plan before the prefill where the gate does not read inside it: without a gate the mode plans alone,
+        and a `"turns"` gate plans from the turns it has read, reading the others in a short pass of its own; `None`
+        for a gate read inside the prefill, and for turns the prefill is to read (`_reads_inside`; `starts`: the
+        group's cached prefixes, not yet known when `None`)."""
         aligner = self.aligner
         if self._in_flight:
             return None
+        unread = self._unread_turns(jobs)
+        if unread and (starts is None or self._reads_inside(jobs, starts, unread)):
+            return None
         decisions = aligner.gate_decisions(None, turns=gate_turns(aligner, jobs)) if aligner.gate else None
         return aligner.plan(decisions, len(jobs), allowed)
+
+    def _read_apart(self, groups: list[list[Job]], starts: list[list[Hit]]) -> None:
+        """Read, in one pass of the reader's own, the new turns of every group whose prefill would not read them
+        (`_reads_inside`); those groups then plan before their prefill."""
+        apart = []
+        for members, hits in zip(groups, starts, strict=True):
+            unread = self._unread_turns(members)
+            if unread and not self._reads_inside(members, hits, unread):
+                apart += members
+        if apart:
+            self.aligner.gate_decisions(None, turns=gate_turns(self.aligner, apart))
+
+    def _unread_turns(self, jobs: list[Job]) -> list[tuple[int, ...]]:
+        """The turns of these requests that a `"turns"` gate has not read yet, where the prefill reads them (none
+        for other gates: their plan comes before the prefill, or from inside it)."""
+        turns = gate_turns(self.aligner, jobs)
+        if turns is None or not self._turns_in_prefill:
+            return []
+        return self.aligner.split_turns(turns)[1]
+
+    def _reads_inside(self, jobs: list[Job], starts: Sequence[Hit], unread: list[tuple[int, ...]]) -> bool:
+        """Whether the prefill should read these turns as extra rows: each such row is as wide as the widest new
+        prompt (left padding), so they pay where that costs less than a pass of their own (`pass_cost_tokens` plus
+        the turns' own tokens, the reader grouping turns of like length)."""
+        new = max(len(job.prompt_ids) - hit.length for job, hit in zip(jobs, starts, strict=True))
+        width = max(new, *(len(turn) for turn in unread))
+        inside = len(unread) * width + (width - new) * len(jobs)
+        return inside <= self.pass_cost_tokens + sum(len(turn) for turn in unread)
+
+    def _turn_row(self, tree: PrefixTree | None, turn: tuple[int, ...]) -> tuple[list[int], Hit]:
+        """An extra prefill row reading `turn` alone: the chat template's opening (from the tree where it holds it),
+        then the turn, as `reader.RequestReader` reads it."""
+        assert self.aligner.reader is not None
+        opening = self.aligner.reader.opening
+        ids = [*opening, *turn]
+        hit = tree.match(ids, steered=False, limit=len(opening)) if tree is not None and opening else MISS
+        return ids, hit
+
+    def _turn_rows(self, jobs: list[Job], turns: list[tuple[int, ...]], first: PrefillInputs) -> TurnRows:
+        """What the prefill's gate reads of its extra rows (`inflight.TurnRows`): each turn's tokens, last in a row."""
+        reader, prompts = self.aligner.reader, gate_turns(self.aligner, jobs)
+        assert reader is not None and prompts is not None
+        own = torch.zeros(len(turns), first.ids.shape[1], dtype=torch.long, device=first.ids.device)
+        for index, turn in enumerate(turns):
+            own[index, -len(turn) :] = 1
+        known = self.aligner.split_turns(prompts)[0]
+        return TurnRows(len(jobs), turns, own, prompts, known, reader, first.cache)
 
     def _steers(self, row: RowPlan) -> bool:
         """Whether this row's cache is a steered one."""
@@ -389,16 +527,15 @@ class ContinuousEngine(Engine):
             return MISS
         return tree.match(job.prompt_ids, steered=steered, hidden=self._needs_hidden and not steered)
 
-    def _inputs(self, jobs: list[Job], hits: list[Hit]) -> PrefillInputs:
-        """The rows' uncached tokens, left-padded, after a cache of their cached prefixes (left-padded too)."""
+    def _inputs(self, jobs: list[Job], hits: list[Hit], extra: Sequence[tuple[list[int], Hit]] = ()) -> PrefillInputs:
+        """The rows' uncached tokens, left-padded, after a cache of their cached prefixes (left-padded too); `extra`
+        rows (token ids and their cached prefix) go below the requests' rows."""
         for job, hit in zip(jobs, hits, strict=True):
             job.cached_tokens = hit.length  # first: a failure below retries the request whole (`_recover`)
+        rows = [(list(job.prompt_ids), hit) for job, hit in zip(jobs, hits, strict=True)] + list(extra)
+        hits = [hit for _, hit in rows]
         cache, width = batch_cache(hits)
-        inputs = pad_rows(
-            self.aligner.tokenizer,
-            [j.prompt_ids[h.length :] for j, h in zip(jobs, hits, strict=True)],
-            self.aligner.device,
-        )
+        inputs = pad_rows(self.aligner.tokenizer, [ids[hit.length :] for ids, hit in rows], self.aligner.device)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         cached = torch.tensor([[0] * (width - h.length) + [1] * h.length for h in hits], dtype=mask.dtype)
         mask = torch.cat([cached.to(mask.device), mask], dim=1)  # the mask covers the cached prefixes too
@@ -414,17 +551,35 @@ class ContinuousEngine(Engine):
         hidden = int(self.aligner.model.config.get_text_config().hidden_size)
         return torch.zeros(1, 1, hidden, device=self.aligner.device).expand(len(rows.hits), rows.width, hidden)
 
-    def _steer_prefixes(self, tree: PrefixTree | None, jobs: list[Job], rows: PrefillInputs, plan: Plan) -> None:
-        """Once an in-prefill gate has planned, before anything runs steered: give each steered row its steered
-        prefix; `Replan` when the cache lacks one (the rows are then prefilled again under the plan)."""
+    def _start(self, tree: PrefixTree | None, job: Job) -> tuple[Hit, bool]:
+        """Where a row starts when its plan comes from inside the prefill, and whether that prefix is a steered one:
+        the unsteered tree's longest prefix, or, when the prefill reads new turns as extra rows (the prompt's own
+        rows then feed no gate), the steered tree's where it holds more (a conversation steered so far)."""
+        plain = self._match(tree, job, steered=False)
+        if tree is None or not self._can_steer or self.aligner.reader is None or not self._turns_in_prefill:
+            return plain, False
+        steered = self._match(tree, job, steered=True)
+        return (steered, True) if steered.length > plain.length else (plain, False)
+
+    def _steer_prefixes(
+        self, tree: PrefixTree | None, jobs: list[Job], rows: PrefillInputs, starts: Sequence[bool], plan: Plan
+    ) -> None:
+        """Once an in-prefill gate has planned, before anything runs steered: give each row the prefix of its plan's
+        kind. A row the cache lacks it for, or one that started on a steered prefix the plan does not steer, is set
+        apart (`rows.apart`: the pass goes on, and it is prefilled again under the plan); `Replan` (the pass stops)
+        when that is every row."""
         hits = rows.hits
-        steered = [i for i, row in enumerate(plan) if self._steers(row) and hits[i].length]
-        if tree is None or not steered:
-            return
-        found = [tree.match(jobs[i].prompt_ids, steered=True, limit=hits[i].length) for i in steered]
-        if any(hit.length < hits[i].length for hit, i in zip(found, steered, strict=True)):
+        kinds = [self._steers(row) for row in plan]
+        apart = [i for i, (start, kind) in enumerate(zip(starts, kinds, strict=True)) if start and not kind]
+        steered = [i for i, kind in enumerate(kinds) if kind and not starts[i] and hits[i].length]
+        found = [tree.match(jobs[i].prompt_ids, steered=True, limit=hits[i].length) for i in steered] if tree else []
+        swap = [(i, hit) for i, hit in zip(steered, found, strict=True) if hit.length == hits[i].length]
+        apart += [i for i, hit in zip(steered, found, strict=True) if hit.length < hits[i].length]
+        if len(apart) == len(plan):
             raise Replan(plan)
-        write_rows(rows.cache, steered, [hit.kv() for hit in found], rows.width)  # type: ignore[misc]
+        rows.apart = sorted(apart)
+        if swap:
+            write_rows(rows.cache, [i for i, _ in swap], [hit.kv() for _, hit in swap], rows.width)  # type: ignore[misc]
 
     def _reading_gate(self, wanted: bool) -> AbstractContextManager[dict[int, torch.Tensor]]:
         """The gate layer's outputs of the next pass, copied (`capture_layers`), where `wanted`; else nothing."""
