@@ -10,7 +10,10 @@
    turns: all of them when read apart, those of groups the prefill would not read well else), prefills (`_prefill`,
    with any in-prefill reads) and decoding steps (`_step`), timed by wrapping them.
 
-    python bench/engine_time.py [--out bench/results/engine_time.json]
+   With `--repeats N` the three runs are repeated N times, the order rotated; wall times are reported per repeat and
+   as medians, each gated run over the no-gate run of its own repeat.
+
+    python bench/engine_time.py [--repeats 1] [--out bench/results/engine_time.json]
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_time.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -120,24 +124,26 @@ def main() -> None:
     plain = InferAligner(gated.model, gated.tokenizer, mode="off")
     passes = {f"{rows} x {tokens}": forward_ms(gated.model, rows, tokens) for rows, tokens in WIDTHS}
     print("forward pass, ms:", passes, flush=True)
-    runs = {}
-    for name, aligner, apart in (
-        ("no gate", plain, False),
-        ("gated (demo)", gated, False),
-        ("gated, turns read apart", gated, True),
-    ):
-        runs[name] = loaded(aligner, args.requests, args.clients, apart)
-        print(name, json.dumps(runs[name]), flush=True)
+    configs = [("no gate", plain, False), ("gated (demo)", gated, False), ("gated, turns read apart", gated, True)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in configs}
+    for repeat in range(args.repeats):
+        for name, aligner, apart in configs[repeat % 3 :] + configs[: repeat % 3]:
+            runs[name].append(loaded(aligner, args.requests, args.clients, apart))
+            print(f"repeat {repeat + 1}", name, json.dumps(runs[name][-1]), flush=True)
+
+    def over_no_gate(name: str) -> dict[str, Any]:
+        each = [run["wall_s"] / base["wall_s"] for run, base in zip(runs[name], runs["no gate"], strict=True)]
+        return {"median": round(statistics.median(each), 3), "each": [round(x, 3) for x in each]}
+
     result = {
         "command": "python bench/engine_time.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "forward_pass_ms": passes,
         "load": {"requests": args.requests, "clients": args.clients, "runs": runs},
-        "gated_over_no_gate_wall": round(runs["gated (demo)"]["wall_s"] / runs["no gate"]["wall_s"], 3),
-        "turns_apart_over_no_gate_wall": round(
-            runs["gated, turns read apart"]["wall_s"] / runs["no gate"]["wall_s"], 3
-        ),
+        "median_wall_s": {name: statistics.median(run["wall_s"] for run in runs[name]) for name in runs},
+        "gated_over_no_gate_wall": over_no_gate("gated (demo)"),
+        "turns_apart_over_no_gate_wall": over_no_gate("gated, turns read apart"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,7 +7,9 @@ can be downloaded on the lent machine) and the tests' tiny ChatML tokenizer (its
    rows in one batch) through the continuous engine with its prefix cache; every answer must equal `generate` on the
    whole prompt alone.
 2. Multi-turn time to first token: 8 conversations of 5 turns, 8 at once, through the continuous engine with and
-   without the prefix cache; p50 over turns 2-5 and the share of prompt tokens taken from the cache.
+   without the prefix cache (no gate); then with the cache under a turns gate, its new turns read in a pass of
+   their own and read inside the prefill (extra rows, whatever their padding); p50 over turns 2-5 and the share of
+   prompt tokens taken from the cache.
 3. The fired path: `generate`, batch 8 x 64 new tokens and time to first token at batch 1 (256 prompt tokens),
    plain against the aligner with every row fired, for the three gate layouts: a `"turns"` gate (the shipped
    kind: read first, then one steered pass), a gate read inside the prefill with every steered layer above it (one
@@ -39,6 +41,7 @@ from tiny import tiny_tokenizer
 from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts, chat_token_ids
 from inferaligner.serve import ContinuousEngine
+from inferaligner.serve.continuous import PASS_COST_TOKENS
 from inferaligner.serve.engine import Done, Failed, Job
 from inferaligner.vectors import Provenance, SafetyVectors
 
@@ -100,9 +103,16 @@ def conversations(aligner: InferAligner, count: int) -> list[tuple[list[int], li
     return made
 
 
-def multi_turn(aligner: InferAligner, prefix_mb: float, max_tokens: int) -> dict[str, object]:
-    """8 five-turn conversations at once; each turn continues the last turn's tokens with the answer."""
-    engine = ContinuousEngine(aligner, max_batch=32, batch_wait_s=0.0, prefix_cache_mb=prefix_mb)
+def multi_turn(aligner: InferAligner, prefix_mb: float, max_tokens: int, turns: str = "-") -> dict[str, object]:
+    """8 five-turn conversations at once; each turn continues the last turn's tokens with the answer. `turns`: how a
+    turns gate reads new turns ("apart": a pass of their own; "inside": extra rows of the prefill, always)."""
+    pass_cost = 10**6 if turns == "inside" else PASS_COST_TOKENS
+    engine = ContinuousEngine(
+        aligner, max_batch=32, batch_wait_s=0.0, prefix_cache_mb=prefix_mb, pass_cost_tokens=pass_cost
+    )
+    engine._turns_in_prefill = turns != "apart"
+    if aligner.reader is not None:
+        aligner.reader._known.clear()
     tokenizer = aligner.tokenizer
     convs = conversations(aligner, 8)
 
@@ -133,6 +143,7 @@ def multi_turn(aligner: InferAligner, prefix_mb: float, max_tokens: int) -> dict
     prompt = sum(len(job.prompt_ids) for jobs in results for job in jobs)
     cached = sum(job.cached_tokens for jobs in results for job in jobs)
     return {
+        "gate": "turns, read " + turns if aligner.gate is not None else "none (mode off)",
         "prefix_cache_mb": prefix_mb,
         "seconds": round(time.perf_counter() - started, 2),
         "ttft_p50_turns_2_to_5_s": round(statistics.median(firsts), 4),
@@ -202,24 +213,30 @@ def fired_path(model: LlamaForCausalLM, tokenizer, device: str, repeats: int, ti
 
 
 def exactness(device: str) -> dict[str, object]:
-    """The prefix cache's exactness scenario of `tests/test_prefix.py` on this device: two turns of four
-    conversations, fired and unfired rows in one batch, each answer against `generate` on its whole prompt alone."""
+    """The prefix cache's exactness scenario of `tests/test_prefix.py` on this device: two turns of five
+    conversations, fired and unfired rows in one batch, each answer against `generate` on its whole prompt alone; a
+    gate read at the last token, and a turns gate reading each turn as an extra row of the prefill."""
     from test_continuous import alone_ids
     from test_prefix import two_turns
     from test_serve import make_aligner
 
-    aligner = make_aligner()
-    aligner.model.to(device)
-    engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5, prefix_cache_mb=64)
-    turn_one, turn_two, first_ids, seconds = two_turns(engine)
-    jobs, prompts = turn_one + turn_two, first_ids + seconds
-    same = sum(job.tokens == alone_ids(aligner, ids, 10)[0] for job, ids in zip(jobs, prompts, strict=True))
-    return {
-        "answers equal to generate alone": f"{same} of {len(jobs)}",
-        "fired": sum(job.intervened for job in jobs),
-        "cached tokens, second turn": [job.cached_tokens for job in turn_two],
-        "prompt tokens, second turn": [len(ids) for ids in seconds],
-    }
+    found = {}
+    for pooling in ("last", "turns"):  # read inside the prefill at the last token; each turn as an extra row
+        aligner = make_aligner(pooling=pooling)
+        aligner.model.to(device)
+        if pooling == "turns":
+            aligner.gate = dataclasses.replace(aligner.gate, earlier_margin=1e6)
+        engine = ContinuousEngine(aligner, max_batch=4, batch_wait_s=0.5, prefix_cache_mb=64, pass_cost_tokens=10**6)
+        turn_one, turn_two, first_ids, seconds = two_turns(engine, forget_turns=True)
+        jobs, prompts = turn_one + turn_two, first_ids + seconds
+        same = sum(job.tokens == alone_ids(aligner, ids, 10)[0] for job, ids in zip(jobs, prompts, strict=True))
+        found[pooling] = {
+            "answers equal to generate alone": f"{same} of {len(jobs)}",
+            "fired": sum(job.intervened for job in jobs),
+            "cached tokens, second turn": [job.cached_tokens for job in turn_two],
+            "prompt tokens, second turn": [len(ids) for ids in seconds],
+        }
+    return found
 
 
 def main() -> None:
@@ -235,6 +252,7 @@ def main() -> None:
     model = random_model(args.tiny, args.device, len(tokenizer))
     plain_aligner = aligner_for(model, tokenizer, model.config.num_hidden_layers // 2, [1], "turns")
     turns = [multi_turn(plain_aligner.variant(mode="off"), mb, 32) for mb in (0.0, 4096.0)]
+    turns += [multi_turn(plain_aligner, 4096.0, 32, read) for read in ("apart", "inside")]
     for row in turns:
         print("multi-turn", json.dumps(row), flush=True)
     result = {
