@@ -325,6 +325,9 @@ def test_serve_without_a_model_honours_every_alignment_option(tmp_path) -> None:
     config.write_text(json.dumps({"prefix_cache_mb": "no"}))
     with pytest.raises(InferAlignerError, match="'prefix_cache_mb' must be a number"):
         options("--config", str(config))
+    assert options()["pass_cost_tokens"] == 0 and options("--pass-cost-tokens", "400")["pass_cost_tokens"] == 400
+    with pytest.raises(InferAlignerError, match=r"--pass-cost-tokens must be 0 \(measured at start\) or more"):
+        ServeSettings(pass_cost_tokens=-3)
 
 
 def test_mismatched_target_and_vectors(tmp_path, vector_file, capsys) -> None:

@@ -612,6 +612,7 @@ def test_serve_config_values_of_the_wrong_type_are_errors(tmp_path, capsys) -> N
         ({"mode": "turbo", **free}, "'mode' must be one of"),
         ({"prefix_cache_mb": "no", **free}, "'prefix_cache_mb' must be a number"),
         ({"prefix_cache_mb": -5, **free}, "--prefix-cache-mb must be 0 (no prefix cache) or more"),
+        ({"pass_cost_tokens": 1.5, **free}, "'pass_cost_tokens' must be a whole number"),
         ({"ray": 1, **free}, "'ray' must be true or false"),
         (
             {"max_replicas": 0, "default_max_tokens": 0, "port": busy.getsockname()[1]},

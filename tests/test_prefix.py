@@ -417,3 +417,18 @@ def test_turns_that_would_widen_the_prefill_more_than_a_pass_costs_are_read_apar
     short_prompt = Job(list(range(3, 23)), 4, 0.0, 1.0, [], True, None)  # type: ignore[arg-type]
     assert engine._reads_inside([short_prompt], [MISS], [(5,) * 15])  # 20 <= 64 + 15
     assert not engine._reads_inside([short_prompt, long_prompt], [MISS, MISS], [(5,) * 15])  # the long one: 200
+
+
+def test_a_pass_cost_of_zero_is_measured_by_the_worker_before_its_first_prefill() -> None:
+    """`measure_pass_cost` times the model itself: a positive whole number of tokens; an engine told 0 measures it on
+    its worker's thread before its first prefill, and serves as before."""
+    aligner = make_aligner()
+    measured = continuous.measure_pass_cost(aligner.model, tokens=32, repeats=1)
+    assert isinstance(measured, int) and 1 <= measured <= 100_000
+    engine = ContinuousEngine(aligner, pass_cost_tokens=0)
+    turn_one, _, first_ids, _ = two_turns(engine)
+    assert engine.pass_cost_tokens >= 1
+    for job, ids in zip(turn_one, first_ids, strict=True):
+        assert job.tokens == alone_ids(aligner, ids, 10)[0]
+    with pytest.raises(ValueError, match="pass_cost_tokens must be 0"):
+        ContinuousEngine(aligner, pass_cost_tokens=-1)

@@ -138,7 +138,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
-    engine = make_engine(aligner, settings.scheduler, prefix_cache_mb=settings.prefix_cache_mb, **settings.limits())
+    engine = make_engine(
+        aligner,
+        settings.scheduler,
+        prefix_cache_mb=settings.prefix_cache_mb,
+        pass_cost_tokens=settings.pass_cost_tokens,
+        **settings.limits(),
+    )
     status(
         f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
         f"http://{settings.host}:{settings.port}, {engine.scheduler} batching"
@@ -202,6 +208,14 @@ def add_parsers(verbs: Any) -> None:
         action="store_const",
         const=0.0,
         help="prefill every request whole (--prefix-cache-mb 0)",
+    )
+    serve.add_argument(
+        "--pass-cost-tokens",
+        type=int,
+        metavar="N",
+        help="a forward pass's fixed cost in prompt tokens, for the continuous scheduler's prefill groups and "
+        "whether a turns gate reads new turns inside the prefill (default: measured at start; a CPU's is tens of "
+        "tokens, a GPU's hundreds or more)",
     )
     serve.add_argument("--max-batch", type=positive_int, help=f"rows decoded together (default {DEFAULTS.max_batch})")
     serve.add_argument(

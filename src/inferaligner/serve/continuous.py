@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import statistics
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -96,9 +98,34 @@ def continuous_unsupported(aligner: InferAligner) -> str | None:
 
 
 PASS_COST_TOKENS = 64
-"""A forward pass's fixed cost in prompt tokens: what splitting a prefill into groups pays per group. On the 2-core CPU
-for the embedded SmolLM2 it is 40-50 tokens (`bench/engine_time.py`: a 1-token pass 76 ms, a 240-token one 569 ms);
-reading the weights sets it, so it is of this order or larger on other machines (a GPU's is larger)."""
+"""A forward pass's fixed cost in prompt tokens: what splitting a prefill into groups pays per group, and what reading
+turns in a pass of their own costs; the engine's default. On the 2-core CPU for the embedded SmolLM2 it measures 24-33
+(`measure_pass_cost`, which the server runs at start); reading the weights sets it, so a GPU's is far larger."""
+
+
+def measure_pass_cost(model: torch.nn.Module, tokens: int = 128, repeats: int = 3) -> int:
+    """A forward pass's fixed cost in prompt tokens on this model and device: a 1-token pass's time over the time of
+    each further token (from a `tokens`-token pass), medians of `repeats` after a warm-up; 1 to 100,000."""
+    device = next(model.parameters()).device
+    vocab = int(model.config.get_text_config().vocab_size)
+    ids = torch.randint(min(100, vocab - 1), vocab, (1, tokens), device=device)
+
+    def median_s(width: int) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            model(input_ids=ids[:, :width], use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times[1:])
+
+    with torch.inference_mode():
+        one, many = median_s(1), median_s(tokens)
+    per_token = (many - one) / (tokens - 1)
+    return int(min(max(one / per_token, 1), 100_000)) if per_token > 0 else 100_000
 
 
 def shortest_first_groups(lengths: Sequence[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
@@ -265,7 +292,10 @@ class ContinuousEngine(Engine):
         super().__init__(aligner, **limits)  # type: ignore[arg-type]
         self.rows: list[Row] = []
         self.batch: RunningBatch | None = None
-        self.pass_cost_tokens = pass_cost_tokens  # a forward pass's fixed cost, in prompt tokens
+        # A forward pass's fixed cost, in prompt tokens; 0: measured by the worker before its first prefill.
+        if pass_cost_tokens < 0:
+            raise ValueError(f"pass_cost_tokens must be 0 (measure it) or more, not {pass_cost_tokens}.")
+        self.pass_cost_tokens = pass_cost_tokens
         self.tree = PrefixTree(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         # The opening's tokens now, before the server's threads share the tokenizer; the worker runs them into the
         # tree before its first prefill.
@@ -283,6 +313,8 @@ class ContinuousEngine(Engine):
         self._keeps_logits = "logits_to_keep" in parameters
 
     def _work(self) -> None:
+        if self.pass_cost_tokens == 0:
+            self._measure_pass_cost()
         with torch.inference_mode():
             while True:
                 fresh = self._collect(self.max_batch - len(self.rows), block=not self.rows)
@@ -292,6 +324,15 @@ class ContinuousEngine(Engine):
                     self._admit(fresh)
                 if self.rows:
                     self._step_safely()
+
+    def _measure_pass_cost(self) -> None:
+        """`measure_pass_cost` on the worker's thread, as it will run the model; the default where that fails."""
+        try:
+            self.pass_cost_tokens = measure_pass_cost(self.aligner.model)
+            log.info("a forward pass costs what %d prompt tokens do (measured)", self.pass_cost_tokens)
+        except Exception as exc:
+            self.pass_cost_tokens = PASS_COST_TOKENS
+            log.warning("the pass cost could not be measured (%s); taking %d tokens", exc, PASS_COST_TOKENS)
 
     def _admit(self, jobs: list[Job], whole: bool = False) -> None:
         """Gate, plan and prefill new requests, then join them to the running batch. A group that fails (or a lone
@@ -735,16 +776,19 @@ def make_engine(
     scheduler: str = "continuous",
     *,
     prefix_cache_mb: float = DEFAULTS.prefix_cache_mb,
+    pass_cost_tokens: int = DEFAULTS.pass_cost_tokens,
     **limits: object,
 ) -> Engine:
     """The serving engine for `scheduler`; "continuous" falls back to "batch" (with a warning) for an aligner it
     cannot serve (`continuous_unsupported`). `prefix_cache_mb`: the continuous scheduler's prefix cache
-    (`serve.prefix`; 0: none)."""
+    (`serve.prefix`; 0: none); `pass_cost_tokens`: a forward pass's fixed cost in prompt tokens (0: measured)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
     if scheduler == "continuous":
         reason = continuous_unsupported(aligner)
         if reason is None:
-            return ContinuousEngine(aligner, prefix_cache_mb=prefix_cache_mb, **limits)
+            return ContinuousEngine(
+                aligner, prefix_cache_mb=prefix_cache_mb, pass_cost_tokens=pass_cost_tokens, **limits
+            )
         log.warning("continuous batching is off: %s; serving whole batches instead", reason)
     return BatchEngine(aligner, **limits)  # type: ignore[arg-type]

@@ -53,7 +53,11 @@ class Replica:
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
         aligner = build(options)
         self.engine = make_engine(
-            aligner, settings.scheduler, prefix_cache_mb=settings.prefix_cache_mb, **settings.limits()
+            aligner,
+            settings.scheduler,
+            prefix_cache_mb=settings.prefix_cache_mb,
+            pass_cost_tokens=settings.pass_cost_tokens,
+            **settings.limits(),
         )
         self.settings = settings
 

@@ -26,6 +26,7 @@ class ServeSettings:
     port: int = 8000
     scheduler: str = "continuous"  # continuous batching; "batch": each batch runs to its end
     prefix_cache_mb: float = 256.0  # the continuous scheduler's prefix cache (`serve.prefix`); 0: none
+    pass_cost_tokens: int = 0  # a forward pass's fixed cost in prompt tokens (continuous scheduler); 0: measured
     max_batch: int = 8
     batch_wait_ms: float = 10.0  # how long an idle server waits for company for its first request
     max_queue: int = 64
@@ -56,10 +57,7 @@ class ServeSettings:
                 f"The server needs --max-batch >= 1 (got {self.max_batch}), --max-queue >= 1 (got {self.max_queue}) "
                 f"and a batch wait of 0 ms or more (got {self.batch_wait_ms:g})."
             )
-        if not 0 <= self.prefix_cache_mb < math.inf:
-            raise InferAlignerError(
-                f"--prefix-cache-mb must be 0 (no prefix cache) or more, and finite, not {self.prefix_cache_mb:g}."
-            )
+        self._check_continuous()
         if self.max_tokens_limit < 1 or not 0 <= self.default_max_tokens <= self.max_tokens_limit:
             raise InferAlignerError(
                 f"The default max_tokens ({self.default_max_tokens}) must lie in 1..the limit "
@@ -73,6 +71,16 @@ class ServeSettings:
             raise InferAlignerError(
                 f"Ray Serve needs --replicas >= 1 (got {self.replicas}), --max-replicas >= --replicas (got "
                 f"{self.max_replicas}) and --cpus-per-replica > 0 (got {self.cpus_per_replica})."
+            )
+
+    def _check_continuous(self) -> None:
+        if not 0 <= self.prefix_cache_mb < math.inf:
+            raise InferAlignerError(
+                f"--prefix-cache-mb must be 0 (no prefix cache) or more, and finite, not {self.prefix_cache_mb:g}."
+            )
+        if self.pass_cost_tokens < 0:
+            raise InferAlignerError(
+                f"--pass-cost-tokens must be 0 (measured at start) or more, not {self.pass_cost_tokens}."
             )
 
     @classmethod
