@@ -199,13 +199,7 @@ class TurnRows:
         for turn, read in zip(self.turns, own_means(hidden[self.rows :], self.own), strict=True):
             features[turn] = read
             self.reader.remember(turn, read)
-        size = (0, hidden.shape[-1])
-        return gate.decide_turns(
-            [
-                torch.stack([features[tuple(t)] for t in turns if t]) if any(turns) else torch.zeros(size)
-                for turns in self.prompts
-            ]
-        )
+        return gate.decide_turns(self.reader.gather(self.prompts, features))
 
     def drop(self, layers: nn.ModuleList, after: int, output: Any) -> Any:
         """Block `after`'s output without the extra rows, the cache's higher layers cut to the prompts' rows too,

@@ -68,6 +68,12 @@ class RequestReader:
             for turn, features in zip(batch, self._run(batch), strict=True):
                 found[turn] = features
                 self._remember(turn, features)
+        return self.gather(prompts, found)
+
+    def gather(
+        self, prompts: Sequence[Sequence[Sequence[int]]], found: dict[tuple[int, ...], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each prompt's turns' features from `found` (every turn's), shaped as `read` returns them."""
         shape = (0, int(self.model.config.get_text_config().hidden_size))
         if len(self.read_layers) > 1:
             shape = (0, len(self.read_layers), shape[1])

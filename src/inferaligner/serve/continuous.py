@@ -409,12 +409,13 @@ class ContinuousEngine(Engine):
         group's rows, when the pass stopped)."""
         tree = None if whole else self._seeded_tree()
         allowed = [job.aligned for job in jobs]
+        starts = [self._start(tree, job) for job in jobs] if plan is None else []
         if plan is None and self.aligner.reader is not None:  # the group is known now: read its turns inside or apart
-            plan = self._plan_first(jobs, allowed, [self._start(tree, job)[0] for job in jobs])
+            plan = self._plan_first(jobs, allowed, [hit for hit, _ in starts])
         if plan is not None:
             self._planned_prefill(tree, jobs, plan)
             return
-        logits, plan, first, read = self._gated_prefill(tree, jobs, allowed)
+        logits, plan, first, read = self._gated_prefill(tree, jobs, allowed, starts)
         if logits is None:
             self._planned_prefill(tree, jobs, plan, first, read)
             return
@@ -471,19 +472,19 @@ class ContinuousEngine(Engine):
         self._take(new_rows, tokens, logits)
 
     def _gated_prefill(
-        self, tree: PrefixTree | None, jobs: list[Job], allowed: list[bool]
+        self, tree: PrefixTree | None, jobs: list[Job], allowed: list[bool], starts: list[tuple[Hit, bool]]
     ) -> tuple[torch.Tensor | None, Plan, PrefillInputs, torch.Tensor | None]:
-        """The prefill with the gate read inside it, new turns read as extra rows: the last position's logits (`None`
-        when the pass stopped: its rows are to be prefilled again under the plan), the plan, the rows (`apart`: those
-        to prefill again) and what the gate layer gave (where the tree keeps it)."""
+        """The prefill with the gate read inside it, each row over its `_start`, new turns read as extra rows: the last
+        position's logits (`None` when the pass stopped: its rows are to be prefilled again under the plan), the
+        plan, the rows (`apart`: those to prefill again) and what the gate layer gave (where the tree keeps it)."""
         aligner = self.aligner
-        hits, starts = zip(*[self._start(tree, job) for job in jobs], strict=True)
-        turns = self._unread_turns(jobs)
-        first = self._inputs(jobs, list(hits), [self._turn_row(tree, turn) for turn in turns])
+        known, turns = self._split_turns(jobs)
+        first = self._inputs(jobs, [hit for hit, _ in starts], [self._turn_row(tree, turn) for turn in turns])
         kwargs = self._forward_kwargs(first.mask, first.positions, first.cache, prefill=True)
-        kwargs["before_steering"] = functools.partial(self._steer_prefixes, tree, jobs, first, starts)
+        steered = [on_steered for _, on_steered in starts]
+        kwargs["before_steering"] = functools.partial(self._steer_prefixes, tree, jobs, first, steered)
         if turns:
-            kwargs["turn_rows"] = self._turn_rows(jobs, turns, first)
+            kwargs["turn_rows"] = self._turn_rows(jobs, known, turns, first)
         else:
             kwargs["prefix_hidden"] = self._prefix_hidden(first)
         try:
@@ -531,10 +532,14 @@ class ContinuousEngine(Engine):
     def _unread_turns(self, jobs: list[Job]) -> list[tuple[int, ...]]:
         """The turns of these requests that a `"turns"` gate has not read yet, where the prefill reads them (none
         for other gates: their plan comes before the prefill, or from inside it)."""
+        return self._split_turns(jobs)[1]
+
+    def _split_turns(self, jobs: list[Job]) -> tuple[dict[tuple[int, ...], torch.Tensor], list[tuple[int, ...]]]:
+        """The features a `"turns"` gate has read of these requests' turns, and `_unread_turns`."""
         turns = gate_turns(self.aligner, jobs)
         if turns is None or not self._turns_in_prefill:
-            return []
-        return self.aligner.split_turns(turns)[1]
+            return {}, []
+        return self.aligner.split_turns(turns)
 
     def _reads_inside(self, jobs: list[Job], starts: Sequence[Hit], unread: list[tuple[int, ...]]) -> bool:
         """Whether the prefill should read these turns as extra rows: each such row is as wide as the widest new
@@ -554,14 +559,20 @@ class ContinuousEngine(Engine):
         hit = tree.match(ids, steered=False, limit=len(opening)) if tree is not None and opening else MISS
         return ids, hit
 
-    def _turn_rows(self, jobs: list[Job], turns: list[tuple[int, ...]], first: PrefillInputs) -> TurnRows:
-        """What the prefill's gate reads of its extra rows (`inflight.TurnRows`): each turn's tokens, last in a row."""
+    def _turn_rows(
+        self,
+        jobs: list[Job],
+        known: dict[tuple[int, ...], torch.Tensor],
+        turns: list[tuple[int, ...]],
+        first: PrefillInputs,
+    ) -> TurnRows:
+        """What the prefill's gate reads of its extra rows (`inflight.TurnRows`): each turn's tokens, last in a row;
+        `known`: the features of the requests' turns read before."""
         reader, prompts = self.aligner.reader, gate_turns(self.aligner, jobs)
         assert reader is not None and prompts is not None
         own = torch.zeros(len(turns), first.ids.shape[1], dtype=torch.long, device=first.ids.device)
         for index, turn in enumerate(turns):
             own[index, -len(turn) :] = 1
-        known = self.aligner.split_turns(prompts)[0]
         return TurnRows(len(jobs), turns, own, prompts, known, reader, first.cache)
 
     def _steers(self, row: RowPlan) -> bool:
