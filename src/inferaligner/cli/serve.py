@@ -138,13 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # make that handler a clean exit, so a drained server ends with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     aligner, _ = build_aligner(options)
-    engine = make_engine(
-        aligner,
-        settings.scheduler,
-        prefix_cache_mb=settings.prefix_cache_mb,
-        pass_cost_tokens=settings.pass_cost_tokens,
-        **settings.limits(),
-    )
+    engine = make_engine(aligner, settings.scheduler, **settings.engine_options())
     status(
         f"serving '{settings.served_model_name}' (mode {aligner.settings.mode.value}, gate: {aligner.gating}) on "
         f"http://{settings.host}:{settings.port}, {engine.scheduler} batching"

@@ -52,13 +52,7 @@ class Replica:
 
         torch.set_num_threads(max(1, threads))  # replicas on one machine share its cores
         aligner = build(options)
-        self.engine = make_engine(
-            aligner,
-            settings.scheduler,
-            prefix_cache_mb=settings.prefix_cache_mb,
-            pass_cost_tokens=settings.pass_cost_tokens,
-            **settings.limits(),
-        )
+        self.engine = make_engine(aligner, settings.scheduler, **settings.engine_options())
         self.settings = settings
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this, after __init__, for the replica's app

@@ -101,9 +101,15 @@ class ServeSettings:
     def batch_wait_s(self) -> float:
         return self.batch_wait_ms / 1000
 
-    def limits(self) -> dict[str, Any]:
-        """The engine's batching limits."""
-        return {"max_batch": self.max_batch, "batch_wait_s": self.batch_wait_s, "max_queue": self.max_queue}
+    def engine_options(self) -> dict[str, Any]:
+        """`make_engine`'s keywords: the batching limits, the prefix cache and a pass's cost."""
+        return {
+            "max_batch": self.max_batch,
+            "batch_wait_s": self.batch_wait_s,
+            "max_queue": self.max_queue,
+            "prefix_cache_mb": self.prefix_cache_mb,
+            "pass_cost_tokens": self.pass_cost_tokens,
+        }
 
 
 def _check_kind(name: str, value: Any, default: Any) -> None:
