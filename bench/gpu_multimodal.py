@@ -100,15 +100,16 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, processor = build(args.shape, args.device, dtype)
     layers = model.model.language_model.layers
-    vectors = extract_safety_vectors(
-        model, processor.tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
-    )
+    harmful, harmless = builtin_prompts("harmful"), builtin_prompts("harmless")
+    vectors = extract_safety_vectors(model, processor.tokenizer, harmful[:8], harmless[:8], progress=False)
+    # Steering vectors from other prompts stand in for an aligned model's (the target's own are refused).
+    steering = extract_safety_vectors(model, processor.tokenizer, harmful[8:16], harmless[8:16], progress=False)
     steer = list(range(len(layers) // 4, len(layers) * 3 // 4))
     aligner = InferAligner(
         model,
         processor.tokenizer,
         target_vectors=vectors,
-        aligned_vectors=vectors,
+        aligned_vectors=steering,
         alpha=8.0,
         steer_layers=steer,
         steer_scale="raw",
