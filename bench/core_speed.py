@@ -43,9 +43,9 @@ def main() -> None:
     extraction_s = time.perf_counter() - started
     print(f"extraction of 64 + 64 prompts, {vectors.num_layers} layers: {extraction_s:.1f} s")
 
-    aligner = InferAligner(
-        model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, steer_layers=list(range(8, 23))
-    )
+    # Mode "self" steers with the target's own vectors: the gate and steering cost what they do in mode
+    # "inferaligner", and no aligned model is needed (its own vectors as the aligned model's are refused there).
+    aligner = InferAligner(model, tokenizer, target_vectors=vectors, mode="self", steer_layers=list(range(8, 23)))
     gate_off = dataclasses.replace(aligner.gate, bias=-1e9)
     gate_on = dataclasses.replace(aligner.gate, bias=1e9)
     prompts = builtin_prompts("everyday", "calibration")

@@ -37,9 +37,8 @@ def correctness(dtype: torch.dtype) -> dict[str, object]:
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
     )
-    aligner = InferAligner(
-        model, tokenizer, target_vectors=vectors, aligned_vectors=vectors, alpha=20.0, steer_layers=[1, 2]
-    )
+    # Mode "self" steers with the target's own vectors (passing them as the aligned model's is refused).
+    aligner = InferAligner(model, tokenizer, target_vectors=vectors, mode="self", alpha=20.0, steer_layers=[1, 2])
     prompts = builtin_prompts("harmful", "calibration")[:4] + builtin_prompts("everyday", "calibration")[:4]
     batch = aligner.encode(prompts)
     scores = sorted(d.score for d in aligner.gate_decisions(**batch))
@@ -75,7 +74,7 @@ def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[st
         model,
         tokenizer,
         target_vectors=vectors,
-        aligned_vectors=vectors,
+        mode="self",  # the target's own vectors steer: same cost as mode "inferaligner", no aligned model needed
         alpha=4.0,
         steer_layers=list(range(8, 24)),
         gate_layer=14,
