@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from rounds import timed_rounds  # bench/, this script's folder
 
 from inferaligner.aligner import InferAligner
 from inferaligner.models import load_model
@@ -72,11 +73,7 @@ def main() -> None:
     rows = []
     for size in args.batch_sizes:
         batch = aligner.encode(prompts[:size])
-        run("plain", batch)  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for repeat in range(args.repeats):
-            for method in methods[repeat % 3 :] + methods[: repeat % 3]:
-                times[method].append(run(method, batch))
+        times = timed_rounds(methods, lambda method, batch=batch: run(method, batch), args.repeats, warm=["plain"])
         plain_median, plain_best = statistics.median(times["plain"]), min(times["plain"])
         gate_pass = []  # the fixed cost of InferAligner: one unsteered forward pass of the prompt up to l0
         for _ in range(args.repeats):

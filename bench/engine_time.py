@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hf_serve"))
+from rounds import rotated  # bench/, this script's folder
 from side_by_side import conversations  # the side-by-side load
 
 from inferaligner.aligner import InferAligner
@@ -127,7 +128,7 @@ def main() -> None:
     configs = [("no gate", plain, False), ("gated (demo)", gated, False), ("gated, turns read apart", gated, True)]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in configs}
     for repeat in range(args.repeats):
-        for name, aligner, apart in configs[repeat % 3 :] + configs[: repeat % 3]:
+        for name, aligner, apart in rotated(configs, repeat):
             runs[name].append(loaded(aligner, args.requests, args.clients, apart))
             print(f"repeat {repeat + 1}", name, json.dumps(runs[name][-1]), flush=True)
 

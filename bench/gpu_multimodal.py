@@ -29,6 +29,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from rounds import timed_rounds  # bench/, this script's folder
 from tiny import IMAGE_CHAT, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -188,12 +189,7 @@ def main() -> None:
             return time.perf_counter() - began
 
         methods = ["plain", "gate off", "gate on"]
-        for method in methods:
-            run(method)
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for repeat in range(args.repeats):
-            for method in methods[repeat % 3 :] + methods[: repeat % 3]:
-                times[method].append(run(method))
+        times = timed_rounds(methods, run, args.repeats)
         base = statistics.median(times["plain"])
         for method in methods:
             median = statistics.median(times[method])

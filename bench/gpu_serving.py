@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from rounds import timed_rounds  # bench/, this script's folder
 from tiny import tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -190,12 +191,7 @@ def fired_path(model: LlamaForCausalLM, tokenizer, device: str, repeats: int, ti
             return time.perf_counter() - began
 
         methods = ["plain", *aligners]
-        for method in methods:
-            run(method)  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for repeat in range(repeats):
-            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
-                times[method].append(run(method))
+        times = timed_rounds(methods, run, repeats)
         plain = statistics.median(times["plain"])
         for method in methods:
             median = statistics.median(times[method])

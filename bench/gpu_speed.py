@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from rounds import timed_rounds  # bench/, this script's folder
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -101,12 +102,7 @@ def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[st
             return time.perf_counter() - started
 
         methods = ["plain", "gate off", "gate on"]
-        for method in methods:
-            run(method)  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for repeat in range(repeats):
-            for method in methods[repeat % 3 :] + methods[: repeat % 3]:
-                times[method].append(run(method))
+        times = timed_rounds(methods, run, repeats)
         base = statistics.median(times["plain"])
         for method in methods:
             median = statistics.median(times[method])
