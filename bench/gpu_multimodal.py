@@ -6,7 +6,8 @@ CLIP ViT-L/14 at 336 px (576 image tokens) + projector + a LLaMA-7B-shaped langu
 2. steering hooks sit on language-model blocks only, the vision tower's output and weights are unchanged, and no
    hook is left behind;
 3. generation time, plain vs InferAligner with every gate off / on, batch 1 and 8, 64 new tokens (median of
-   --repeats, order rotating). CUDA runs use deterministic kernels unless --nondeterministic.
+   --repeats, order rotating; the loop stop off, so every row makes the same tokens). CUDA runs use deterministic
+   kernels unless --nondeterministic.
 `--shape tiny` runs the same checks on a tiny LLaVA on any device (to try the script on a CPU).
 
     python bench/gpu_multimodal.py [--shape 7b] [--device cuda] [--out bench/results/gpu_multimodal.json]
@@ -114,6 +115,7 @@ def main() -> None:
         alpha=8.0,
         steer_layers=steer,
         steer_scale="raw",
+        loop_span=0,  # random weights repeat themselves: the loop stop would end fired rows early
     )
     mm = MultimodalAligner(aligner, processor)
     questions, _, pictures = picture_questions(8)

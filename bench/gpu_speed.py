@@ -4,7 +4,9 @@
    token-identical to plain `generate`; rows whose gate fires differ; no hook is left behind.
 2. Speed: a LLaMA-2-7B-shaped model (random weights in bfloat16: timing does not depend on the weights), plain
    `generate` vs InferAligner with every gate off vs every gate on (16 steered layers), batch 1, 8 and 32,
-   128 new tokens, greedy; runs interleaved with the order rotating, median of --repeats.
+   128 new tokens, greedy, the loop stop off (every row makes the same tokens); runs interleaved with the order
+   rotating, median of --repeats.
+`--tiny --device cpu` runs both steps small on a CPU (the test suite does, so that the script keeps running).
 
     python bench/gpu_speed.py [--repeats 5] [--out bench/results/gpu_speed.json]
 """
@@ -31,10 +33,20 @@ from inferaligner.aligner import InferAligner
 from inferaligner.prompts import builtin_prompts
 from inferaligner.vectors import Provenance, SafetyVectors, extract_safety_vectors
 
+SHAPES = {  # hidden, feed-forward, layers, heads, vocabulary
+    "7b": (4096, 11008, 32, 32, 32000),
+    "tiny": (64, 128, 8, 4, 1000),
+}
 
-def correctness(dtype: torch.dtype) -> dict[str, object]:
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def correctness(dtype: torch.dtype, device: str) -> dict[str, object]:
     tokenizer = tiny_tokenizer()
-    model = tiny_model("llama", sharp=True).to("cuda", dtype)
+    model = tiny_model("llama", sharp=True).to(device, dtype)
     vectors = extract_safety_vectors(
         model, tokenizer, builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8], progress=False
     )
@@ -54,31 +66,33 @@ def correctness(dtype: torch.dtype) -> dict[str, object]:
     return {"dtype": str(dtype), "rows (fired, identical)": rows, "passed": ok and hooks == 0}
 
 
-def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[str, object]]:
+def speed(shape: str, device: str, repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[str, object]]:
+    hidden, ffn, depth, heads, vocabulary = SHAPES[shape]
     config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocabulary,
         max_position_embeddings=4096,
         pad_token_id=0,
     )
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     tokenizer = tiny_tokenizer()
-    directions = torch.nn.functional.normalize(torch.randn(32, 4096), dim=-1)
-    provenance = Provenance("random-7b", "llama", "-", 4096, 32, 64, 64, "-")
-    vectors = SafetyVectors(directions, torch.ones(32), torch.zeros(32), provenance)
+    directions = torch.nn.functional.normalize(torch.randn(depth, hidden), dim=-1)
+    provenance = Provenance(f"random-{shape}", "llama", "-", hidden, depth, 64, 64, "-")
+    vectors = SafetyVectors(directions, torch.ones(depth), torch.zeros(depth), provenance)
     aligner = InferAligner(
         model,
         tokenizer,
         target_vectors=vectors,
         mode="self",  # the target's own vectors steer: same cost as mode "inferaligner", no aligned model needed
         alpha=4.0,
-        steer_layers=list(range(8, 24)),
-        gate_layer=14,
+        steer_layers=list(range(depth // 4, depth * 3 // 4)),  # 8-23 of 32
+        gate_layer=depth * 7 // 16,  # 14 of 32: a fired batch runs blocks 8-14 again
+        loop_span=0,  # random weights repeat themselves: the loop stop would end fired rows early
     )
     gates = {
         "gate off": dataclasses.replace(aligner.gate, bias=-1e9),
@@ -87,18 +101,18 @@ def speed(repeats: int, new_tokens: int, batch_sizes: list[int]) -> list[dict[st
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     rows = []
     for size in batch_sizes:
-        ids = torch.randint(100, 31000, (size, 64), device="cuda")
+        ids = torch.randint(100, vocabulary - 1, (size, 64), device=device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
         def run(method: str, batch: dict[str, torch.Tensor] = batch) -> float:
-            torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
             if method == "plain":
                 model.generate(**batch, **gen)
             else:
                 aligner.gate = gates[method]
                 aligner.generate(**batch, **gen)
-            torch.cuda.synchronize()
+            synchronize(device)
             return time.perf_counter() - started
 
         methods = ["plain", "gate off", "gate on"]
@@ -127,18 +141,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a small LLaMA instead of the 7B shape (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_speed.json"))
     args = parser.parse_args()
     started = time.perf_counter()
-    checks = [correctness(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    shape = "tiny" if args.tiny else "7b"
+    checks = [correctness(dtype, args.device) for dtype in (torch.float32, torch.bfloat16)]
     for check in checks:
         print("correctness", json.dumps(check), flush=True)
-    rows = speed(args.repeats, args.new_tokens, args.batch_sizes)
+    rows = speed(shape, args.device, args.repeats, args.new_tokens, args.batch_sizes)
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__,
         "correctness": checks,
-        "model": "LLaMA-2-7B shape, random weights, bfloat16",
+        "model": f"LLaMA-2-{shape} shape, random weights, bfloat16",
         "new_tokens": args.new_tokens,
         "throughput": rows,
         "seconds": round(time.perf_counter() - started, 1),

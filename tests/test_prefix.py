@@ -354,24 +354,6 @@ async def together(engine: ContinuousEngine, loop: asyncio.AbstractEventLoop, pr
     return jobs
 
 
-def test_the_gpu_script_runs_every_step_small_on_the_cpu(tmp_path) -> None:
-    """`bench/gpu_serving.py` is run only where a GPU is lent: its steps run here, small, so that it still runs."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_serving.py"
-    out = tmp_path / "gpu.json"
-    command = [sys.executable, str(script), "--tiny", "--device", "cpu", "--repeats", "1", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
-    assert [found["answers equal to generate alone"] for found in result["exactness"].values()] == ["10 of 10"] * 2
-    assert [row["prefix_cache_mb"] for row in result["multi_turn"]] == [0.0, 4096.0, 4096.0, 4096.0]
-    assert [row["gate"] for row in result["multi_turn"][2:]] == ["turns, read apart", "turns, read inside"]
-    assert all(row["cached_share"] > 0.5 for row in result["multi_turn"][1:]) and len(result["fired_path"]) == 8
-
-
 def test_turns_read_inside_the_prefill_are_the_reads_of_a_pass_of_their_own(monkeypatch) -> None:
     """A turns gate reads each new turn as an extra row of the prefill: no pass of its own runs, and each turn's
     features are the ones the reader's own pass gives (to rounding)."""
