@@ -6,11 +6,14 @@
    earlier turns, one in eight harmful; 48 tokens, greedy), 32 at once, through the continuous engine in process
    with its prefix cache: the model with no gate, then the demo aligner (gated; its turns gate reading new turns as
    extra rows of the prefill), then the demo aligner reading them in a pass of their own before it (as before that
-   change). Wall time, and the worker's time in grouping admitted requests (`_groups`, with the separate reads of
-   turns: all of them when read apart, those of groups the prefill would not read well else), prefills (`_prefill`,
-   with any in-prefill reads) and decoding steps (`_step`), timed by wrapping them.
+   change). Two more runs take the turns' reads out: every turn of the load read before the run starts (the reader
+   knows them all), once with the demo gate and once with a gate that never fires (its bias lowered: the same
+   tokens as the no-gate run, so what is left is the gating machinery itself). Wall time, and the worker's time in
+   grouping admitted requests (`_groups`, with the separate reads of turns: all of them when read apart, those of
+   groups the prefill would not read well else), prefills (`_prefill`, with any in-prefill reads) and decoding steps
+   (`_step`), timed by wrapping them.
 
-   With `--repeats N` the three runs are repeated N times, the order rotated; wall times are reported per repeat and
+   With `--repeats N` the five runs are repeated N times, the order rotated; wall times are reported per repeat and
    as medians, each gated run over the no-gate run of its own repeat.
 
     python bench/engine_time.py [--repeats 1] [--out bench/results/engine_time.json]
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import functools
 import json
 import platform
@@ -40,7 +44,7 @@ from inferaligner.aligner import InferAligner
 from inferaligner.demo import demo_aligner
 from inferaligner.prompts import chat_token_ids
 from inferaligner.serve import ContinuousEngine
-from inferaligner.serve.engine import Done, Job
+from inferaligner.serve.engine import Done, Job, gate_turns
 
 WIDTHS = ((1, 1), (1, 30), (8, 30), (1, 240))
 TIMED = ("_groups", "_prefill", "_step")
@@ -58,13 +62,19 @@ def forward_ms(model: Any, rows: int, tokens: int, repeats: int = 5) -> float:
     return round(statistics.median(times) * 1000, 1)
 
 
-def loaded(aligner: InferAligner, requests: int, clients: int, turns_apart: bool = False) -> dict[str, Any]:
-    """The load through a fresh engine (`turns_apart`: a turns gate reads in a pass of its own); wall time, tokens
-    and the worker's time per timed method."""
+def loaded(
+    aligner: InferAligner, requests: int, clients: int, turns_apart: bool = False, read_before: bool = False
+) -> dict[str, Any]:
+    """The load through a fresh engine (`turns_apart`: a turns gate reads in a pass of its own; `read_before`: every
+    turn of the load is read before the clock starts); wall time, tokens and the worker's time per timed method."""
     engine = ContinuousEngine(aligner, max_batch=32, batch_wait_s=0.0)
     engine._turns_in_prefill = not turns_apart
+    asked = conversations(requests)
     if aligner.reader is not None:
         aligner.reader._known.clear()  # each run reads every turn anew
+        if read_before:
+            jobs = [Job(chat_token_ids(aligner.tokenizer, m), 48, 0.0, 1.0, [], True, None) for m in asked]
+            aligner.gate_decisions(None, turns=gate_turns(aligner, jobs))
     spent: dict[str, float] = collections.defaultdict(float)
     for name in TIMED:
         method = getattr(engine, name)
@@ -77,7 +87,6 @@ def loaded(aligner: InferAligner, requests: int, clients: int, turns_apart: bool
                 spent[_name] += time.perf_counter() - began
 
         setattr(engine, name, functools.wraps(method)(timed))
-    asked = conversations(requests)
 
     async def run() -> tuple[float, list[Job]]:
         loop = asyncio.get_running_loop()
@@ -125,11 +134,20 @@ def main() -> None:
     plain = InferAligner(gated.model, gated.tokenizer, mode="off")
     passes = {f"{rows} x {tokens}": forward_ms(gated.model, rows, tokens) for rows, tokens in WIDTHS}
     print("forward pass, ms:", passes, flush=True)
-    configs = [("no gate", plain, False), ("gated (demo)", gated, False), ("gated, turns read apart", gated, True)]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in configs}
+    silent = gated.variant()
+    assert silent.gate is not None
+    silent.gate = dataclasses.replace(silent.gate, bias=silent.gate.bias - 1e9)
+    configs = [
+        ("no gate", plain, False, False),
+        ("gated (demo)", gated, False, False),
+        ("gated, turns read apart", gated, True, False),
+        ("gated, turns read before", gated, False, True),
+        ("never fires, turns read before", silent, False, True),
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in configs}
     for repeat in range(args.repeats):
-        for name, aligner, apart in rotated(configs, repeat):
-            runs[name].append(loaded(aligner, args.requests, args.clients, apart))
+        for name, aligner, apart, before in rotated(configs, repeat):
+            runs[name].append(loaded(aligner, args.requests, args.clients, apart, before))
             print(f"repeat {repeat + 1}", name, json.dumps(runs[name][-1]), flush=True)
 
     def over_no_gate(name: str) -> dict[str, Any]:
@@ -143,8 +161,7 @@ def main() -> None:
         "forward_pass_ms": passes,
         "load": {"requests": args.requests, "clients": args.clients, "runs": runs},
         "median_wall_s": {name: statistics.median(run["wall_s"] for run in runs[name]) for name in runs},
-        "gated_over_no_gate_wall": over_no_gate("gated (demo)"),
-        "turns_apart_over_no_gate_wall": over_no_gate("gated, turns read apart"),
+        "over_no_gate_wall": {name: over_no_gate(name) for name in runs if name != "no gate"},
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
