@@ -30,7 +30,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rounds import timed_rounds  # bench/, this script's folder
+from rounds import synced, timed_rounds  # bench/, this script's folder
 from tiny import IMAGE_CHAT, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -178,16 +178,14 @@ def main() -> None:
         sub = {key: value[:size] for key, value in batch.items()}
 
         def run(method: str, sub: dict[str, torch.Tensor] = sub) -> float:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+            synced(args.device)
             began = time.perf_counter()
             if method == "plain":
                 model.generate(**sub, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
             else:
                 aligner.gate = dataclasses.replace(base_gate, bias=gates[method])
                 aligner.generate(**sub, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+            synced(args.device)
             return time.perf_counter() - began
 
         methods = ["plain", "gate off", "gate on"]

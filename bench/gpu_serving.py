@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rounds import timed_rounds  # bench/, this script's folder
+from rounds import synced, timed_rounds  # bench/, this script's folder
 from tiny import tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -81,11 +81,6 @@ def aligner_for(model: LlamaForCausalLM, tokenizer, gate_layer: int, steer: list
     )
     aligner.gate = dataclasses.replace(aligner.gate, pooling=pooling)
     return aligner
-
-
-def synced(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 async def finished(jobs: list[Job]) -> None:

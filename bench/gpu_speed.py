@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rounds import timed_rounds  # bench/, this script's folder
+from rounds import synced, timed_rounds  # bench/, this script's folder
 from tiny import tiny_model, tiny_tokenizer
 
 from inferaligner.aligner import InferAligner
@@ -37,11 +37,6 @@ SHAPES = {  # hidden, feed-forward, layers, heads, vocabulary
     "7b": (4096, 11008, 32, 32, 32000),
     "tiny": (64, 128, 8, 4, 1000),
 }
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def correctness(dtype: torch.dtype, device: str) -> dict[str, object]:
@@ -105,14 +100,14 @@ def speed(shape: str, device: str, repeats: int, new_tokens: int, batch_sizes: l
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
         def run(method: str, batch: dict[str, torch.Tensor] = batch) -> float:
-            synchronize(device)
+            synced(device)
             started = time.perf_counter()
             if method == "plain":
                 model.generate(**batch, **gen)
             else:
                 aligner.gate = gates[method]
                 aligner.generate(**batch, **gen)
-            synchronize(device)
+            synced(device)
             return time.perf_counter() - started
 
         methods = ["plain", "gate off", "gate on"]

@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import torch
+
 T = TypeVar("T")
+
+
+def synced(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock read next times it all."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def rotated(items: Sequence[T], round_index: int) -> list[T]:
