@@ -62,12 +62,14 @@ def main() -> None:
     layers = sorted(set(args.layers))
     features = read_prompts(model, tokenizer, [p.prompt for p in prompts], layers)
     timing_turns = [turn_ids(tokenizer, p.prompt) for p in alpaca_training(256, 1)]
-    full = read_ms(aligner, timing_turns, 16)
+    assert aligner.gate is not None
+    shipped = aligner.gate.layer  # 16
+    full = read_ms(aligner, timing_turns, shipped)
     rows = []
     for position, layer in enumerate(layers):
         fit = fit_turns_gate(model, tokenizer, prompts, layers=[layer], features=features[:, [position]])
         harmless = {source: rate for source, rate in fit.fire_rates.items() if source != "harmful"}
-        ms = full if layer == 16 else read_ms(aligner, timing_turns, layer)
+        ms = full if layer == shipped else read_ms(aligner, timing_turns, layer)
         rows.append(
             {
                 "layer": layer,
